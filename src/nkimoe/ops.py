@@ -1,0 +1,404 @@
+"""The op contracts of Qwen3-MoE: names, arguments, shape signatures, MAC counts and torch references.
+
+Every variant of an op takes exactly the arguments of its contract's reference and returns what
+the reference returns. Shapes drop the batch axis (the contest runs batch 1): ``T`` tokens.
+
+Dimensions used in shape signatures:
+    T tokens, H hidden, Hq query heads, Hkv KV heads, D head_dim, E experts, K top-k (router and
+    experts) or contraction (linear), N output features, I expert intermediate size,
+    S prefill sequence length, L KV-cache length.
+
+The references follow HF transformers' Qwen3-MoE modules operation by operation (dtype casts
+included), so that a variant that matches its reference matches the model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+Tensor = torch.Tensor
+
+DTYPES: Mapping[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class OpError(ValueError):
+    """An unknown op, or dims that do not fit an op's contract."""
+
+
+# --- references -------------------------------------------------------------------------------
+
+
+def rmsnorm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
+    """RMSNorm over the last axis, computed in fp32, scaled by ``weight`` in the input dtype.
+
+    Dimensions: x [T, H], weight [H]. Returns [T, H] in x.dtype.
+    """
+    xf = x.to(torch.float32)
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+def add_rmsnorm(x: Tensor, residual: Tensor, weight: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """Residual add then RMSNorm. Returns ``(x + residual, rmsnorm(x + residual))``.
+
+    Dimensions: x, residual [T, H]; weight [H].
+    """
+    summed = x + residual
+    return summed, rmsnorm(summed, weight, eps)
+
+
+def qk_norm(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """Per-head RMSNorm of q and k over head_dim (Qwen3 QK-norm).
+
+    Dimensions: q [T, Hq, D], k [T, Hkv, D], q_weight and k_weight [D].
+    """
+    return rmsnorm(q, q_weight, eps), rmsnorm(k, k_weight, eps)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotary embedding, rotate-half convention, full head_dim rotated.
+
+    Dimensions: q [T, Hq, D], k [T, Hkv, D], cos and sin [T, D] in q.dtype (as HF casts them).
+    """
+    c, s = cos[:, None, :], sin[:, None, :]
+    return q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
+
+
+def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin tables [T, D] for integer ``positions``, as HF's default rotary embedding builds them."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def router(logits: Tensor, top_k: int = 8, norm_topk_prob: bool = True) -> tuple[Tensor, Tensor]:
+    """Softmax in fp32, top-k, renormalise over the top-k; weights cast back to logits.dtype.
+
+    Dimensions: logits [T, E]. Returns weights [T, K] (logits.dtype) and expert ids [T, K] (int64),
+    ids in descending order of probability.
+    """
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(logits.dtype), ids
+
+
+def expert_mlp(x: Tensor, weights: Tensor, ids: Tensor, w_gate_up: Tensor, w_down: Tensor) -> Tensor:
+    """SwiGLU experts for the selected ids, scaled by the routing weights and summed per token.
+
+    Dimensions: x [T, H], weights [T, K], ids [T, K], w_gate_up [E, 2I, H] (gate rows first, then
+    up rows, as HF stores ``gate_up_proj``), w_down [E, H, I]. Returns [T, H] in x.dtype.
+    Each expert's result is rounded to x.dtype before it is added, as HF's ``index_add_`` does.
+    """
+    out = torch.zeros_like(x)
+    inter = w_down.shape[-1]
+    for expert in torch.unique(ids).tolist():
+        token_idx, slot = torch.where(ids == expert)
+        h = x[token_idx]
+        gate_up = h @ w_gate_up[expert].T
+        act = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        y = (act @ w_down[expert].T) * weights[token_idx, slot, None]
+        out.index_add_(0, token_idx, y.to(out.dtype))
+    return out
+
+
+def _expand_kv(t: Tensor, groups: int) -> Tensor:
+    return t.repeat_interleave(groups, dim=0) if groups > 1 else t
+
+
+def attention_prefill(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """Causal GQA attention over a prompt, eager-style (fp32 softmax cast back to q.dtype).
+
+    Dimensions: q [S, Hq, D], k and v [S, Hkv, D]; query head h reads KV head h // (Hq / Hkv).
+    Returns [S, Hq, D].
+    """
+    seq, heads = q.shape[0], q.shape[1]
+    groups = heads // k.shape[1]
+    qh, kh, vh = q.transpose(0, 1), _expand_kv(k.transpose(0, 1), groups), _expand_kv(v.transpose(0, 1), groups)
+    scores = (qh @ kh.transpose(1, 2)) * scale
+    mask = torch.ones(seq, seq, dtype=torch.bool).triu(1)
+    scores = scores.masked_fill(mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return (probs @ vh).transpose(0, 1)
+
+
+def attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: int, scale: float) -> Tensor:
+    """One query token over the first ``length`` positions of the KV cache (GQA).
+
+    Dimensions: q [1, Hq, D]; k_cache and v_cache [Hkv, Lmax, D], the layout the model keeps its
+    cache in (one contiguous [Lmax, D] block per KV head). Returns [1, Hq, D].
+    """
+    groups = q.shape[1] // k_cache.shape[0]
+    kh = _expand_kv(k_cache[:, :length], groups)
+    vh = _expand_kv(v_cache[:, :length], groups)
+    scores = (q.transpose(0, 1) @ kh.transpose(1, 2)) * scale
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return (probs @ vh).transpose(0, 1)
+
+
+def linear(x: Tensor, w: Tensor) -> Tensor:
+    """``x @ w.T`` without bias. Dimensions: x [T, K], w [N, K]. Returns [T, N]."""
+    return x @ w.T
+
+
+# --- contracts --------------------------------------------------------------------------------
+
+InputMaker = Callable[[Mapping[str, int], torch.dtype, torch.Generator], tuple[tuple[Any, ...], dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One op at one shape and dtype: what a variant is chosen for and what the cache is keyed by."""
+
+    op: str
+    dims: tuple[tuple[str, int], ...]
+    dtype: str = "bfloat16"
+
+    @classmethod
+    def of(cls, op: str, dtype: str = "bfloat16", **dims: int) -> Problem:
+        contract = get_op(op)
+        contract.check_dims(dims)
+        if dtype not in DTYPES:
+            raise OpError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+        return cls(op, tuple((name, int(dims[name])) for name in contract.dims), dtype)
+
+    @property
+    def dim(self) -> dict[str, int]:
+        return dict(self.dims)
+
+    @property
+    def signature(self) -> str:
+        """The shape signature used as a cache key, e.g. ``T=1,H=2048``."""
+        return ",".join(f"{k}={v}" for k, v in self.dims)
+
+    @property
+    def macs(self) -> int:
+        return get_op(self.op).macs(self.dim)
+
+    def __str__(self) -> str:
+        return f"{self.op}[{self.signature}] {self.dtype}"
+
+
+@dataclass(frozen=True)
+class OpContract:
+    """One op: its argument layout, dims, MAC count, reference and random-input maker."""
+
+    name: str
+    summary: str
+    dims: tuple[str, ...]
+    args: tuple[str, ...]  #: "name: [shape] dtype" lines, in call order
+    reference: Callable[..., Any]
+    macs: Callable[[Mapping[str, int]], int]
+    make_inputs: InputMaker
+    extra_checks: Callable[[Mapping[str, int]], str | None] = field(default=lambda d: None)
+
+    def check_dims(self, dims: Mapping[str, int]) -> None:
+        missing = [d for d in self.dims if d not in dims]
+        extra = [d for d in dims if d not in self.dims]
+        if missing or extra:
+            raise OpError(
+                f"op {self.name!r} takes dims {', '.join(self.dims)}; "
+                f"missing {missing or 'none'}, unexpected {extra or 'none'}"
+            )
+        bad = [f"{d}={dims[d]}" for d in self.dims if int(dims[d]) < 1]
+        if bad:
+            raise OpError(f"op {self.name!r}: dims must be positive, got {', '.join(bad)}")
+        problem = self.extra_checks(dims)
+        if problem:
+            raise OpError(f"op {self.name!r}: {problem}")
+
+
+def _randn(shape: Sequence[int], dtype: torch.dtype, gen: torch.Generator, std: float = 1.0, mean: float = 0.0) -> Tensor:
+    return (torch.randn(*shape, generator=gen) * std + mean).to(dtype)
+
+
+def _norm_inputs(d: Mapping[str, int], dt: torch.dtype, g: torch.Generator) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    return (_randn((d["T"], d["H"]), dt, g), _randn((d["H"],), dt, g, 0.1, 1.0)), {"eps": 1e-6}
+
+
+def _add_norm_inputs(d: Mapping[str, int], dt: torch.dtype, g: torch.Generator) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    x = _randn((d["T"], d["H"]), dt, g)
+    return (x, _randn((d["T"], d["H"]), dt, g), _randn((d["H"],), dt, g, 0.1, 1.0)), {"eps": 1e-6}
+
+
+def _qk_inputs(d: Mapping[str, int], dt: torch.dtype, g: torch.Generator) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    q = _randn((d["T"], d["Hq"], d["D"]), dt, g)
+    k = _randn((d["T"], d["Hkv"], d["D"]), dt, g)
+    return (q, k, _randn((d["D"],), dt, g, 0.1, 1.0), _randn((d["D"],), dt, g, 0.1, 1.0)), {"eps": 1e-6}
+
+
+def _rope_inputs(d: Mapping[str, int], dt: torch.dtype, g: torch.Generator) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    q = _randn((d["T"], d["Hq"], d["D"]), dt, g)
+    k = _randn((d["T"], d["Hkv"], d["D"]), dt, g)
+    start = int(torch.randint(0, 4096, (1,), generator=g))
+    cos, sin = rope_cos_sin(torch.arange(start, start + d["T"]), d["D"], 1_000_000.0, dt)
+    return (q, k, cos, sin), {}
+
+
+def untied_logits(tokens: int, experts: int, dtype: torch.dtype, gen: torch.Generator, margin: float = 0.02) -> Tensor:
+    """Router logits whose values in each row differ pairwise by at least ``margin`` after rounding
+    to ``dtype``, so that the top-k is unambiguous (a random permutation of a spread ladder)."""
+    ladder = torch.linspace(-4.0, 4.0, experts)
+    rows = torch.stack([ladder[torch.randperm(experts, generator=gen)] for _ in range(tokens)])
+    logits = rows.to(dtype)
+    sorted_vals = logits.to(torch.float32).sort(dim=-1).values
+    if experts > 1 and float((sorted_vals[:, 1:] - sorted_vals[:, :-1]).min()) < margin:
+        raise OpError(f"cannot build router logits with margin {margin} for E={experts} in {dtype}")
+    return logits
+
+
+def _router_inputs(d: Mapping[str, int], dt: torch.dtype, g: torch.Generator) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    return (untied_logits(d["T"], d["E"], dt, g),), {"top_k": d["K"], "norm_topk_prob": True}
+
+
+def _expert_inputs(d: Mapping[str, int], dt: torch.dtype, g: torch.Generator) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    t, h, i, e, k = d["T"], d["H"], d["I"], d["E"], d["K"]
+    x = _randn((t, h), dt, g)
+    logits = untied_logits(t, e, torch.float32, g)
+    weights, ids = router(logits, k)
+    w_gate_up = _randn((e, 2 * i, h), dt, g, 1.0 / math.sqrt(h))
+    w_down = _randn((e, h, i), dt, g, 1.0 / math.sqrt(i))
+    return (x, weights.to(dt), ids, w_gate_up, w_down), {}
+
+
+def _prefill_inputs(d: Mapping[str, int], dt: torch.dtype, g: torch.Generator) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    s, hq, hkv, dd = d["S"], d["Hq"], d["Hkv"], d["D"]
+    return (
+        _randn((s, hq, dd), dt, g),
+        _randn((s, hkv, dd), dt, g),
+        _randn((s, hkv, dd), dt, g),
+    ), {"scale": dd**-0.5}
+
+
+def _decode_inputs(d: Mapping[str, int], dt: torch.dtype, g: torch.Generator) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    length, hq, hkv, dd = d["L"], d["Hq"], d["Hkv"], d["D"]
+    return (
+        _randn((1, hq, dd), dt, g),
+        _randn((hkv, length, dd), dt, g),
+        _randn((hkv, length, dd), dt, g),
+    ), {"length": length, "scale": dd**-0.5}
+
+
+def _linear_inputs(d: Mapping[str, int], dt: torch.dtype, g: torch.Generator) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    return (_randn((d["T"], d["K"]), dt, g), _randn((d["N"], d["K"]), dt, g, 1.0 / math.sqrt(d["K"]))), {}
+
+
+def _gqa_check(d: Mapping[str, int]) -> str | None:
+    if d["Hq"] % d["Hkv"]:
+        return f"Hq={d['Hq']} must be a multiple of Hkv={d['Hkv']}"
+    if d["D"] % 2:
+        return f"D={d['D']} must be even"
+    return None
+
+
+def _topk_check(d: Mapping[str, int]) -> str | None:
+    return f"K={d['K']} must not exceed E={d['E']}" if d["K"] > d["E"] else None
+
+
+OPS: Mapping[str, OpContract] = {
+    c.name: c
+    for c in (
+        OpContract(
+            "rmsnorm", "RMSNorm over hidden", ("T", "H"),
+            ("x: [T, H] bf16|fp32", "weight: [H] x.dtype", "eps: float = 1e-6"),
+            rmsnorm, lambda d: 0, _norm_inputs,
+        ),
+        OpContract(
+            "add_rmsnorm", "residual add then RMSNorm; returns (residual, normed)", ("T", "H"),
+            ("x: [T, H]", "residual: [T, H]", "weight: [H]", "eps: float = 1e-6"),
+            add_rmsnorm, lambda d: 0, _add_norm_inputs,
+        ),
+        OpContract(
+            "qk_norm", "per-head RMSNorm of q and k", ("T", "Hq", "Hkv", "D"),
+            ("q: [T, Hq, D]", "k: [T, Hkv, D]", "q_weight: [D]", "k_weight: [D]", "eps: float = 1e-6"),
+            qk_norm, lambda d: 0, _qk_inputs, _gqa_check,
+        ),
+        OpContract(
+            "rope", "rotary embedding of q and k (rotate-half)", ("T", "Hq", "Hkv", "D"),
+            ("q: [T, Hq, D]", "k: [T, Hkv, D]", "cos: [T, D] q.dtype", "sin: [T, D] q.dtype"),
+            rope, lambda d: 0, _rope_inputs, _gqa_check,
+        ),
+        OpContract(
+            "router", "softmax (fp32) -> top-k -> renormalise; returns (weights, ids)", ("T", "E", "K"),
+            ("logits: [T, E]", "top_k: int = 8", "norm_topk_prob: bool = True"),
+            router, lambda d: 0, _router_inputs, _topk_check,
+        ),
+        OpContract(
+            "expert_mlp", "SwiGLU experts for the selected ids, weighted and summed", ("T", "H", "I", "E", "K"),
+            ("x: [T, H]", "weights: [T, K] x.dtype", "ids: [T, K] int64", "w_gate_up: [E, 2I, H]", "w_down: [E, H, I]"),
+            expert_mlp, lambda d: d["T"] * d["K"] * 3 * d["H"] * d["I"], _expert_inputs, _topk_check,
+        ),
+        OpContract(
+            "attention_prefill", "causal GQA attention over the prompt", ("S", "Hq", "Hkv", "D"),
+            ("q: [S, Hq, D]", "k: [S, Hkv, D]", "v: [S, Hkv, D]", "scale: float"),
+            attention_prefill, lambda d: 2 * d["S"] * d["S"] * d["Hq"] * d["D"], _prefill_inputs, _gqa_check,
+        ),
+        OpContract(
+            "attention_decode", "one query token over the KV cache (GQA)", ("L", "Hq", "Hkv", "D"),
+            ("q: [1, Hq, D]", "k_cache: [Hkv, Lmax, D]", "v_cache: [Hkv, Lmax, D]", "length: int", "scale: float"),
+            attention_decode, lambda d: 2 * d["L"] * d["Hq"] * d["D"], _decode_inputs, _gqa_check,
+        ),
+        OpContract(
+            "linear", "x @ W^T (q/k/v/o projections, router gate, lm_head)", ("T", "K", "N"),
+            ("x: [T, K]", "w: [N, K]"),
+            linear, lambda d: d["T"] * d["K"] * d["N"], _linear_inputs,
+        ),
+    )
+}
+
+OP_NAMES: tuple[str, ...] = tuple(OPS)
+
+
+def get_op(name: str) -> OpContract:
+    """The contract called ``name``; an unknown name raises naming the valid ones."""
+    try:
+        return OPS[name]
+    except KeyError:
+        raise OpError(f"unknown op {name!r}; valid ops: {', '.join(OP_NAMES)}") from None
+
+
+def compare(actual: Any, expected: Any, atol: float, rtol: float) -> tuple[bool, str]:
+    """Compare an op's outputs: integer tensors exactly, float tensors within ``atol + rtol*|expected|``.
+
+    Returns ``(ok, detail)`` where detail names the worst element of the first failing output.
+    """
+    acts = actual if isinstance(actual, tuple) else (actual,)
+    exps = expected if isinstance(expected, tuple) else (expected,)
+    if len(acts) != len(exps):
+        return False, f"expected {len(exps)} outputs, got {len(acts)}"
+    worst = 0.0
+    for index, (a, e) in enumerate(zip(acts, exps)):
+        a = torch.as_tensor(a)
+        if tuple(a.shape) != tuple(e.shape):
+            return False, f"output {index}: shape {tuple(a.shape)} != expected {tuple(e.shape)}"
+        if not e.is_floating_point():
+            mismatched = int((a.to(torch.int64) != e.to(torch.int64)).sum())
+            if mismatched:
+                return False, f"output {index}: {mismatched} of {e.numel()} integer values differ"
+            continue
+        af, ef = a.to(torch.float32), e.to(torch.float32)
+        if not torch.isfinite(af).all():
+            return False, f"output {index}: non-finite values"
+        err = (af - ef).abs()
+        excess = err - (atol + rtol * ef.abs())
+        where = int(excess.argmax())
+        if float(excess.flatten()[where]) > 0:
+            return False, (
+                f"output {index}: |diff| {float(err.flatten()[where]):.3g} at flat index {where} "
+                f"(expected {float(ef.flatten()[where]):.4g}, got {float(af.flatten()[where]):.4g}) "
+                f"exceeds atol={atol} + rtol={rtol}*|expected|"
+            )
+        worst = max(worst, float(err.max()) if err.numel() else 0.0)
+    return True, f"max |diff| {worst:.3g}"

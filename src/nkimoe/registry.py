@@ -1,0 +1,289 @@
+"""The variant registry: :class:`Variant` records, their eligibility, and load-time binding.
+
+``bind(target, problems)`` resolves each call site once to a plain callable, keeping the reason
+for every choice: a benchmark-cache winner, else the highest-priority eligible variant, else the
+op's torch reference (the fallback on every target).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, Protocol
+
+from nkimoe.ops import DTYPES, OP_NAMES, Problem, get_op
+from nkimoe.targets import Target, TargetError, resolve
+
+Exactness = Literal["bitexact", "tolerance"]
+POLICIES: tuple[str, ...] = ("fastest", "bitexact")
+Supports = Callable[[Mapping[str, int], str, Target], "tuple[bool, str]"]
+
+
+class RegistryError(ValueError):
+    """An invalid variant declaration, duplicate name, or unknown name asked of the registry."""
+
+
+def _always(dims: Mapping[str, int], dtype: str, target: Target) -> tuple[bool, str]:
+    return True, "any shape"
+
+
+def source_hash(obj: Any) -> str:
+    """A short hash of the source of ``obj`` and of every function in its module, so that an
+    edit to a kernel or its helpers changes the hash that cache entries are checked against."""
+    module = inspect.getmodule(obj)
+    try:
+        text = inspect.getsource(module) if module is not None else inspect.getsource(obj)
+    except (OSError, TypeError):
+        text = repr(obj)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One implementation of one op.
+
+    ``kernel`` takes the op's reference arguments (torch tensors) and returns what the reference
+    returns; for an NKI variant it is the launcher that runs the NKI kernel (on the device, or in
+    the emulator off-hardware). ``targets`` lists target families. ``tolerance`` maps a dtype name
+    to ``(atol, rtol)`` against the reference; ``exactness="bitexact"`` declares that the output
+    equals the reference bit for bit.
+    """
+
+    op: str
+    name: str
+    targets: tuple[str, ...]
+    kernel: Callable[..., Any]
+    nki: bool
+    priority: int = 0
+    supports: Supports = _always
+    tolerance: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    exactness: Exactness = "tolerance"
+    description: str = ""
+    source_hash: str = ""
+    plugin: str = ""
+
+    def __post_init__(self) -> None:
+        where = f"variant {self.name!r}"
+        if self.op not in OP_NAMES:
+            raise RegistryError(f"{where}: unknown op {self.op!r}; valid ops: {', '.join(OP_NAMES)}")
+        if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
+            raise RegistryError(f"{where}: a name is letters, digits, '_' and '-' only")
+        if isinstance(self.targets, str) or not self.targets:
+            raise RegistryError(f"{where}: targets must be a non-empty tuple of target families")
+        if not callable(self.kernel):
+            raise RegistryError(f"{where}: kernel {self.kernel!r} is not callable")
+        if self.exactness not in ("bitexact", "tolerance"):
+            raise RegistryError(f"{where}: exactness {self.exactness!r} is not 'bitexact' or 'tolerance'")
+        bad = [d for d in self.tolerance if d not in DTYPES]
+        if bad:
+            raise RegistryError(f"{where}: tolerance for unknown dtypes {bad}; valid: {', '.join(DTYPES)}")
+        if self.exactness == "tolerance" and not self.tolerance:
+            raise RegistryError(f"{where}: declare a tolerance per dtype or exactness='bitexact'")
+        if self.nki and "cpu" in self.targets:
+            raise RegistryError(f"{where}: an NKI variant cannot target 'cpu'")
+        if not self.source_hash:
+            object.__setattr__(self, "source_hash", source_hash(self.kernel))
+
+    def tolerance_for(self, dtype: str) -> tuple[float, float] | None:
+        """``(atol, rtol)`` for ``dtype``, ``(0, 0)`` when bit-exact, ``None`` when undeclared."""
+        if self.exactness == "bitexact":
+            return (0.0, 0.0)
+        return self.tolerance.get(dtype)
+
+
+class CacheLookup(Protocol):
+    """What :meth:`Registry.bind` asks of a benchmark cache."""
+
+    def winner(self, target: Target, problem: Problem, policy: str) -> CacheHit | None: ...
+
+
+@dataclass(frozen=True)
+class CacheHit:
+    variant: str
+    source_hash: str
+    key: str  #: the cache key that decided, for explain()
+    method: str  #: "hardware" or "estimate"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    variant: Variant
+    eligible: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class BoundOp:
+    """A resolved call site: ``fn`` is the variant's plain callable."""
+
+    site: str
+    problem: Problem
+    variant: Variant
+    decided_by: Literal["cache", "priority", "fallback"]
+    reason: str
+
+    @property
+    def fn(self) -> Callable[..., Any]:
+        return self.variant.kernel
+
+
+@dataclass(frozen=True)
+class Binding:
+    target: Target
+    policy: str
+    ops: Mapping[str, BoundOp]
+    warnings: tuple[str, ...] = ()
+
+    def __getitem__(self, site: str) -> Callable[..., Any]:
+        return self.ops[site].fn
+
+    def summary(self) -> list[tuple[str, str, str, str]]:
+        """Rows ``(site, variant, decided_by, reason)`` in site order."""
+        return [(s, b.variant.name, b.decided_by, b.reason) for s, b in self.ops.items()]
+
+
+@dataclass
+class Registry:
+    """Targets and variants contributed by plugins, with the problems met while loading them."""
+
+    targets: dict[str, Target] = field(default_factory=dict)
+    variants: dict[str, Variant] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    plugins: list[Any] = field(default_factory=list)
+
+    # --- contribution ------------------------------------------------------------------------
+    def add_target(self, target: Target, plugin: str) -> None:
+        if not isinstance(target, Target):
+            raise RegistryError(f"plugin {plugin!r} registered {target!r}, which is not a nkimoe.targets.Target")
+        if target.name in self.targets:
+            raise RegistryError(f"plugin {plugin!r}: target {target.name!r} is already registered")
+        self.targets[target.name] = target
+
+    def add_variant(self, variant: Variant, plugin: str) -> None:
+        if not isinstance(variant, Variant):
+            raise RegistryError(f"plugin {plugin!r} registered {variant!r}, which is not a nkimoe.registry.Variant")
+        families = {t.family for t in self.targets.values()}
+        unknown = [t for t in variant.targets if t not in families]
+        if unknown:
+            raise RegistryError(
+                f"plugin {plugin!r}: variant {variant.name!r} targets unknown families {unknown}; "
+                f"known: {', '.join(sorted(families))}"
+            )
+        existing = self.variants.get(variant.name)
+        if existing is not None:
+            raise RegistryError(
+                f"variant name {variant.name!r} from plugin {plugin!r} collides with the one "
+                f"from plugin {existing.plugin!r}; rename one of them"
+            )
+        self.variants[variant.name] = replace(variant, plugin=plugin)
+
+    # --- queries -----------------------------------------------------------------------------
+    def target(self, name: str) -> Target:
+        try:
+            return resolve(name, self.targets)
+        except TargetError as exc:
+            raise RegistryError(str(exc)) from None
+
+    def for_op(self, op: str) -> list[Variant]:
+        get_op(op)
+        return sorted((v for v in self.variants.values() if v.op == op), key=lambda v: (-v.priority, v.name))
+
+    def reference(self, op: str) -> Variant:
+        return self.variants[f"ref_{op}"]
+
+    def candidates(self, target: Target, problem: Problem, policy: str = "fastest") -> list[Candidate]:
+        """Every variant of the problem's op with whether it may run on ``target`` and why."""
+        if policy not in POLICIES:
+            raise RegistryError(f"unknown policy {policy!r}; valid: {', '.join(POLICIES)}")
+        rows = []
+        for v in self.for_op(problem.op):
+            ok, reason = self._eligible(v, target, problem, policy)
+            rows.append(Candidate(v, ok, reason))
+        return rows
+
+    @staticmethod
+    def _eligible(v: Variant, target: Target, problem: Problem, policy: str) -> tuple[bool, str]:
+        if target.family not in v.targets:
+            return False, f"built for {', '.join(v.targets)}, not {target.name}"
+        if policy == "bitexact" and v.exactness != "bitexact":
+            return False, "policy bitexact: variant is only within tolerance"
+        if v.tolerance_for(problem.dtype) is None:
+            return False, f"no tolerance declared for {problem.dtype}"
+        try:
+            ok, reason = v.supports(problem.dim, problem.dtype, target)
+        except Exception as exc:  # a plugin's supports() must never break binding
+            return False, f"supports() raised {type(exc).__name__}: {exc}"
+        return bool(ok), reason
+
+    # --- binding -----------------------------------------------------------------------------
+    def bind(
+        self,
+        target: Target | str,
+        problems: Mapping[str, Problem],
+        *,
+        policy: str = "fastest",
+        cache: CacheLookup | None = None,
+    ) -> Binding:
+        """Resolve every call site in ``problems`` to a variant, once."""
+        target = self.target(target) if isinstance(target, str) else target
+        ops: dict[str, BoundOp] = {}
+        notes: list[str] = []
+        for site, problem in problems.items():
+            bound, note = self._bind_one(site, target, problem, policy, cache)
+            ops[site] = bound
+            if note:
+                notes.append(note)
+        return Binding(target, policy, ops, tuple(notes))
+
+    def _bind_one(
+        self, site: str, target: Target, problem: Problem, policy: str, cache: CacheLookup | None
+    ) -> tuple[BoundOp, str | None]:
+        candidates = self.candidates(target, problem, policy)
+        eligible = {c.variant.name: c.variant for c in candidates if c.eligible}
+        note = None
+        hit = cache.winner(target, problem, policy) if cache is not None else None
+        if hit is not None:
+            chosen = eligible.get(hit.variant)
+            if chosen is None:
+                note = f"{site}: cached winner {hit.variant!r} ({hit.key}) is unknown or not eligible"
+            elif chosen.source_hash != hit.source_hash:
+                note = f"{site}: cached winner {hit.variant!r} ({hit.key}) has a stale source hash"
+            else:
+                reason = f"benchmark cache ({hit.method}) entry {hit.key}"
+                return BoundOp(site, problem, chosen, "cache", reason), None
+        if eligible:
+            chosen = next(iter(eligible.values()))
+            reason = f"highest priority ({chosen.priority}) eligible on {target.name}"
+            if cache is not None and hit is None:
+                reason += "; no cache entry"
+            return BoundOp(site, problem, chosen, "priority", reason), note
+        rejected = "; ".join(f"{c.variant.name}: {c.reason}" for c in candidates) or "no variants"
+        reason = f"no eligible variant on {target.name} ({rejected}); torch reference"
+        return BoundOp(site, problem, self.reference(problem.op), "fallback", reason), note
+
+    def explain(
+        self, target: Target | str, problem: Problem, *, policy: str = "fastest", cache: CacheLookup | None = None
+    ) -> tuple[list[Candidate], BoundOp]:
+        """Every candidate with its eligibility, and the call site it would bind."""
+        target = self.target(target) if isinstance(target, str) else target
+        bound, _ = self._bind_one(problem.op, target, problem, policy, cache)
+        return self.candidates(target, problem, policy), bound
+
+
+def reference_variant(op: str) -> Variant:
+    """The torch reference of ``op`` as a variant: runs anywhere torch does, bit-exact by definition."""
+    contract = get_op(op)
+    return Variant(
+        op=op,
+        name=f"ref_{op}",
+        targets=("cpu",),
+        kernel=contract.reference,
+        nki=False,
+        priority=0,
+        exactness="bitexact",
+        description=f"torch reference: {contract.summary}",
+    )
+
+

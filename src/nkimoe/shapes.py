@@ -1,0 +1,79 @@
+"""The model's dimensions and the op problems (call sites) that one forward pass issues."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nkimoe.ops import Problem
+
+
+@dataclass(frozen=True)
+class ModelShapes:
+    """The dimensions of a Qwen3-MoE model that decide op shapes (defaults: Qwen3-30B-A3B)."""
+
+    hidden: int = 2048
+    heads: int = 32
+    kv_heads: int = 4
+    head_dim: int = 128
+    experts: int = 128
+    top_k: int = 8
+    moe_intermediate: int = 768
+    vocab: int = 151_936
+    layers: int = 48
+
+    @classmethod
+    def from_hf_config(cls, config: Mapping[str, Any] | str | Path) -> ModelShapes:
+        """Read the dims from an HF ``config.json`` (path or parsed dict) of a Qwen3-MoE model."""
+        if not isinstance(config, Mapping):
+            config = json.loads(Path(config).read_text())
+        hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+        return cls(
+            hidden=hidden,
+            heads=heads,
+            kv_heads=int(config["num_key_value_heads"]),
+            head_dim=int(config.get("head_dim") or hidden // heads),
+            experts=int(config["num_experts"]),
+            top_k=int(config["num_experts_per_tok"]),
+            moe_intermediate=int(config["moe_intermediate_size"]),
+            vocab=int(config["vocab_size"]),
+            layers=int(config["num_hidden_layers"]),
+        )
+
+
+#: The contest's global sequence length (aws-neuron/nki-moe README: ``--seq-len 1024``) and a
+#: short prompt: the default prefill shapes that ``bench select`` measures.
+DEFAULT_PREFILL_TOKENS: tuple[int, ...] = (1024, 128)
+
+
+def call_sites(shapes: ModelShapes, phase: str, tokens: int, dtype: str = "bfloat16") -> dict[str, Problem]:
+    """Every distinct op problem of one decoder step of ``phase`` ("prefill" with ``tokens``
+    prompt tokens, or "decode" with a KV cache of ``tokens`` positions), keyed ``phase.site``."""
+    if phase not in ("prefill", "decode"):
+        raise ValueError(f"unknown phase {phase!r}; valid: prefill, decode")
+    s = shapes
+    t = tokens if phase == "prefill" else 1
+    heads = {"Hq": s.heads, "Hkv": s.kv_heads, "D": s.head_dim}
+    sites = {
+        "input_norm": Problem.of("add_rmsnorm", dtype, T=t, H=s.hidden),
+        "final_norm": Problem.of("rmsnorm", dtype, T=t, H=s.hidden),
+        "q_proj": Problem.of("linear", dtype, T=t, K=s.hidden, N=s.heads * s.head_dim),
+        "k_proj": Problem.of("linear", dtype, T=t, K=s.hidden, N=s.kv_heads * s.head_dim),
+        "v_proj": Problem.of("linear", dtype, T=t, K=s.hidden, N=s.kv_heads * s.head_dim),
+        "o_proj": Problem.of("linear", dtype, T=t, K=s.heads * s.head_dim, N=s.hidden),
+        "qk_norm": Problem.of("qk_norm", dtype, T=t, **heads),
+        "rope": Problem.of("rope", dtype, T=t, **heads),
+        "router_gate": Problem.of("linear", dtype, T=t, K=s.hidden, N=s.experts),
+        "router": Problem.of("router", dtype, T=t, E=s.experts, K=s.top_k),
+        "experts": Problem.of("expert_mlp", dtype, T=t, H=s.hidden, I=s.moe_intermediate, E=s.experts, K=s.top_k),
+        # In prefill only the last position's logits are needed: lm_head sees one token.
+        "lm_head": Problem.of("linear", dtype, T=1, K=s.hidden, N=s.vocab),
+    }
+    if phase == "prefill":
+        sites["attention"] = Problem.of("attention_prefill", dtype, S=t, **heads)
+    else:
+        sites["attention"] = Problem.of("attention_decode", dtype, L=tokens, **heads)
+    return {f"{phase}.{name}": problem for name, problem in sites.items()}

@@ -1,0 +1,1 @@
+"""Variant families: the torch references and, per op family, the Trn2 and Trn3 NKI kernels."""
