@@ -1,0 +1,401 @@
+"""Emulator core: the session (target, trace, on-chip allocations), tensors and their views."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import enum
+import math
+import os
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from nkimoe.nki.emulator import dtypes as dt
+from nkimoe.targets import TRN2, TRN3, Target, TargetError
+
+
+class EmulatorError(RuntimeError):
+    """A kernel broke an NKI rule or a hardware limit of the emulated target."""
+
+
+class MemoryRegion(enum.Enum):
+    """Buffers (``nl.sbuf``, ``nl.psum``, ``nl.hbm``, ``nl.private_hbm``, ``nl.shared_hbm``)."""
+
+    sbuf = "sbuf"
+    psum = "psum"
+    hbm = "hbm"
+    private_hbm = "private_hbm"
+    shared_hbm = "shared_hbm"
+
+    @property
+    def on_chip(self) -> bool:
+        return self in (MemoryRegion.sbuf, MemoryRegion.psum)
+
+
+def region(buffer: Any) -> MemoryRegion:
+    """Accept ``nl.sbuf`` etc. or, as NKI 0.2.0 did, their string names."""
+    if isinstance(buffer, MemoryRegion):
+        return buffer
+    if isinstance(buffer, str):
+        try:
+            return MemoryRegion(buffer)
+        except ValueError:
+            pass
+    raise EmulatorError(f"unknown buffer {buffer!r}; valid: {', '.join(m.value for m in MemoryRegion)}")
+
+
+@dataclass
+class Instruction:
+    """One executed instruction, as the cost model sees it."""
+
+    name: str
+    engine: str  #: "tensor", "vector", "scalar", "gpsimd" or "dma"
+    reads: tuple[int, ...]  #: storage ids read
+    writes: tuple[int, ...]  #: storage ids written
+    partitions: int = 0
+    free: int = 0  #: elements per partition processed
+    inputs: int = 1  #: tensor inputs streamed (VectorE/ScalarE cost)
+    sixteen_bit: bool = False
+    macs: int = 0
+    hbm_read: int = 0
+    hbm_write: int = 0
+    bytes: int = 0  #: bytes moved by a DMA
+    contiguous: int = 0  #: contiguous bytes per descriptor row of a DMA
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Session:
+    """The emulated NeuronCore of one kernel run."""
+
+    target: Target
+    trace: list[Instruction] = field(default_factory=list)
+    sbuf_live: int = 0
+    psum_live: int = 0
+    program_id: int = 0
+    num_programs: int = 1
+    reduce_regs: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def record(self, instr: Instruction) -> None:
+        self.trace.append(instr)
+
+
+_SESSION: contextvars.ContextVar[Session | None] = contextvars.ContextVar("nkimoe_nki_session", default=None)
+
+
+def default_target() -> Target:
+    """The target a kernel run emulates when none is given: ``NKIMOE_TARGET``, then
+    ``NEURON_PLATFORM_TARGET_OVERRIDE``; as in the SDK simulator, trn3 when neither is set."""
+    from nkimoe.targets import detect
+
+    try:
+        found = detect()
+    except TargetError as exc:
+        raise EmulatorError(str(exc)) from None
+    return found.target if found.target.is_neuron else TRN3
+
+
+def current() -> Session:
+    session = _SESSION.get()
+    if session is None:
+        session = Session(default_target())
+        _SESSION.set(session)
+    return session
+
+
+@contextlib.contextmanager
+def session(target: Target | str | None = None) -> Iterator[Session]:
+    """Run kernels inside one emulated core: ``with session("trn2") as s: k(x); s.trace``."""
+    if isinstance(target, str):
+        target = {"trn2": TRN2, "trn3": TRN3}.get(target) or _named(target)
+    s = Session(target or default_target())
+    if not s.target.is_neuron:
+        raise EmulatorError(f"target {s.target.name!r} has no NeuronCore to emulate; use trn2 or trn3")
+    token = _SESSION.set(s)
+    try:
+        yield s
+    finally:
+        _SESSION.reset(token)
+
+
+def _named(name: str) -> Target:
+    from nkimoe.plugins import get_registry
+
+    return get_registry().target(name)
+
+
+def require(feature: str, what: str) -> None:
+    """Raise unless the emulated target has ISA ``feature``."""
+    target = current().target
+    if not target.has(feature):
+        raise EmulatorError(
+            f"{what} is not available on {target.name} (NeuronCore-v{target.nc_version}); "
+            f"it needs a target with {feature!r} (trn3, NeuronCore-v4)"
+        )
+
+
+# --- tensors ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DynSlice:
+    """``nl.ds(start, size)``: a slice of ``size`` elements from ``start``."""
+
+    start: int
+    size: int
+
+
+class _Allocation:
+    """Bytes per partition an on-chip tensor holds, released when its storage is collected."""
+
+    def __init__(self, owner: np.ndarray, buffer: MemoryRegion, per_partition: int) -> None:
+        s = current()
+        attr = "sbuf_live" if buffer is MemoryRegion.sbuf else "psum_live"
+        target = s.target
+        limit = target.sbuf_usable_bytes_per_partition if buffer is MemoryRegion.sbuf else target.psum_bytes_per_partition
+        live = getattr(s, attr) + per_partition
+        if live > limit:
+            raise EmulatorError(
+                f"nl.ndarray: allocating {per_partition} B per partition in {buffer.value} brings live "
+                f"{buffer.value} to {live} B per partition, over {target.name}'s {limit} B per partition"
+            )
+        setattr(s, attr, live)
+        weakref.finalize(owner, _release, s, attr, per_partition)
+
+
+def _release(s: Session, attr: str, size: int) -> None:
+    setattr(s, attr, getattr(s, attr) - size)
+
+
+class NkiTensor:
+    """A tensor in HBM, SBUF or PSUM. Views (slicing, ``reshape``, ``permute``, ``ap``) share storage.
+
+    Axis 0 of an on-chip tensor is the partition axis (at most 128).
+    """
+
+    __slots__ = ("data", "dtype", "buffer", "name", "storage_id", "mm_written", "root", "__weakref__")
+
+    def __init__(self, data: np.ndarray, dtype: str, buffer: MemoryRegion, name: str = "",
+                 storage_id: int | None = None, mm_written: np.ndarray | None = None,
+                 root: np.ndarray | None = None) -> None:
+        self.data = data
+        self.dtype = dtype
+        self.buffer = buffer
+        self.name = name
+        self.storage_id = id(data) if storage_id is None else storage_id
+        #: The whole allocation this view belongs to.
+        self.root = data if root is None else root
+        #: PSUM only: which elements a matmul has written since allocation (accumulate=None).
+        self.mm_written = mm_written
+
+    # --- construction --------------------------------------------------------------------------
+    @classmethod
+    def allocate(cls, shape: Sequence[int], dtype: Any, buffer: Any, name: str = "", fill: Any = None) -> NkiTensor:
+        dtype = dt.normalize(dtype)
+        buf = region(buffer)
+        shape = tuple(int(s) for s in shape)
+        if not shape or any(s < 1 for s in shape):
+            raise EmulatorError(f"nl.ndarray: shape {shape} must have positive sizes")
+        target = current().target
+        if buf.on_chip and shape[0] > target.partitions:
+            raise EmulatorError(
+                f"nl.ndarray: partition dimension {shape[0]} exceeds maximum {target.partitions} "
+                f"on {target.name} ({buf.value} tensor {name or 'unnamed'})"
+            )
+        storage_shape = shape + ((4,) if dtype in dt.PACKED_X4 else ())
+        if fill is None:  # uninitialised memory shows as NaN (floats) or 4 (integers), as in the SDK simulator
+            fill = 4 if dtype in dt.INTEGER else np.nan
+        data = np.full(storage_shape, fill, dtype=np.float32 if dtype not in dt.INTEGER else np.int64)
+        data = dt.cast(data, dtype) if dtype not in dt.INTEGER else data.astype(dt.STORAGE[dtype])
+        tensor = cls(data, dtype, buf, name)
+        if buf.on_chip:
+            per_partition = math.ceil(math.prod(shape[1:]) * dt.itemsize(dtype))
+            _Allocation(data, buf, per_partition)
+        if buf is MemoryRegion.psum:
+            tensor.mm_written = np.zeros(shape, dtype=bool)
+        return tensor
+
+    @classmethod
+    def wrap(cls, array: np.ndarray, buffer: MemoryRegion = MemoryRegion.shared_hbm, name: str = "") -> NkiTensor:
+        return cls(array, dt.from_numpy(array.dtype), buffer, name)
+
+    # --- shape ---------------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape[:-1] if self.dtype in dt.PACKED_X4 else self.data.shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def partitions(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def free_size(self) -> int:
+        return math.prod(self.shape[1:])
+
+    def partition_offset_bytes(self) -> int:
+        """Byte offset of this view's first element within its partition of the allocation."""
+        start = self.data.__array_interface__["data"][0] - self.root.__array_interface__["data"][0]
+        return int(start % self.root.strides[0]) if self.root.ndim > 1 else int(start)
+
+    @property
+    def nbytes(self) -> int:
+        return int(math.prod(self.shape) * dt.itemsize(self.dtype))
+
+    def __repr__(self) -> str:
+        return f"NkiTensor({self.name or 'unnamed'}, {self.shape}, {self.dtype}, {self.buffer.value})"
+
+    # --- views ---------------------------------------------------------------------------------
+    def _view(self, data: np.ndarray, mm: np.ndarray | None = None) -> NkiTensor:
+        return NkiTensor(data, self.dtype, self.buffer, self.name, self.storage_id, mm, self.root)
+
+    def _key(self, key: Any) -> tuple[Any, ...]:
+        key = key if isinstance(key, tuple) else (key,)
+        if any(k is Ellipsis for k in key):
+            at = next(i for i, k in enumerate(key) if k is Ellipsis)
+            fill = (slice(None),) * (self.ndim - len(key) + 1)
+            key = key[:at] + fill + key[at + 1:]
+        if len(key) > self.ndim:
+            raise EmulatorError(f"index {key} has more axes than {self!r}")
+        out = []
+        for axis, k in enumerate(key):
+            if isinstance(k, DynSlice):
+                k = slice(k.start, k.start + k.size)
+            if isinstance(k, slice):
+                start, stop, step = k.indices(self.shape[axis])
+                requested = k.stop if k.stop is not None else stop
+                if k.start is not None and not 0 <= k.start <= self.shape[axis] or requested > self.shape[axis]:
+                    raise EmulatorError(
+                        f"slice {k.start}:{k.stop} is out of bounds for axis {axis} of size {self.shape[axis]} in {self!r}"
+                    )
+                if stop <= start:
+                    raise EmulatorError(f"empty slice {k.start}:{k.stop} on axis {axis} of {self!r}")
+                k = slice(start, stop, step)
+            elif isinstance(k, (int, np.integer)):
+                if not -self.shape[axis] <= int(k) < self.shape[axis]:
+                    raise EmulatorError(f"index {k} is out of bounds for axis {axis} of size {self.shape[axis]} in {self!r}")
+                if axis == 0 and self.buffer.on_chip:
+                    raise EmulatorError(f"an integer index on the partition axis of {self!r}; slice it (e.g. t[i:i+1])")
+                k = int(k)
+            else:
+                raise EmulatorError(f"unsupported index {k!r} on {self!r}; use ints, slices or nl.ds")
+            out.append(k)
+        return tuple(out)
+
+    def __getitem__(self, key: Any) -> NkiTensor:
+        k = self._key(key)
+        mm = self.mm_written[k] if self.mm_written is not None else None
+        return self._view(self.data[k], mm)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        raise EmulatorError(
+            f"item assignment on {self!r}: NKI tensors are written only by instructions "
+            "(nisa.tensor_copy, nisa.dma_copy, ...) into a dst"
+        )
+
+    def reshape(self, shape: Sequence[int]) -> NkiTensor:
+        shape = tuple(int(s) for s in shape)
+        if self.buffer.on_chip and shape[0] != self.shape[0]:
+            raise EmulatorError(f"reshape of {self!r} to {shape} changes the partition dimension")
+        extra = (4,) if self.dtype in dt.PACKED_X4 else ()
+        if math.prod(shape) != math.prod(self.shape):
+            raise EmulatorError(f"reshape of {self!r} to {shape}: element count differs")
+        data = self.data.reshape(shape + extra)
+        if not np.shares_memory(data, self.data):
+            raise EmulatorError(f"reshape of {self!r} to {shape} needs a copy (the view is not contiguous)")
+        mm = self.mm_written.reshape(shape) if self.mm_written is not None else None
+        return self._view(data, mm)
+
+    def permute(self, dims: Sequence[int]) -> NkiTensor:
+        dims = tuple(dims)
+        if sorted(dims) != list(range(self.ndim)):
+            raise EmulatorError(f"permute{dims} is not a permutation of the {self.ndim} axes of {self!r}")
+        if self.buffer.on_chip and dims[0] != 0:
+            raise EmulatorError(f"permute{dims} of {self!r} moves the partition axis")
+        extra = (self.ndim,) if self.dtype in dt.PACKED_X4 else ()
+        mm = self.mm_written.transpose(dims) if self.mm_written is not None else None
+        return self._view(self.data.transpose(dims + extra), mm)
+
+    def ap(self, pattern: Sequence[Sequence[int]], offset: int = 0, scalar_offset: Any = None,
+           vector_offset: Any = None, indirect_dim: int = 0, dtype: Any = None) -> NkiTensor:
+        """An explicit access pattern ``[[stride, count], ...]`` over this tensor's storage.
+
+        ``scalar_offset`` (a [1, 1] SBUF tensor) or ``vector_offset`` (an SBUF [P, 1] tensor of row
+        indices) index axis ``indirect_dim`` at run time, as for DMA gather/scatter.
+        """
+        if dtype is not None and dt.normalize(dtype) != self.dtype:
+            raise EmulatorError("ap(dtype=...) reinterpretation is not emulated")
+        if scalar_offset is not None and vector_offset is not None:
+            raise EmulatorError("ap(): scalar_offset and vector_offset are mutually exclusive")
+        base = self.data
+        if not base.flags.c_contiguous and self.buffer.on_chip:
+            raise EmulatorError("ap() on a non-contiguous on-chip view is not emulated")
+        counts = [int(c) for _, c in pattern]
+        strides = [int(s) for s, _ in pattern]
+        flat = base.reshape(-1) if base.flags.c_contiguous else None
+        if flat is None:
+            raise EmulatorError(f"ap() on a non-contiguous view of {self!r}; call it on the whole tensor")
+        if scalar_offset is not None:
+            offset += int(_scalar(scalar_offset)) * strides[indirect_dim]
+        if vector_offset is not None:
+            rows = _vector(vector_offset)
+            if indirect_dim != 0:
+                raise EmulatorError("ap(vector_offset=...) supports indirect_dim=0 only")
+            span = sum((c - 1) * s for s, c in zip(strides[1:], counts[1:]))
+            if len(rows) and (rows.min() < 0 or offset + int(rows.max()) * strides[0] + span >= flat.size):
+                raise EmulatorError(f"ap(vector_offset=...) indexes past the end of {self!r}")
+            gathered = np.stack([
+                np.lib.stride_tricks.as_strided(flat[offset + int(r) * strides[0]:], counts[1:],
+                                                [s * flat.itemsize for s in strides[1:]])
+                for r in rows
+            ])
+            return _Gather(gathered, self, offset, strides, counts, rows)
+        last = offset + sum((c - 1) * s for s, c in zip(strides, counts))
+        if offset < 0 or last >= flat.size:
+            raise EmulatorError(f"ap() pattern {pattern} with offset {offset} reaches past the end of {self!r}")
+        view = np.lib.stride_tricks.as_strided(flat[offset:], counts, [s * flat.itemsize for s in strides])
+        return self._view(view)
+
+
+class _Gather(NkiTensor):
+    """A vector-indexed access pattern: reads gather rows; writes scatter them back."""
+
+    __slots__ = ("origin", "offset", "strides", "counts", "rows")
+
+    def __init__(self, data: np.ndarray, origin: NkiTensor, offset: int, strides: list[int],
+                 counts: list[int], rows: np.ndarray) -> None:
+        super().__init__(data, origin.dtype, origin.buffer, origin.name, origin.storage_id, root=origin.root)
+        self.origin, self.offset, self.strides, self.counts, self.rows = origin, offset, strides, counts, rows
+
+    def scatter(self, values: np.ndarray) -> None:
+        flat = self.origin.data.reshape(-1)
+        for i, r in enumerate(self.rows):
+            dst = np.lib.stride_tricks.as_strided(
+                flat[self.offset + int(r) * self.strides[0]:], self.counts[1:],
+                [s * flat.itemsize for s in self.strides[1:]], writeable=True)
+            dst[...] = values[i]
+
+
+def _scalar(t: Any) -> int:
+    if isinstance(t, NkiTensor):
+        if t.buffer is not MemoryRegion.sbuf or t.data.size != 1:
+            raise EmulatorError(f"a dynamic scalar offset must be a [1, 1] SBUF tensor, got {t!r}")
+        return int(np.asarray(t.data, dtype=np.float64).reshape(-1)[0])
+    return int(t)
+
+
+def _vector(t: Any) -> np.ndarray:
+    if not isinstance(t, NkiTensor) or t.buffer is not MemoryRegion.sbuf or t.free_size != 1:
+        raise EmulatorError(f"vector_offset must be an SBUF [P, 1] tensor of row indices, got {t!r}")
+    return np.asarray(t.data, dtype=np.int64).reshape(-1)
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
