@@ -13,7 +13,10 @@ from tabulate import tabulate
 from nkimoe import __version__
 from nkimoe.ops import OP_NAMES, OpError
 from nkimoe.plugins import get_registry
-from nkimoe.registry import POLICIES, Registry, RegistryError
+from nkimoe.bench.trial import run_trial
+from nkimoe.ops import Problem
+from nkimoe.registry import POLICIES, Candidate, Registry, RegistryError
+from nkimoe.targets import Target
 from nkimoe.shapes import ModelShapes, call_sites
 from nkimoe.targets import TargetError, detect
 
@@ -99,7 +102,8 @@ def cmd_registry_explain(args: argparse.Namespace) -> int:
         candidates, bound = registry.explain(target, problem, policy=args.policy)
         rows = [
             {"variant": c.variant.name, "nki": c.variant.nki, "priority": c.variant.priority,
-             "eligible": c.eligible, "reason": c.reason, "binds": c.variant.name == bound.variant.name}
+             "eligible": c.eligible, "reason": c.reason, "binds": c.variant.name == bound.variant.name,
+             **_estimate_columns(c, problem, target, args.estimate)}
             for c in candidates
         ]
         if not any(r["binds"] for r in rows):
@@ -112,11 +116,26 @@ def cmd_registry_explain(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps(out, indent=2))
         return 0
+    columns = ["variant", "nki", "priority", "eligible", "binds", "est_us", "bound_by", "verified", "reason"]
     for block in out:
-        print(f"{block['problem']} on {block['target']} ({block['macs']:,} MACs)")
-        _emit(block["candidates"], "table", ["variant", "nki", "priority", "eligible", "binds", "reason"])
+        print(f"{block['problem']} on {block['target']} ({block['macs']:,} MACs; est_us = cost-model estimate)")
+        _emit(block["candidates"], "table", columns if args.estimate else columns[:5] + columns[-1:])
         print(f"binds {block['binds']}: {block['why']}\n")
     return 0
+
+
+def _estimate_columns(candidate: Candidate, problem: Problem, target: Target, wanted: bool) -> dict[str, Any]:
+    """Verification verdict and cost-model estimate of an eligible NKI candidate on a Neuron target."""
+    if not (wanted and candidate.eligible and candidate.variant.nki and target.is_neuron):
+        return {"est_us": None, "bound_by": None, "verified": None}
+    trial = run_trial(candidate.variant, problem, target)
+    est = trial.estimate
+    return {
+        "est_us": round(est.micros, 2) if est else None,
+        "bound_by": est.bound_by if est else None,
+        "verified": "yes" if trial.ok else f"no: {trial.detail}",
+        "method": est.method if est else None,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--policy", choices=POLICIES, default="fastest")
     p.add_argument("--config", help="an HF config.json of a Qwen3-MoE model (default: Qwen3-30B-A3B)")
+    p.add_argument("--no-estimate", dest="estimate", action="store_false",
+                   help="skip verifying and estimating each eligible NKI candidate in the emulator")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.set_defaults(func=cmd_registry_explain)
     return parser

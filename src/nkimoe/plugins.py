@@ -30,6 +30,9 @@ ENTRY_POINT_GROUP = "nkimoe"
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "nkimoe.targets_plugin",
     "nkimoe.variants.reference",
+    "nkimoe.variants.norms",
+    "nkimoe.variants.rope",
+    "nkimoe.variants.routing",
 )
 
 

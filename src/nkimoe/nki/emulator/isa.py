@@ -518,6 +518,11 @@ def tensor_scalar(dst: NkiTensor, data: NkiTensor, op0: Op, operand0: Any, rever
                   engine: Any = engine.unknown, name: Any = None) -> None:
     """``dst = (data <op0> operand0) <op1> operand1``; operands are scalars or [P, 1] tiles."""
     eng = _engine("tensor_scalar", engine, "vector", ("vector", "scalar", "gpsimd"))
+    if eng == "scalar" and current().target.nc_version < 4:
+        combo = (getattr(op0, "name", op0), getattr(op1, "name", None))
+        if combo not in (("multiply", "add"), ("multiply", None), ("add", None)):
+            raise _limit("tensor_scalar", "engine", f"scalar on NeuronCore-v3 runs only multiply(+add) or add, not "
+                                                    f"{combo[0]}{'+' + combo[1] if combo[1] else ''}")
     _tile("tensor_scalar", "dst", dst)
     _tile("tensor_scalar", "data", data)
     _same_layout("tensor_scalar", dst, data, "dst and data")
