@@ -36,10 +36,11 @@ P = 128
 NORM_TOLERANCE = {"bfloat16": (1e-3, 2.0**-6), "float32": (1e-6, 1e-5)}
 
 
-def _broadcast_rows(vec, width: int):  # noqa: ANN001, ANN202
-    """Load an HBM vector [width] into every partition of a [128, width] SBUF tile (stride-0 DMA)."""
+def _broadcast_rows(vec, width: int, rows: int):  # noqa: ANN001, ANN202
+    """Load an HBM vector [width] into the first ``rows`` partitions of a [128, width] SBUF tile
+    (stride-0 DMA)."""
     tile = nl.ndarray((P, width), dtype=vec.dtype, buffer=nl.sbuf)
-    nisa.dma_copy(dst=tile, src=vec.reshape((1, width)).ap([[0, P], [1, width]]))
+    nisa.dma_copy(dst=tile[0:rows], src=vec.reshape((1, width)).ap([[0, rows], [1, width]]))
     return tile
 
 
@@ -65,7 +66,7 @@ def _normalize_rows(out_rows, x_rows, w_tile, rows: int, width: int, eps: float,
 def _rmsnorm_2d(x, weight, out, eps: float, square_on_scalar: bool) -> None:  # noqa: ANN001
     """RMSNorm of every row of the HBM matrix ``x`` [R, W] into ``out``."""
     rows, width = x.shape
-    w_tile = _broadcast_rows(weight, width)
+    w_tile = _broadcast_rows(weight, width, min(P, rows))
     for t in nl.affine_range((rows + P - 1) // P):
         p = min(P, rows - t * P)
         xt = nl.ndarray((P, width), dtype=x.dtype, buffer=nl.sbuf)
@@ -101,7 +102,7 @@ def add_rmsnorm_kernel(x, residual, weight, eps: float = 1e-6, square_on_scalar:
     rows, width = x.shape
     summed = nl.ndarray((rows, width), dtype=x.dtype, buffer=nl.shared_hbm)
     out = nl.ndarray((rows, width), dtype=x.dtype, buffer=nl.shared_hbm)
-    w_tile = _broadcast_rows(weight, width)
+    w_tile = _broadcast_rows(weight, width, min(P, rows))
     for t in nl.affine_range((rows + P - 1) // P):
         p = min(P, rows - t * P)
         xt = nl.ndarray((P, width), dtype=x.dtype, buffer=nl.sbuf)
@@ -132,6 +133,70 @@ def qk_norm_kernel(q, k, q_weight, k_weight, eps: float = 1e-6, square_on_scalar
     _rmsnorm_2d(q.reshape((t * hq, d)), q_weight, q_out.reshape((t * hq, d)), eps, square_on_scalar)
     _rmsnorm_2d(k.reshape((t * hkv, d)), k_weight, k_out.reshape((t * hkv, d)), eps, square_on_scalar)
     return q_out, k_out
+
+
+def _normalize_spread(out, x, weight, eps: float) -> None:  # noqa: ANN001
+    """Decode layout: each token's H values spread over 128 partitions (H/128 per partition); the
+    sum of squares crosses partitions through one fp32 ones-matmul, which also broadcasts it."""
+    t, h = x.shape
+    f = h // P
+    xt = nl.ndarray((P, t, f), dtype=x.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=xt, src=x.reshape((t, P, f)).permute((1, 0, 2)))
+    w = nl.ndarray((P, f), dtype=weight.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=w, src=weight.reshape((P, f)))
+    sq = nl.ndarray((P, t, f), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=sq, data1=xt, data2=xt, op=nl.multiply)
+    partial = nl.ndarray((P, t), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_reduce(dst=partial, op=nl.add, data=sq, axis=2)
+    ones = nl.ndarray((P, P), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=ones, value=1.0)
+    total = nl.ndarray((P, t), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_matmul(dst=total, stationary=ones, moving=partial)
+    rstd = nl.ndarray((P, t), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=rstd, data=total, op0=nl.multiply, operand0=1.0 / h, op1=nl.add, operand1=eps)
+    nisa.activation(dst=rstd, op=nl.rsqrt, data=rstd)
+    y = nl.ndarray((P, t, f), dtype=x.dtype, buffer=nl.sbuf)
+    for i in nl.affine_range(t):
+        normed = nl.ndarray((P, f), dtype=x.dtype, buffer=nl.sbuf)
+        nisa.tensor_scalar(dst=normed, data=xt[:, i, :], op0=nl.multiply, operand0=rstd[:, i:i + 1])
+        nisa.tensor_tensor(dst=y[:, i, :], data1=normed, data2=w, op=nl.multiply)
+    nisa.dma_copy(dst=out.reshape((t, P, f)).permute((1, 0, 2)), src=y)
+
+
+@nki.jit
+def rmsnorm_tkg_kernel(x, weight, eps: float = 1e-6):
+    """RMSNorm for decode (a few tokens): hidden spread over all 128 partitions.
+
+    Same on Trn2 and Trn3 (one tiny fp32 matmul and a handful of 16-element VectorE steps; no
+    Trn3-only instruction applies), so it is registered for both.
+    Dimensions: T tokens (<= 8), H hidden (multiple of 128).
+    Args: x [T, H] HBM; weight [H] HBM. Returns: [T, H] HBM, x.dtype.
+    """
+    out = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
+    _normalize_spread(out, x, weight, eps)
+    return out
+
+
+@nki.jit
+def add_rmsnorm_tkg_kernel(x, residual, weight, eps: float = 1e-6):
+    """Residual add then RMSNorm for decode, hidden spread over 128 partitions (see rmsnorm_tkg_kernel).
+
+    Dimensions: T tokens (<= 8), H hidden (multiple of 128).
+    Returns: (x + residual, rmsnorm(x + residual)), [T, H] HBM each.
+    """
+    t, h = x.shape
+    f = h // P
+    summed = nl.ndarray((t, h), dtype=x.dtype, buffer=nl.shared_hbm)
+    out = nl.ndarray((t, h), dtype=x.dtype, buffer=nl.shared_hbm)
+    xt = nl.ndarray((P, t * f), dtype=x.dtype, buffer=nl.sbuf)
+    rt = nl.ndarray((P, t * f), dtype=x.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=xt, src=x.reshape((t, P, f)).permute((1, 0, 2)))
+    nisa.dma_copy(dst=rt, src=residual.reshape((t, P, f)).permute((1, 0, 2)))
+    st = nl.ndarray((P, t * f), dtype=x.dtype, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=st, data1=xt, data2=rt, op=nl.add)
+    nisa.dma_copy(dst=summed.reshape((t, P, f)).permute((1, 0, 2)), src=st)
+    _normalize_spread(out, summed, weight, eps)
+    return summed, out
 
 
 # --- launchers and support checks ---------------------------------------------------------------
@@ -166,6 +231,26 @@ def _launchers(square_on_scalar: bool) -> dict[str, Callable[..., Any]]:
 
 _WIDTH = {"rmsnorm": "H", "add_rmsnorm": "H", "qk_norm": "D"}
 
+#: Decode kernels pay a strided DMA per token; past a few tokens the 128-row tiles win.
+TKG_MAX_TOKENS = 8
+
+
+def _tkg_supports(dims: Mapping[str, int], dtype: str, target: Target) -> tuple[bool, str]:
+    if dims["T"] > TKG_MAX_TOKENS:
+        return False, f"T={dims['T']} > {TKG_MAX_TOKENS}: a decode kernel"
+    if dims["H"] % P:
+        return False, f"H={dims['H']} is not a multiple of {P}"
+    return True, f"T <= {TKG_MAX_TOKENS}, H a multiple of {P}"
+
+
+def _rmsnorm_tkg(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return rmsnorm_tkg_kernel(x, weight, eps=eps)
+
+
+def _add_rmsnorm_tkg(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(add_rmsnorm_tkg_kernel(x, residual, weight, eps=eps))
+
 
 def variants() -> list[Variant]:
     out = []
@@ -176,6 +261,12 @@ def variants() -> list[Variant]:
                 supports=_fits_sbuf(_WIDTH[op]), tolerance=NORM_TOLERANCE,
                 description=f"128-row tiles, fp32 statistics, {engines}",
             ))
+    for op, launcher in (("rmsnorm", _rmsnorm_tkg), ("add_rmsnorm", _add_rmsnorm_tkg)):
+        out.append(Variant(
+            op=op, name=f"{op}_tkg_nki", targets=("trn2", "trn3"), kernel=launcher, nki=True, priority=20,
+            supports=_tkg_supports, tolerance=NORM_TOLERANCE,
+            description="decode: hidden over 128 partitions, cross-partition sum by a ones-matmul (same on both targets)",
+        ))
     return out
 
 
