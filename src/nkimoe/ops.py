@@ -204,6 +204,10 @@ class OpContract:
     make_inputs: InputMaker
     extra_checks: Callable[[Mapping[str, int]], str | None] = field(default=lambda d: None)
 
+    @property
+    def arg_names(self) -> tuple[str, ...]:
+        return tuple(a.split(":")[0].strip() for a in self.args)
+
     def check_dims(self, dims: Mapping[str, int]) -> None:
         missing = [d for d in self.dims if d not in dims]
         extra = [d for d in dims if d not in self.dims]

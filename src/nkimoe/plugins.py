@@ -33,6 +33,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "nkimoe.variants.norms",
     "nkimoe.variants.rope",
     "nkimoe.variants.routing",
+    "nkimoe.variants.linear",
 )
 
 

@@ -61,6 +61,9 @@ class Variant:
     tolerance: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     exactness: Exactness = "tolerance"
     description: str = ""
+    #: One-time re-layout of weight arguments at load time, by argument name: the kernel then
+    #: receives ``prepare[name](weight)`` in place of the weight (part of the variant, verified with it).
+    prepare: Mapping[str, Callable[[Any], Any]] = field(default_factory=dict)
     source_hash: str = ""
     plugin: str = ""
 
@@ -83,8 +86,19 @@ class Variant:
             raise RegistryError(f"{where}: declare a tolerance per dtype or exactness='bitexact'")
         if self.nki and "cpu" in self.targets:
             raise RegistryError(f"{where}: an NKI variant cannot target 'cpu'")
+        names = get_op(self.op).arg_names if self.op in OP_NAMES else ()
+        bad = [n for n in self.prepare if n not in names]
+        if bad:
+            raise RegistryError(f"{where}: prepare names unknown arguments {bad}; {self.op} takes {', '.join(names)}")
         if not self.source_hash:
             object.__setattr__(self, "source_hash", source_hash(self.kernel))
+
+    def prepare_args(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        """The op's positional arguments with each prepared weight re-laid-out."""
+        if not self.prepare:
+            return args
+        names = get_op(self.op).arg_names
+        return tuple(self.prepare[n](a) if n in self.prepare else a for n, a in zip(names, args))
 
     def tolerance_for(self, dtype: str) -> tuple[float, float] | None:
         """``(atol, rtol)`` for ``dtype``, ``(0, 0)`` when bit-exact, ``None`` when undeclared."""

@@ -39,6 +39,7 @@ def run_trial(variant: Variant, problem: Problem, target: Target, *, seed: int =
         return Trial(variant.name, problem, target.name, False, f"no tolerance declared for {problem.dtype}")
     est = None
     try:
+        args = variant.prepare_args(args)  # load-time re-layout, outside the timed kernel
         if variant.nki and EMULATED:
             with session(target) as s:
                 actual = variant.kernel(*args, **kwargs)
