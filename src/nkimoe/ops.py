@@ -272,9 +272,20 @@ def _expert_inputs(d: Mapping[str, int], dt: torch.dtype, g: torch.Generator) ->
     x = _randn((t, h), dt, g)
     logits = untied_logits(t, e, torch.float32, g)
     weights, ids = router(logits, k)
-    w_gate_up = _randn((e, 2 * i, h), dt, g, 1.0 / math.sqrt(h))
-    w_down = _randn((e, h, i), dt, g, 1.0 / math.sqrt(i))
-    return (x, weights.to(dt), ids, w_gate_up, w_down), {}
+    return (x, weights.to(dt), ids, _expert_bank(e, (2 * i, h), dt, g), _expert_bank(e, (h, i), dt, g)), {}
+
+
+def _expert_bank(experts: int, shape: tuple[int, int], dtype: torch.dtype, gen: torch.Generator) -> Tensor:
+    """``experts`` distinct random matrices of ``shape`` (std 1/sqrt(fan-in)): one random matrix,
+    rolled by a different random offset per expert, so that every expert's weights differ (a kernel
+    that reads the wrong expert fails) without drawing E full matrices of normals."""
+    base = _randn(shape, dtype, gen, 1.0 / math.sqrt(shape[1])).reshape(-1)
+    n = base.numel()
+    bank = torch.empty(experts, n, dtype=dtype)
+    for e, s in enumerate(torch.randperm(n, generator=gen)[:experts].tolist()):
+        bank[e, : n - s] = base[s:]
+        bank[e, n - s:] = base[:s]
+    return bank.reshape(experts, *shape)
 
 
 def _prefill_inputs(d: Mapping[str, int], dt: torch.dtype, g: torch.Generator) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -34,6 +34,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "nkimoe.variants.rope",
     "nkimoe.variants.routing",
     "nkimoe.variants.linear",
+    "nkimoe.variants.experts",
 )
 
 

@@ -6,7 +6,6 @@ import contextlib
 import contextvars
 import enum
 import math
-import os
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -323,67 +322,87 @@ class NkiTensor:
         mm = self.mm_written.transpose(dims) if self.mm_written is not None else None
         return self._view(self.data.transpose(dims + extra), mm)
 
-    def ap(self, pattern: Sequence[Sequence[int]], offset: int = 0, scalar_offset: Any = None,
+    def ap(self, pattern: Sequence[Sequence[int]], offset: int | None = None, scalar_offset: Any = None,
            vector_offset: Any = None, indirect_dim: int = 0, dtype: Any = None) -> NkiTensor:
-        """An explicit access pattern ``[[stride, count], ...]`` over this tensor's storage.
+        """An explicit access pattern ``[[stride, count], ...]`` over the storage, like ``torch.as_strided``.
 
-        ``scalar_offset`` (a [1, 1] SBUF tensor) or ``vector_offset`` (an SBUF [P, 1] tensor of row
-        indices) index axis ``indirect_dim`` at run time, as for DMA gather/scatter.
+        ``offset`` (elements) composes with this view's own storage offset. ``scalar_offset`` (a
+        [1, 1] SBUF tensor) adds ``value * stride of self.shape[indirect_dim]`` at run time;
+        ``vector_offset`` (an SBUF [P, 1] tensor) does so per row of the pattern's first axis
+        (DMA gather/scatter).
         """
         if dtype is not None and dt.normalize(dtype) != self.dtype:
             raise EmulatorError("ap(dtype=...) reinterpretation is not emulated")
         if scalar_offset is not None and vector_offset is not None:
             raise EmulatorError("ap(): scalar_offset and vector_offset are mutually exclusive")
-        base = self.data
-        if not base.flags.c_contiguous and self.buffer.on_chip:
-            raise EmulatorError("ap() on a non-contiguous on-chip view is not emulated")
+        if self.dtype in dt.PACKED_X4 or not self.root.flags.c_contiguous:
+            raise EmulatorError(f"ap() on {self!r} is not emulated (x4 dtype or non-contiguous storage)")
+        flat = self.root.reshape(-1)
+        item = flat.itemsize
+        base = (self.data.__array_interface__["data"][0] - self.root.__array_interface__["data"][0]) // item
+        start = base + (offset or 0)
         counts = [int(c) for _, c in pattern]
         strides = [int(s) for s, _ in pattern]
-        flat = base.reshape(-1) if base.flags.c_contiguous else None
-        if flat is None:
-            raise EmulatorError(f"ap() on a non-contiguous view of {self!r}; call it on the whole tensor")
+        dim_stride = self.data.strides[indirect_dim] // item if self.ndim else 0
         if scalar_offset is not None:
-            offset += int(_scalar(scalar_offset)) * strides[indirect_dim]
+            start += _scalar(scalar_offset) * dim_stride
+        span = sum((c - 1) * s for s, c in zip(strides, counts))
         if vector_offset is not None:
             rows = _vector(vector_offset)
-            if indirect_dim != 0:
-                raise EmulatorError("ap(vector_offset=...) supports indirect_dim=0 only")
-            span = sum((c - 1) * s for s, c in zip(strides[1:], counts[1:]))
-            if len(rows) and (rows.min() < 0 or offset + int(rows.max()) * strides[0] + span >= flat.size):
+            if len(rows) != counts[0]:
+                raise EmulatorError(f"ap(vector_offset=...) has {len(rows)} rows, the pattern's first axis {counts[0]}")
+            lows = start + rows * dim_stride
+            if len(rows) and (lows.min() < 0 or lows.max() + span - (counts[0] - 1) * strides[0] >= flat.size):
                 raise EmulatorError(f"ap(vector_offset=...) indexes past the end of {self!r}")
             gathered = np.stack([
-                np.lib.stride_tricks.as_strided(flat[offset + int(r) * strides[0]:], counts[1:],
-                                                [s * flat.itemsize for s in strides[1:]])
-                for r in rows
+                np.lib.stride_tricks.as_strided(flat[int(lo):], counts[1:], [s * item for s in strides[1:]])
+                for lo in lows
             ])
-            return _Gather(gathered, self, offset, strides, counts, rows)
-        last = offset + sum((c - 1) * s for s, c in zip(strides, counts))
-        if offset < 0 or last >= flat.size:
-            raise EmulatorError(f"ap() pattern {pattern} with offset {offset} reaches past the end of {self!r}")
-        view = np.lib.stride_tricks.as_strided(flat[offset:], counts, [s * flat.itemsize for s in strides])
+            return _Gather(gathered, self, [int(lo) for lo in lows], strides[1:], counts[1:])
+        if start < 0 or start + span >= flat.size:
+            raise EmulatorError(f"ap() pattern {pattern} at element {start} reaches past the end of {self!r}")
+        view = np.lib.stride_tricks.as_strided(flat[start:], counts, [s * item for s in strides])
         return self._view(view)
 
 
 class _Gather(NkiTensor):
     """A vector-indexed access pattern: reads gather rows; writes scatter them back."""
 
-    __slots__ = ("origin", "offset", "strides", "counts", "rows")
+    __slots__ = ("origin", "starts", "strides", "counts")
 
-    def __init__(self, data: np.ndarray, origin: NkiTensor, offset: int, strides: list[int],
-                 counts: list[int], rows: np.ndarray) -> None:
+    def __init__(self, data: np.ndarray, origin: NkiTensor, starts: list[int], strides: list[int],
+                 counts: list[int]) -> None:
         super().__init__(data, origin.dtype, origin.buffer, origin.name, origin.storage_id, root=origin.root)
-        self.origin, self.offset, self.strides, self.counts, self.rows = origin, offset, strides, counts, rows
+        self.origin, self.starts, self.strides, self.counts = origin, starts, strides, counts
 
     def scatter(self, values: np.ndarray) -> None:
-        flat = self.origin.data.reshape(-1)
-        for i, r in enumerate(self.rows):
-            dst = np.lib.stride_tricks.as_strided(
-                flat[self.offset + int(r) * self.strides[0]:], self.counts[1:],
-                [s * flat.itemsize for s in self.strides[1:]], writeable=True)
+        flat = self.root.reshape(-1)
+        for i, lo in enumerate(self.starts):
+            dst = np.lib.stride_tricks.as_strided(flat[lo:], self.counts, [s * flat.itemsize for s in self.strides],
+                                                  writeable=True)
             dst[...] = values[i]
 
 
+class VirtualRegister:
+    """An engine register (``nisa.register_alloc``): holds an integer known only at run time on
+    hardware; the emulator knows it eagerly."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: int = 0) -> None:
+        self.value = int(value)
+
+    def __index__(self) -> int:
+        raise EmulatorError("a register's value is not known while a kernel is traced; use it as a "
+                            "dynamic_range bound or an ap() scalar_offset")
+
+    def __repr__(self) -> str:
+        return f"VirtualRegister({self.value})"
+
+
 def _scalar(t: Any) -> int:
+    if isinstance(t, VirtualRegister):
+        return t.value
     if isinstance(t, NkiTensor):
         if t.buffer is not MemoryRegion.sbuf or t.data.size != 1:
             raise EmulatorError(f"a dynamic scalar offset must be a [1, 1] SBUF tensor, got {t!r}")
@@ -397,5 +416,3 @@ def _vector(t: Any) -> np.ndarray:
     return np.asarray(t.data, dtype=np.int64).reshape(-1)
 
 
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")

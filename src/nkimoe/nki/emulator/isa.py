@@ -18,7 +18,17 @@ from typing import Any
 import numpy as np
 
 from nkimoe.nki.emulator import dtypes as dt
-from nkimoe.nki.emulator.core import EmulatorError, Instruction, MemoryRegion, NkiTensor, _Gather, current, require
+from nkimoe.nki.emulator.core import (
+    EmulatorError,
+    Instruction,
+    MemoryRegion,
+    NkiTensor,
+    VirtualRegister,
+    _Gather,
+    _scalar,
+    current,
+    require,
+)
 from nkimoe.nki.emulator.language import Op, equal, maximum, values
 
 
@@ -877,3 +887,30 @@ def nc_stream_shuffle(dst: NkiTensor, src: NkiTensor, shuffle_mask: Sequence[int
             out[p] = s_rows[min(quad + m, src.partitions - 1) if src.partitions > 32 else m]
     dst.data[...] = out.reshape(dst.data.shape)
     _record("nc_stream_shuffle", "vector", [src], dst)
+
+
+# --- registers (dynamic control flow) -----------------------------------------------------------
+
+
+def register_alloc(x: int | None = None) -> VirtualRegister:
+    """A new engine register, optionally initialised to ``x``."""
+    return VirtualRegister(0 if x is None else x)
+
+
+def register_move(dst: VirtualRegister, src: Any) -> None:
+    """``dst = src`` (an immediate or another register)."""
+    dst.value = _scalar(src)
+
+
+def register_load(dst: VirtualRegister, src: NkiTensor) -> None:
+    """Load the single value of a [1, 1] SBUF (or HBM) tensor into ``dst``."""
+    if not isinstance(src, NkiTensor) or src.data.size != 1:
+        raise _limit("register_load", "src", f"must be a single-element tensor, got {src!r}")
+    dst.value = int(np.asarray(src.data, dtype=np.float64).reshape(-1)[0])
+    current().record(Instruction("register_load", "scalar", (src.storage_id,), (), 1, 1))
+
+
+def register_store(dst: NkiTensor, src: VirtualRegister) -> None:
+    """Store a register's value into a [1, 1] SBUF tensor."""
+    _write(dst, np.full(dst.data.shape, float(src.value)))
+    current().record(Instruction("register_store", "scalar", (), (dst.storage_id,), 1, 1))

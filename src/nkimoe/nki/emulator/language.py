@@ -20,6 +20,7 @@ from nkimoe.nki.emulator.core import (
     Instruction,
     MemoryRegion,
     NkiTensor,
+    VirtualRegister,
     current,
     region,
 )
@@ -298,6 +299,13 @@ def affine_range(start: int, stop: int | None = None, step: int = 1) -> Iterable
 
 sequential_range = affine_range
 static_range = affine_range
+
+
+def dynamic_range(start: Any, stop: Any = None, step: int = 1) -> Iterable[VirtualRegister]:
+    """A loop whose bounds may be registers (run-time values); the loop variable is a register."""
+    lo, hi = (0, start) if stop is None else (start, stop)
+    bound = [v.value if isinstance(v, VirtualRegister) else int(v) for v in (lo, hi)]
+    return (VirtualRegister(i) for i in builtins.range(bound[0], bound[1], int(step)))
 
 
 # --- data movement and convenience wrappers -------------------------------------------------------

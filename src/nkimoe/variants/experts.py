@@ -1,0 +1,315 @@
+"""MoE expert MLP (SwiGLU over the selected experts, weighted and summed): NKI kernels for Trn2
+and Trn3, decode (a few tokens) and prefill (tokens grouped by expert).
+
+Weight layout (load time, part of the variants): ``w_gate_up [E, 2I, H] -> [E, H, 2I]`` and
+``w_down [E, H, I] -> [E, I, H]``, contraction-major, so that one expert's gate|up block is one
+[128, H/128, 2I] DMA with 2I*2 = 3 KiB contiguous per partition row, and its down block one
+[128, I/128, H] DMA with 4 KiB rows (the DMA guide's >= 2 KiB for full rate). Experts are chosen
+at run time: the expert id is a dynamic ``scalar_offset`` of the weight access pattern, so only
+the selected experts' bytes are read.
+
+Rounding: gate and up are accumulated in fp32 PSUM and rounded to x.dtype, SiLU(gate) is
+rounded, and SiLU(gate)*up is rounded, exactly where the reference rounds (the SwiGLU product is
+the bit-exact cut point). The down projection, the routing weight and the sum over experts stay
+in fp32 and are rounded once at the end, where the reference rounds three more times (the
+expert's output, its weighted output, and each partial sum): the kernel is the more accurate of
+the two, and their difference is bounded by those three roundings.
+
+Decode (``_tkg``): weights are the stationary operand (128 output features per matmul) and the
+token column streams, so results land with features on partitions and the down projection needs
+no transpose; HBM-bandwidth-bound by design. The same kernel is best on both targets (no Trn3-only
+instruction shortens a bandwidth-bound GEMV), so it is registered for both.
+
+Prefill (``_cte``): the launcher sorts the (token, slot) pairs by expert and cuts them into blocks
+of up to 128 tokens of one expert; only blocks of experts that received tokens exist, and the
+kernel runs a dynamic loop over them (``nl.dynamic_range`` on a register), gathering the block's
+token rows with a ``vector_offset`` DMA, computing SwiGLU with tokens on partitions, and
+accumulating weighted results into an fp32 HBM buffer by gather-add-scatter (token indices are
+unique within a block). Trn2 streams 512 weight columns per matmul (one PSUM bank); Trn3 streams
+1024 (NeuronCore-v4 wide moving tiles), which Trn2 cannot run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from nkimoe.hookspecs import hookimpl
+from nkimoe.nki import nisa, nki, nl
+from nkimoe.registry import Variant
+from nkimoe.targets import Target
+
+P = 128
+#: Tokens per prefill block (one partition tile).
+BLOCK = 128
+
+#: bf16: the reference rounds three more times than the kernel (see the module docstring), each
+#: at most half an ulp of values up to the output's magnitude: 2 ulps relative (2^-6) plus an
+#: absolute floor of 2 ulps at the expert outputs' scale (|y| < 1 here: 2 * 2^-8) for outputs
+#: that cancel. fp32: summation order only.
+EXPERT_TOLERANCE = {"bfloat16": (2.0**-7, 2.0**-6), "float32": (1e-5, 1e-5)}
+
+
+def gate_up_h_major(w_gate_up: torch.Tensor) -> torch.Tensor:
+    """Load-time layout: ``[E, 2I, H] -> [E, H, 2I]`` contiguous."""
+    return w_gate_up.transpose(1, 2).contiguous()
+
+
+def down_i_major(w_down: torch.Tensor) -> torch.Tensor:
+    """Load-time layout: ``[E, H, I] -> [E, I, H]`` contiguous."""
+    return w_down.transpose(1, 2).contiguous()
+
+
+def _load_expert(w_gu, w_dn, expert, h: int, i2: int):  # noqa: ANN001, ANN202
+    """DMA one expert's gate|up [128, H/128, 2I] and down [128, I/128, H] blocks into SBUF;
+    ``expert`` is a [1, 1] SBUF tensor or register holding the expert id (dynamic offset)."""
+    i = i2 // 2
+    gu = nl.ndarray((P, h // P, i2), dtype=w_gu.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=gu, src=w_gu.ap([[i2, P], [P * i2, h // P], [1, i2]], offset=0, scalar_offset=expert,
+                                      indirect_dim=0))
+    dn = nl.ndarray((P, i // P, h), dtype=w_dn.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=dn, src=w_dn.ap([[h, P], [P * h, i // P], [1, h]], offset=0, scalar_offset=expert,
+                                      indirect_dim=0))
+    return gu, dn
+
+
+@nki.jit
+def expert_mlp_tkg_kernel(x, weights, ids, w_gu, w_dn):
+    """Decode: every token's top-K experts, one at a time, weights stationary.
+
+    Dimensions: T tokens (few), H hidden, I intermediate (multiples of 128), E experts, K top-k.
+    Args: x [T, H] HBM; weights [T, K] HBM x.dtype; ids [T, K] HBM int32; w_gu [E, H, 2I] and
+    w_dn [E, I, H] HBM (load-time layout).
+    Returns: [T, H] HBM, x.dtype.
+    """
+    t, h = x.shape
+    top_k = ids.shape[1]
+    i2 = w_gu.shape[2]
+    i = i2 // 2
+    hf, iff = h // P, i // P
+    out = nl.ndarray((t, h), dtype=x.dtype, buffer=nl.shared_hbm)
+    ids_sb = nl.ndarray((t, top_k), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=ids_sb, src=ids)
+    # Routing weights broadcast to all partitions: [128, T*K] fp32 (stride-0 DMA).
+    w_bc = nl.ndarray((P, t * top_k), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=w_bc, src=weights.reshape((1, t * top_k)).ap([[0, P], [1, t * top_k]]))
+    # x^T with hidden on partitions: [128, H/128, T]
+    x_t = nl.ndarray((P, hf, t), dtype=x.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=x_t, src=x.reshape((t, hf, P)).permute((2, 1, 0)))
+    acc = nl.ndarray((P, hf, t), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=acc, value=0.0)
+    for tok in nl.affine_range(t):
+        for slot in nl.affine_range(top_k):
+            gu, dn = _load_expert(w_gu, w_dn, ids_sb[tok:tok + 1, slot:slot + 1], h, i2)
+            # gate|up features on partitions: [128, 2I/128]
+            gu_out = nl.ndarray((P, 2 * iff), dtype=x.dtype, buffer=nl.sbuf)
+            for c in nl.affine_range(2 * iff):
+                ps = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.psum)
+                for kk in nl.affine_range(hf):
+                    nisa.nc_matmul(dst=ps, stationary=gu[:, kk, c * P:(c + 1) * P], moving=x_t[:, kk, tok:tok + 1],
+                                   accumulate=(kk > 0))
+                nisa.tensor_copy(dst=gu_out[:, c:c + 1], src=ps)
+            act = nl.ndarray((P, iff), dtype=x.dtype, buffer=nl.sbuf)
+            nisa.activation(dst=act, op=nl.silu, data=gu_out[:, 0:iff])
+            nisa.tensor_tensor(dst=act, data1=act, data2=gu_out[:, iff:2 * iff], op=nl.multiply)
+            for c in nl.affine_range(hf):
+                ps = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.psum)
+                for kk in nl.affine_range(iff):
+                    nisa.nc_matmul(dst=ps, stationary=dn[:, kk, c * P:(c + 1) * P], moving=act[:, kk:kk + 1],
+                                   accumulate=(kk > 0))
+                col = tok * top_k + slot
+                nisa.scalar_tensor_tensor(dst=acc[:, c, tok:tok + 1], data=ps, op0=nl.multiply,
+                                          operand0=w_bc[:, col:col + 1], op1=nl.add, operand1=acc[:, c, tok:tok + 1])
+    res = nl.ndarray((P, hf, t), dtype=x.dtype, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=res, src=acc)
+    nisa.dma_copy(dst=out.reshape((t, hf, P)).permute((2, 1, 0)), src=res)
+    return out
+
+
+@nki.jit
+def expert_mlp_cte_kernel(x, n_blocks, block_expert, block_tokens, block_weights, w_gu, w_dn, block: int = 512):
+    """Prefill: blocks of up to 128 tokens of one expert, only for experts that received tokens.
+
+    Dimensions: T tokens, H hidden, I intermediate (multiples of 128), NB block slots.
+    Args: x [T + 1, H] HBM (row T is zeros: padding rows of a block point at it); n_blocks [1, 1]
+    int32 (blocks in use); block_expert [NB, 1] int32; block_tokens [NB, 128] int32 token rows;
+    block_weights [NB, 128] fp32 routing weights (0 for padding); w_gu [E, H, 2I], w_dn [E, I, H]
+    (load-time layout); block: weight columns per matmul (512 on Trn2, 1024 on Trn3).
+    Returns: [T, H] HBM, x.dtype.
+    """
+    t1, h = x.shape
+    t = t1 - 1
+    i2 = w_gu.shape[2]
+    i = i2 // 2
+    hf, iff = h // P, i // P
+    acc = nl.ndarray((t1, h), dtype=nl.float32, buffer=nl.shared_hbm)
+    zeros = nl.ndarray((P, h), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=zeros, value=0.0)
+    for r in nl.affine_range((t1 + P - 1) // P):
+        rows = min(P, t1 - r * P)
+        nisa.dma_copy(dst=acc[r * P:r * P + rows, :], src=zeros[0:rows])
+    count = nl.ndarray((1, 1), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=count, src=n_blocks)
+    n_reg = nisa.register_alloc()
+    nisa.register_load(n_reg, count)
+    for b in nl.dynamic_range(n_reg):
+        expert = nl.ndarray((1, 1), dtype=nl.int32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=expert, src=block_expert.ap([[1, 1], [1, 1]], offset=0, scalar_offset=b, indirect_dim=0))
+        gu, dn = _load_expert(w_gu, w_dn, expert, h, i2)
+        tok = nl.ndarray((P, 1), dtype=nl.int32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=tok, src=block_tokens.ap([[1, P], [1, 1]], offset=0, scalar_offset=b, indirect_dim=0))
+        wt = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=wt, src=block_weights.ap([[1, P], [1, 1]], offset=0, scalar_offset=b, indirect_dim=0))
+        rows = nl.ndarray((P, h), dtype=x.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=rows, src=x.ap([[h, P], [1, h]], offset=0, vector_offset=tok, indirect_dim=0))
+        # x^T of the block: [128 (hidden slice), H/128, 128 tokens]
+        x_t = nl.ndarray((P, hf, P), dtype=x.dtype, buffer=nl.sbuf)
+        for kk in nl.affine_range(hf):
+            tp = nl.ndarray((P, P), dtype=x.dtype, buffer=nl.psum)
+            nisa.nc_transpose(dst=tp, data=rows[:, kk * P:(kk + 1) * P], engine=nisa.engine.tensor)
+            nisa.tensor_copy(dst=x_t[:, kk, :], src=tp)
+        gu_out = nl.ndarray((P, i2), dtype=x.dtype, buffer=nl.sbuf)
+        for c in nl.affine_range((i2 + block - 1) // block):
+            cols = min(block, i2 - c * block)
+            ps = nl.ndarray((P, block), dtype=nl.float32, buffer=nl.psum)
+            for kk in nl.affine_range(hf):
+                nisa.nc_matmul(dst=ps[:, 0:cols], stationary=x_t[:, kk, :], moving=gu[:, kk, c * block:c * block + cols],
+                               accumulate=(kk > 0))
+            nisa.tensor_copy(dst=gu_out[:, c * block:c * block + cols], src=ps[:, 0:cols])
+        act = nl.ndarray((P, i), dtype=x.dtype, buffer=nl.sbuf)
+        nisa.activation(dst=act, op=nl.silu, data=gu_out[:, 0:i])
+        nisa.tensor_tensor(dst=act, data1=act, data2=gu_out[:, i:i2], op=nl.multiply)
+        act_t = nl.ndarray((P, iff, P), dtype=x.dtype, buffer=nl.sbuf)
+        for kk in nl.affine_range(iff):
+            tp = nl.ndarray((P, P), dtype=x.dtype, buffer=nl.psum)
+            nisa.nc_transpose(dst=tp, data=act[:, kk * P:(kk + 1) * P], engine=nisa.engine.tensor)
+            nisa.tensor_copy(dst=act_t[:, kk, :], src=tp)
+        prev = nl.ndarray((P, h), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=prev, src=acc.ap([[h, P], [1, h]], offset=0, vector_offset=tok, indirect_dim=0))
+        for c in nl.affine_range((h + block - 1) // block):
+            cols = min(block, h - c * block)
+            ps = nl.ndarray((P, block), dtype=nl.float32, buffer=nl.psum)
+            for kk in nl.affine_range(iff):
+                nisa.nc_matmul(dst=ps[:, 0:cols], stationary=act_t[:, kk, :], moving=dn[:, kk, c * block:c * block + cols],
+                               accumulate=(kk > 0))
+            nisa.scalar_tensor_tensor(dst=prev[:, c * block:c * block + cols], data=ps[:, 0:cols], op0=nl.multiply,
+                                      operand0=wt, op1=nl.add, operand1=prev[:, c * block:c * block + cols])
+        nisa.dma_copy(dst=acc.ap([[h, P], [1, h]], offset=0, vector_offset=tok, indirect_dim=0), src=prev)
+    out = nl.ndarray((t, h), dtype=x.dtype, buffer=nl.shared_hbm)
+    for r in nl.affine_range((t + P - 1) // P):
+        rows_n = min(P, t - r * P)
+        a = nl.ndarray((P, h), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=a[0:rows_n], src=acc[r * P:r * P + rows_n, :])
+        y = nl.ndarray((P, h), dtype=x.dtype, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=y[0:rows_n], src=a[0:rows_n])
+        nisa.dma_copy(dst=out[r * P:r * P + rows_n, :], src=y[0:rows_n])
+    return out
+
+
+def expert_blocks(ids: torch.Tensor, weights: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, ...]:
+    """Group (token, slot) pairs by expert into blocks of up to 128 tokens of one expert.
+
+    Returns ``n_blocks [1, 1]``, ``block_expert [NB, 1]``, ``block_tokens [NB, 128]`` (padding
+    rows point at token T, a zero row) and ``block_weights [NB, 128]`` (fp32, 0 for padding), with
+    NB = the static worst case ``ceil(T*K/128) + min(E, T*K)``; only the first ``n_blocks`` are used.
+    """
+    t, k = ids.shape
+    flat_ids = ids.reshape(-1).to(torch.int64)
+    order = torch.argsort(flat_ids, stable=True)
+    tokens = (order // k).to(torch.int32)
+    wts = weights.reshape(-1)[order].to(torch.float32)
+    counts = torch.bincount(flat_ids, minlength=num_experts)
+    slots = -(-t * k // BLOCK) + min(num_experts, t * k)
+    block_expert = torch.zeros(slots, 1, dtype=torch.int32)
+    block_tokens = torch.full((slots, BLOCK), t, dtype=torch.int32)
+    block_weights = torch.zeros(slots, BLOCK, dtype=torch.float32)
+    start = n = 0
+    for expert in torch.nonzero(counts).reshape(-1).tolist():
+        count = int(counts[expert])
+        for off in range(0, count, BLOCK):
+            size = min(BLOCK, count - off)
+            block_expert[n, 0] = expert
+            block_tokens[n, :size] = tokens[start + off:start + off + size]
+            block_weights[n, :size] = wts[start + off:start + off + size]
+            n += 1
+        start += count
+    return torch.tensor([[n]], dtype=torch.int32), block_expert, block_tokens, block_weights
+
+
+# --- launchers ----------------------------------------------------------------------------------
+
+TKG_MAX_TOKENS = 4
+
+
+def _dims_ok(dims: Mapping[str, int]) -> str | None:
+    if dims["H"] % P or dims["I"] % P:
+        return f"H={dims['H']} and I={dims['I']} must be multiples of {P}"
+    return None
+
+
+def _expert_sbuf_bytes(dims: Mapping[str, int]) -> int:
+    """One expert's gate|up and down blocks per partition, double-buffered, bf16."""
+    return 2 * 2 * (dims["H"] // P * 2 * dims["I"] + dims["I"] // P * dims["H"])
+
+
+def _tkg_supports(dims: Mapping[str, int], dtype: str, target: Target) -> tuple[bool, str]:
+    problem = _dims_ok(dims)
+    if problem:
+        return False, problem
+    if dims["T"] > TKG_MAX_TOKENS:
+        return False, f"T={dims['T']} > {TKG_MAX_TOKENS}: a decode kernel (one expert pass per token and slot)"
+    need = _expert_sbuf_bytes(dims) * (2 if dtype == "float32" else 1)
+    if need > target.sbuf_usable_bytes_per_partition:
+        return False, f"expert blocks need {need} B per partition, {target.name} has {target.sbuf_usable_bytes_per_partition}"
+    return True, f"T <= {TKG_MAX_TOKENS}; expert blocks {need} B per partition"
+
+
+def _cte_supports(dims: Mapping[str, int], dtype: str, target: Target) -> tuple[bool, str]:
+    problem = _dims_ok(dims)
+    if problem:
+        return False, problem
+    item = 2 if dtype == "bfloat16" else 4
+    need = _expert_sbuf_bytes(dims) * item // 2 + 4 * dims["H"] * item + 4 * dims["I"] * item
+    if need > target.sbuf_usable_bytes_per_partition:
+        return False, f"needs {need} B per partition, {target.name} has {target.sbuf_usable_bytes_per_partition}"
+    return True, f"any token count; {need} B per partition"
+
+
+def _tkg(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w_gu: torch.Tensor, w_dn: torch.Tensor) -> torch.Tensor:
+    return expert_mlp_tkg_kernel(x, weights, ids.to(torch.int32), w_gu, w_dn)
+
+
+def _cte_launcher(block: int) -> Callable[..., torch.Tensor]:
+    def expert_mlp(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w_gu: torch.Tensor,
+                   w_dn: torch.Tensor) -> torch.Tensor:
+        n_blocks, block_expert, block_tokens, block_weights = expert_blocks(ids, weights, w_gu.shape[0])
+        x_pad = torch.cat([x, torch.zeros(1, x.shape[1], dtype=x.dtype)])
+        return expert_mlp_cte_kernel(x_pad, n_blocks, block_expert, block_tokens, block_weights, w_gu, w_dn,
+                                     block=block)
+
+    return expert_mlp
+
+
+_PREPARE = {"w_gate_up": gate_up_h_major, "w_down": down_i_major}
+
+
+def variants() -> list[Variant]:
+    return [
+        Variant(op="expert_mlp", name="expert_mlp_tkg_nki", targets=("trn2", "trn3"), kernel=_tkg, nki=True,
+                priority=20, supports=_tkg_supports, tolerance=EXPERT_TOLERANCE, prepare=_PREPARE,
+                description="decode: selected experts only (dynamic DMA by id), weights stationary, fp32 sum"),
+        Variant(op="expert_mlp", name="expert_mlp_cte_trn2", targets=("trn2",), kernel=_cte_launcher(512), nki=True,
+                priority=10, supports=_cte_supports, tolerance=EXPERT_TOLERANCE, prepare=_PREPARE,
+                description="prefill: 128-token blocks per expert, empty experts skipped, 512-column matmuls"),
+        Variant(op="expert_mlp", name="expert_mlp_cte_trn3", targets=("trn3",), kernel=_cte_launcher(1024), nki=True,
+                priority=10, supports=_cte_supports, tolerance=EXPERT_TOLERANCE, prepare=_PREPARE,
+                description="prefill: 128-token blocks per expert, empty experts skipped, 1024-column matmuls (NC-v4)"),
+    ]
+
+
+@hookimpl
+def register_variants(register: Callable[[Any], None]) -> None:
+    for variant in variants():
+        register(variant)

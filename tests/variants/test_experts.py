@@ -1,0 +1,114 @@
+"""The expert MLP variants at full width (hidden 2048, intermediate 768, 128 experts, top-8) in the
+emulator, against the reference and against HF transformers' Qwen3-MoE sparse MoE block."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Qwen3MoeConfig
+from transformers.models.qwen3_moe import modeling_qwen3_moe as hf
+
+from nkimoe.nki.emulator import session
+from nkimoe.ops import _expert_bank, compare, expert_mlp, linear, router
+from nkimoe.plugins import load_registry
+from nkimoe.variants.experts import EXPERT_TOLERANCE, down_i_major, expert_blocks, gate_up_h_major
+
+H, I, E, K = 2048, 768, 128, 8
+REGISTRY = load_registry({})
+TOKENS = (1, 17, 128, 300)
+CASES = [
+    (name, target, tokens)
+    for name in ("expert_mlp_tkg_nki", "expert_mlp_cte_trn2", "expert_mlp_cte_trn3")
+    for target in REGISTRY.variants[name].targets
+    for tokens in TOKENS
+    if REGISTRY.variants[name].supports({"T": tokens, "H": H, "I": I, "E": E, "K": K}, "bfloat16",
+                                        REGISTRY.targets[target])[0]
+]
+
+
+class Model:
+    """One full-width MoE block's weights, their load-time layouts, and HF's block on the same weights."""
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(11)
+        self.gate_up = _expert_bank(E, (2 * I, H), torch.bfloat16, g)
+        self.down = _expert_bank(E, (H, I), torch.bfloat16, g)
+        self.gate = (torch.randn(E, H, generator=g) * 0.05).to(torch.bfloat16)
+        self.prepared = (gate_up_h_major(self.gate_up), down_i_major(self.down))
+        self.x = torch.randn(max(TOKENS), H, generator=g).to(torch.bfloat16)
+        config = Qwen3MoeConfig(hidden_size=H, num_experts=E, num_experts_per_tok=K, moe_intermediate_size=I,
+                                norm_topk_prob=True, num_hidden_layers=1, vocab_size=128)
+        with torch.device("meta"):
+            self.hf_block = hf.Qwen3MoeSparseMoeBlock(config)
+        self.hf_block.experts.gate_up_proj = torch.nn.Parameter(self.gate_up, requires_grad=False)
+        self.hf_block.experts.down_proj = torch.nn.Parameter(self.down, requires_grad=False)
+        self.hf_block.gate.weight = torch.nn.Parameter(self.gate, requires_grad=False)
+
+    def routed(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = self.x[:tokens]
+        weights, ids = router(linear(x, self.gate), K)
+        return x, weights, ids
+
+
+@pytest.fixture(scope="module")
+def model() -> Model:
+    return Model()
+
+
+@pytest.mark.parametrize("name,target,tokens", CASES)
+def test_expert_variant_matches_reference_and_hf(model: Model, name: str, target: str, tokens: int) -> None:
+    x, weights, ids = model.routed(tokens)
+    with session(target):
+        actual = REGISTRY.variants[name].kernel(x, weights, ids, *model.prepared)
+    atol, rtol = EXPERT_TOLERANCE["bfloat16"]
+    ok, detail = compare(actual, expert_mlp(x, weights, ids, model.gate_up, model.down), atol, rtol)
+    assert ok, detail
+    with torch.no_grad():
+        expected_hf = model.hf_block(x[None])[0]
+    ok, detail = compare(actual, expected_hf, atol, rtol)
+    assert ok, f"vs HF sparse MoE block: {detail}"
+
+
+def test_cases_cover_decode_and_prefill_on_both_targets() -> None:
+    for target in ("trn2", "trn3"):
+        assert {t for _, tg, t in CASES if tg == target} == set(TOKENS)
+
+
+def _expert_loads(trace: list) -> int:  # noqa: ANN001
+    per_expert = H * 2 * I * 2  # one expert's gate|up block, bf16
+    return sum(1 for i in trace if i.name == "dma_copy" and i.hbm_read == per_expert)
+
+
+@pytest.mark.parametrize("target", ["trn2", "trn3"])
+def test_only_selected_experts_are_read(model: Model, target: str) -> None:
+    x, weights, ids = model.routed(17)
+    used = len(torch.unique(ids))
+    assert used < E  # 17 tokens x 8 slots leave experts without tokens
+    name = "expert_mlp_cte_trn2" if target == "trn2" else "expert_mlp_cte_trn3"
+    with session(target) as s:
+        REGISTRY.variants[name].kernel(x, weights, ids, *model.prepared)
+    assert _expert_loads(s.trace) == used  # one block per used expert (each has <= 17 tokens)
+    weight_bytes = sum(i.hbm_read for i in s.trace if i.name == "dma_copy" and i.hbm_read >= H * I * 2)
+    assert weight_bytes == used * 3 * H * I * 2
+    x1, w1, ids1 = model.routed(1)
+    with session(target) as s:
+        REGISTRY.variants["expert_mlp_tkg_nki"].kernel(x1, w1, ids1, *model.prepared)
+    assert _expert_loads(s.trace) == K
+
+
+def test_blocks_group_tokens_by_expert() -> None:
+    ids = torch.tensor([[3, 1], [3, 2], [1, 3]])
+    weights = torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.5, 0.5]])
+    n, block_expert, block_tokens, block_weights = expert_blocks(ids, weights, 8)
+    assert int(n) == 3
+    assert block_expert[:3, 0].tolist() == [1, 2, 3]
+    assert block_tokens[0, :2].tolist() == [0, 2] and block_tokens[0, 2] == 3  # padding -> zero row T=3
+    assert block_tokens[2, :3].tolist() == [0, 1, 2]
+    assert block_weights[2, :3].tolist() == pytest.approx([0.6, 0.7, 0.5])
+    assert float(block_weights[0, 2:].abs().sum()) == 0.0
+
+
+def test_layout_conversion_round_trips(model: Model) -> None:
+    gu, dn = model.prepared
+    assert gu.shape == (E, H, 2 * I) and dn.shape == (E, I, H)
+    assert torch.equal(gu[5].T, model.gate_up[5]) and torch.equal(dn[7].T, model.down[7])
