@@ -120,7 +120,8 @@ def test_attention_decode_matches_hf_eager() -> None:
     q = torch.randn(1, HQ, D, generator=g).to(torch.bfloat16)
     k_cache, v_cache = (torch.randn(HKV, cap, D, generator=g).to(torch.bfloat16) for _ in range(2))
     expected = _hf_attention(q, k_cache[:, :length].transpose(0, 1), v_cache[:, :length].transpose(0, 1), None)
-    assert torch.equal(ops.attention_decode(q, k_cache, v_cache, length, D**-0.5), expected)
+    k_t_cache = k_cache.transpose(1, 2).contiguous()  # the decode contract keeps K transposed
+    assert torch.equal(ops.attention_decode(q, k_t_cache, v_cache, length, D**-0.5), expected)
 
 
 def test_linear_matches_nn_linear() -> None:

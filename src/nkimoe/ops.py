@@ -137,11 +137,12 @@ def attention_prefill(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
 def attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: int, scale: float) -> Tensor:
     """One query token over the first ``length`` positions of the KV cache (GQA).
 
-    Dimensions: q [1, Hq, D]; k_cache and v_cache [Hkv, Lmax, D], the layout the model keeps its
-    cache in (one contiguous [Lmax, D] block per KV head). Returns [1, Hq, D].
+    Dimensions: q [1, Hq, D]; k_cache [Hkv, D, Lmax] (keys stored transposed, one contiguous
+    [D, Lmax] block per KV head, so a decode kernel reads K^T tiles with the contraction on
+    partitions directly); v_cache [Hkv, Lmax, D]. Returns [1, Hq, D].
     """
     groups = q.shape[1] // k_cache.shape[0]
-    kh = _expand_kv(k_cache[:, :length], groups)
+    kh = _expand_kv(k_cache[:, :, :length].transpose(1, 2), groups)
     vh = _expand_kv(v_cache[:, :length], groups)
     scores = (q.transpose(0, 1) @ kh.transpose(1, 2)) * scale
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
@@ -301,7 +302,7 @@ def _decode_inputs(d: Mapping[str, int], dt: torch.dtype, g: torch.Generator) ->
     length, hq, hkv, dd = d["L"], d["Hq"], d["Hkv"], d["D"]
     return (
         _randn((1, hq, dd), dt, g),
-        _randn((hkv, length, dd), dt, g),
+        _randn((hkv, dd, length), dt, g),
         _randn((hkv, length, dd), dt, g),
     ), {"length": length, "scale": dd**-0.5}
 
@@ -362,7 +363,7 @@ OPS: Mapping[str, OpContract] = {
         ),
         OpContract(
             "attention_decode", "one query token over the KV cache (GQA)", ("L", "Hq", "Hkv", "D"),
-            ("q: [1, Hq, D]", "k_cache: [Hkv, Lmax, D]", "v_cache: [Hkv, Lmax, D]", "length: int", "scale: float"),
+            ("q: [1, Hq, D]", "k_cache: [Hkv, D, Lmax]", "v_cache: [Hkv, Lmax, D]", "length: int", "scale: float"),
             attention_decode, lambda d: 2 * d["L"] * d["Hq"] * d["D"], _decode_inputs, _gqa_check,
         ),
         OpContract(

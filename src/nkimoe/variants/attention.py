@@ -1,0 +1,264 @@
+"""Causal GQA attention for prefill (flash-style) and decode (one token over the KV cache): NKI
+kernels for Trn2 and Trn3.
+
+Prefill (``_cte``): per KV head, K^T [D, S] (TensorE transposes) and V [S, D] (keys on
+partitions) are loaded once and shared by the head's query group. Per query head and 128-query
+tile, 128-key blocks up to the diagonal are visited with an online softmax: fp32 running max and
+sum, scores = (q . k) * scale in fp32 PSUM, the causal mask on the diagonal block by
+``affine_select``, P = exp(s - m) rounded to q.dtype for the P.V matmul (as the reference feeds
+bf16 probabilities to its second matmul), and O rescaled by exp(m_old - m_new). Blocks above the
+diagonal are never computed.
+
+Decode (``_tkg``): per KV head, the query group's 8 heads are the stationary operand and
+512-key K^T blocks stream from the cache ([Hkv, D, Lmax], keys transposed: contiguous
+[D, 512] tiles with D on partitions); the same online softmax runs over the blocks; positions at
+or beyond ``length`` (a run-time value) are masked with an iota comparison, so one compiled kernel
+serves every cache length of a bucket. At most one [8, 512] score tile exists at a time.
+
+Rounding differs from the eager reference, which rounds q.k to bf16, then the scaled scores, then
+the normalised probabilities: the kernels keep scores in fp32 and normalise once at the end.
+
+Per target: Trn3 computes exp(s - m) and its row sum in one ``nisa.exponential`` (VectorE fast
+exp, NeuronCore-v4 only); Trn2 uses ScalarE ``activation(exp)`` with the negated max as bias and
+an add reduction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from nkimoe.hookspecs import hookimpl
+from nkimoe.nki import nisa, nki, nl
+from nkimoe.registry import Variant
+from nkimoe.targets import Target
+
+P = 128
+#: Keys per decode block: one PSUM bank of fp32 scores.
+DECODE_BLOCK = 512
+NEG = -3.0e38
+
+#: bf16: the reference rounds each score to bf16 (relative 2^-9 of |q.k| * scale, scores of a few
+#: units here: ~1e-2 absolute) before its softmax and rounds the probabilities to bf16; both
+#: perturb each output (a weighted mean of V with |v| ~ 1) by up to ~1e-2. fp32: a few ulps.
+ATTENTION_TOLERANCE = {"bfloat16": (2e-2, 2.0**-6), "float32": (1e-5, 1e-4)}
+
+
+def _softmax_step(ss, m, l, rows: int, cols: int, p_dtype, fast_exp: bool):  # noqa: ANN001, ANN202
+    """One online-softmax step over a [rows, cols] fp32 score tile ``ss`` (SBUF): updates the running
+    max ``m`` and sum ``l`` ([128, 1] fp32) and returns (P = exp(ss - m_new) in ``p_dtype``, the
+    correction exp(m_old - m_new))."""
+    blk_max = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_reduce(dst=blk_max[0:rows], op=nl.maximum, data=ss[0:rows, 0:cols], axis=1)
+    m_new = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=m_new[0:rows], data1=m[0:rows], data2=blk_max[0:rows], op=nl.maximum)
+    neg_m = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=neg_m[0:rows], data=m_new[0:rows], op0=nl.multiply, operand0=-1.0)
+    corr = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.activation(dst=corr[0:rows], op=nl.exp, data=m[0:rows], bias=neg_m[0:rows])
+    p_blk = nl.ndarray((P, cols), dtype=p_dtype, buffer=nl.sbuf)
+    row_sum = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
+    if fast_exp:
+        nisa.exponential(dst=p_blk[0:rows], src=ss[0:rows, 0:cols], max_value=m_new[0:rows], reduce_res=row_sum[0:rows],
+                         reduce_cmd=nisa.reduce_cmd.reset_reduce)
+    else:
+        nisa.activation(dst=p_blk[0:rows], op=nl.exp, data=ss[0:rows, 0:cols], bias=neg_m[0:rows], reduce_op=nl.add,
+                        reduce_res=row_sum[0:rows], reduce_cmd=nisa.reduce_cmd.reset_reduce)
+    nisa.scalar_tensor_tensor(dst=l[0:rows], data=l[0:rows], op0=nl.multiply, operand0=corr[0:rows], op1=nl.add,
+                              operand1=row_sum[0:rows])
+    nisa.tensor_copy(dst=m[0:rows], src=m_new[0:rows])
+    return p_blk, corr
+
+
+def _finish(o, l, rows: int, d: int, dtype, dst) -> None:  # noqa: ANN001
+    """dst = o / l, rounded to ``dtype``."""
+    inv = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.reciprocal(dst=inv[0:rows], data=l[0:rows])
+    res = nl.ndarray((P, d), dtype=dtype, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=res[0:rows], data=o[0:rows], op0=nl.multiply, operand0=inv[0:rows])
+    nisa.dma_copy(dst=dst, src=res[0:rows])
+
+
+def _running_state(d: int):  # noqa: ANN202
+    m = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=m, value=NEG)
+    l = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)  # noqa: E741
+    nisa.memset(dst=l, value=0.0)
+    o = nl.ndarray((P, d), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=o, value=0.0)
+    return m, l, o
+
+
+@nki.jit
+def attention_cte_kernel(q, k, v, scale: float, fast_exp: bool = False):
+    """Causal GQA flash attention over a prompt.
+
+    Dimensions: S tokens, Hq query heads, Hkv KV heads, D head_dim (<= 128).
+    Args: q [S, Hq, D], k and v [S, Hkv, D] HBM; scale; fast_exp: nisa.exponential (Trn3).
+    Returns: [S, Hq, D] HBM in q.dtype.
+    """
+    s, hq, d = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    tiles = (s + P - 1) // P
+    out = nl.ndarray((s, hq, d), dtype=q.dtype, buffer=nl.shared_hbm)
+    for g in nl.affine_range(hkv):
+        k_t = nl.ndarray((d, tiles * P), dtype=k.dtype, buffer=nl.sbuf)
+        v_sb = nl.ndarray((P, tiles, d), dtype=v.dtype, buffer=nl.sbuf)
+        for kb in nl.affine_range(tiles):
+            pk = min(P, s - kb * P)
+            k_rows = nl.ndarray((P, d), dtype=k.dtype, buffer=nl.sbuf)
+            nisa.dma_copy(dst=k_rows[0:pk], src=k[kb * P:kb * P + pk, g, :])
+            tp = nl.ndarray((d, P), dtype=k.dtype, buffer=nl.psum)
+            nisa.nc_transpose(dst=tp[:, 0:pk], data=k_rows[0:pk], engine=nisa.engine.tensor)
+            nisa.tensor_copy(dst=k_t[:, kb * P:kb * P + pk], src=tp[:, 0:pk])
+            nisa.dma_copy(dst=v_sb[0:pk, kb, :], src=v[kb * P:kb * P + pk, g, :])
+        for hh in nl.affine_range(group):
+            h = g * group + hh
+            for qb in nl.affine_range(tiles):
+                pq = min(P, s - qb * P)
+                q_rows = nl.ndarray((P, d), dtype=q.dtype, buffer=nl.sbuf)
+                nisa.dma_copy(dst=q_rows[0:pq], src=q[qb * P:qb * P + pq, h, :])
+                tq = nl.ndarray((d, P), dtype=q.dtype, buffer=nl.psum)
+                nisa.nc_transpose(dst=tq[:, 0:pq], data=q_rows[0:pq], engine=nisa.engine.tensor)
+                q_t = nl.ndarray((d, P), dtype=q.dtype, buffer=nl.sbuf)
+                nisa.tensor_copy(dst=q_t[:, 0:pq], src=tq[:, 0:pq])
+                m, l, o = _running_state(d)  # noqa: E741
+                for kb in nl.affine_range(qb + 1):
+                    pk = min(P, s - kb * P)
+                    sc = nl.ndarray((P, P), dtype=nl.float32, buffer=nl.psum)
+                    nisa.nc_matmul(dst=sc[0:pq, 0:pk], stationary=q_t[:, 0:pq], moving=k_t[:, kb * P:kb * P + pk])
+                    ss = nl.ndarray((P, P), dtype=nl.float32, buffer=nl.sbuf)
+                    nisa.tensor_scalar(dst=ss[0:pq, 0:pk], data=sc[0:pq, 0:pk], op0=nl.multiply, operand0=scale)
+                    if kb == qb:  # diagonal block: keep key j <= query p
+                        nisa.affine_select(dst=ss[0:pq, 0:pk], pattern=[[-1, pk]], channel_multiplier=1,
+                                           on_true_tile=ss[0:pq, 0:pk], on_false_value=NEG, cmp_op=nl.greater_equal)
+                    p_blk, corr = _softmax_step(ss, m, l, pq, pk, q.dtype, fast_exp)
+                    tp_p = nl.ndarray((P, P), dtype=q.dtype, buffer=nl.psum)
+                    nisa.nc_transpose(dst=tp_p[0:pk, 0:pq], data=p_blk[0:pq, 0:pk], engine=nisa.engine.tensor)
+                    p_t = nl.ndarray((P, P), dtype=q.dtype, buffer=nl.sbuf)
+                    nisa.tensor_copy(dst=p_t[0:pk, 0:pq], src=tp_p[0:pk, 0:pq])
+                    pv = nl.ndarray((P, d), dtype=nl.float32, buffer=nl.psum)
+                    nisa.nc_matmul(dst=pv[0:pq], stationary=p_t[0:pk, 0:pq], moving=v_sb[0:pk, kb, :])
+                    nisa.scalar_tensor_tensor(dst=o[0:pq], data=o[0:pq], op0=nl.multiply, operand0=corr[0:pq],
+                                              op1=nl.add, operand1=pv[0:pq])
+                _finish(o, l, pq, d, q.dtype, out[qb * P:qb * P + pq, h, :])
+    return out
+
+
+@nki.jit
+def attention_tkg_kernel(q, k_cache, v_cache, length, scale: float, fast_exp: bool = False):
+    """One query token over a KV-cache bucket, masking positions >= ``length`` at run time.
+
+    Dimensions: Hq query heads, Hkv KV heads (Hq/Hkv <= 128), D head_dim (<= 128), Lmax bucket.
+    Args: q [1, Hq, D]; k_cache [Hkv, D, Lmax] (keys transposed); v_cache [Hkv, Lmax, D];
+    length [1, 1] int32 (valid positions); scale; fast_exp: nisa.exponential (Trn3).
+    Returns: [1, Hq, D] HBM in q.dtype.
+    """
+    _, hq, d = q.shape
+    hkv, _, lmax = k_cache.shape
+    group = hq // hkv
+    out = nl.ndarray((1, hq, d), dtype=q.dtype, buffer=nl.shared_hbm)
+    valid_len = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=valid_len[0:group], src=length.ap([[0, group], [1, 1]]))
+    for g in nl.affine_range(hkv):
+        q_t = nl.ndarray((d, group), dtype=q.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=q_t, src=q.reshape((hq, d))[g * group:(g + 1) * group, :].permute((1, 0)))
+        m, l, o = _running_state(d)  # noqa: E741
+        for blk in nl.affine_range((lmax + DECODE_BLOCK - 1) // DECODE_BLOCK):
+            n = min(DECODE_BLOCK, lmax - blk * DECODE_BLOCK)
+            k_blk = nl.ndarray((d, DECODE_BLOCK), dtype=k_cache.dtype, buffer=nl.sbuf)
+            nisa.dma_copy(dst=k_blk[:, 0:n], src=k_cache[g, :, blk * DECODE_BLOCK:blk * DECODE_BLOCK + n])
+            sc = nl.ndarray((P, DECODE_BLOCK), dtype=nl.float32, buffer=nl.psum)
+            nisa.nc_matmul(dst=sc[0:group, 0:n], stationary=q_t, moving=k_blk[:, 0:n])
+            ss = nl.ndarray((P, DECODE_BLOCK), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.tensor_scalar(dst=ss[0:group, 0:n], data=sc[0:group, 0:n], op0=nl.multiply, operand0=scale)
+            # Positions >= length get -3e38: penalty = (pos >= length) * -3e38.
+            pos = nl.ndarray((P, DECODE_BLOCK), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.iota(dst=pos[0:group, 0:n], pattern=[[1, n]], offset=blk * DECODE_BLOCK)
+            nisa.tensor_scalar(dst=pos[0:group, 0:n], data=pos[0:group, 0:n], op0=nl.greater_equal,
+                               operand0=valid_len[0:group], op1=nl.multiply, operand1=NEG)
+            nisa.tensor_tensor(dst=ss[0:group, 0:n], data1=ss[0:group, 0:n], data2=pos[0:group, 0:n], op=nl.add)
+            p_blk, corr = _softmax_step(ss, m, l, group, n, q.dtype, fast_exp)
+            pv = nl.ndarray((P, d), dtype=nl.float32, buffer=nl.psum)
+            chunks = (n + P - 1) // P
+            for c in nl.affine_range(chunks):
+                kc = min(P, n - c * P)
+                tp = nl.ndarray((P, P), dtype=q.dtype, buffer=nl.psum)
+                nisa.nc_transpose(dst=tp[0:kc, 0:group], data=p_blk[0:group, c * P:c * P + kc], engine=nisa.engine.tensor)
+                p_t = nl.ndarray((P, P), dtype=q.dtype, buffer=nl.sbuf)
+                nisa.tensor_copy(dst=p_t[0:kc, 0:group], src=tp[0:kc, 0:group])
+                v_blk = nl.ndarray((P, d), dtype=v_cache.dtype, buffer=nl.sbuf)
+                start = blk * DECODE_BLOCK + c * P
+                nisa.dma_copy(dst=v_blk[0:kc], src=v_cache[g, start:start + kc, :])
+                nisa.nc_matmul(dst=pv[0:group], stationary=p_t[0:kc, 0:group], moving=v_blk[0:kc], accumulate=(c > 0))
+            nisa.scalar_tensor_tensor(dst=o[0:group], data=o[0:group], op0=nl.multiply, operand0=corr[0:group],
+                                      op1=nl.add, operand1=pv[0:group])
+        _finish(o, l, group, d, q.dtype, out[0, g * group:(g + 1) * group, :])
+    return out
+
+
+# --- launchers and support checks ----------------------------------------------------------------
+
+
+def _head_checks(dims: Mapping[str, int]) -> str | None:
+    if dims["D"] > P:
+        return f"D={dims['D']} > {P}: head_dim must fit the partitions"
+    if dims["Hq"] // dims["Hkv"] > P:
+        return f"query group {dims['Hq'] // dims['Hkv']} > {P}"
+    return None
+
+
+def _cte_supports(dims: Mapping[str, int], dtype: str, target: Target) -> tuple[bool, str]:
+    problem = _head_checks(dims)
+    if problem:
+        return False, problem
+    item = 2 if dtype == "bfloat16" else 4
+    tiles = -(-dims["S"] // P)
+    need = item * (tiles * P + tiles * dims["D"]) + 4 * 4 * P + 2 * item * P
+    if need > target.sbuf_usable_bytes_per_partition:
+        return False, f"S={dims['S']} needs {need} B per partition for K^T and V, {target.name} has {target.sbuf_usable_bytes_per_partition}"
+    return True, f"causal prefill, K^T and V of one KV head resident ({need} B per partition)"
+
+
+def _tkg_supports(dims: Mapping[str, int], dtype: str, target: Target) -> tuple[bool, str]:
+    problem = _head_checks(dims)
+    return (False, problem) if problem else (True, "any cache length; 512-key blocks, run-time length mask")
+
+
+def _cte_launcher(fast_exp: bool) -> Callable[..., torch.Tensor]:
+    def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        return attention_cte_kernel(q, k, v, scale=scale, fast_exp=fast_exp)
+
+    return attention_prefill
+
+
+def _tkg_launcher(fast_exp: bool) -> Callable[..., torch.Tensor]:
+    def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: int,
+                         scale: float) -> torch.Tensor:
+        return attention_tkg_kernel(q, k_cache, v_cache, torch.tensor([[length]], dtype=torch.int32), scale=scale,
+                                    fast_exp=fast_exp)
+
+    return attention_decode
+
+
+def variants() -> list[Variant]:
+    out = []
+    for target, fast, exp_name in (("trn2", False, "ScalarE exp"), ("trn3", True, "VectorE fast exp (NC-v4)")):
+        out.append(Variant(op="attention_prefill", name=f"attention_cte_{target}", targets=(target,),
+                           kernel=_cte_launcher(fast), nki=True, priority=10, supports=_cte_supports,
+                           tolerance=ATTENTION_TOLERANCE,
+                           description=f"flash attention, 128x128 blocks to the diagonal, online softmax with {exp_name}"))
+        out.append(Variant(op="attention_decode", name=f"attention_tkg_{target}", targets=(target,),
+                           kernel=_tkg_launcher(fast), nki=True, priority=10, supports=_tkg_supports,
+                           tolerance=ATTENTION_TOLERANCE,
+                           description=f"decode over K^T cache in 512-key blocks, run-time length mask, {exp_name}"))
+    return out
+
+
+@hookimpl
+def register_variants(register: Callable[[Any], None]) -> None:
+    for variant in variants():
+        register(variant)
