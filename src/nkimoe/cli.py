@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from tabulate import tabulate
@@ -97,9 +98,14 @@ def cmd_registry_explain(args: argparse.Namespace) -> int:
     problems = {p for p in call_sites(shapes, phase, length, args.dtype).values() if p.op == op}
     if not problems:
         raise UsageError(f"op {op!r} has no call site in the {phase} phase; try --tokens 1 or --tokens >1")
+    from nkimoe.bench.cache import BenchCache
+
+    cache = BenchCache.load()
+    for problem_note in cache.problems:
+        print(f"nkimoe: warning: {problem_note}", file=sys.stderr)
     out = []
-    for problem in sorted(problems, key=lambda p: p.signature):
-        candidates, bound = registry.explain(target, problem, policy=args.policy)
+    for problem in sorted(problems, key=lambda p: p.dims):
+        candidates, bound = registry.explain(target, problem, policy=args.policy, cache=cache)
         rows = [
             {"variant": c.variant.name, "nki": c.variant.nki, "priority": c.variant.priority,
              "eligible": c.eligible, "reason": c.reason, "binds": c.variant.name == bound.variant.name,
@@ -138,6 +144,99 @@ def _estimate_columns(candidate: Candidate, problem: Problem, target: Target, wa
     }
 
 
+def _parse_ints(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{what} takes comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise UsageError(f"{what} needs positive integers, got {text!r}")
+    return values
+
+
+def cmd_bench_select(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from nkimoe.bench.cache import cache_path, write_entries
+    from nkimoe.bench.select import cache_entries, default_problems, run_select
+
+    registry = _registry()
+    target = registry.target(args.target)
+    if not target.is_neuron:
+        raise UsageError(f"bench select needs a Neuron target, not {target.name!r}; valid: "
+                         f"{', '.join(sorted(n for n, t in registry.targets.items() if t.is_neuron))}")
+    ops = [_check_op(o.strip()) for o in args.ops.split(",")] if args.ops else None
+    shapes = ModelShapes.from_hf_config(args.config) if args.config else ModelShapes()
+    tokens = _parse_ints(args.tokens, "--tokens") if args.tokens else [128]
+    problems = {p: s for p, s in default_problems(shapes, args.seq_len, tokens, args.dtype).items()
+                if ops is None or p.op in ops}
+    progress = lambda items: tqdm(list(items), desc=f"bench select {target.name}", unit="problem",  # noqa: E731
+                                  file=sys.stderr, disable=args.quiet)
+    selections = run_select(registry, target, problems, args.policy, progress)
+    path = Path(args.cache) if args.cache else cache_path()
+    entries = cache_entries(target, selections, args.policy)
+    if entries:
+        write_entries(path, entries)
+    rows = []
+    for sel in sorted(selections, key=lambda s: (OP_NAMES.index(s.problem.op), s.problem.dims)):
+        for c in sel.candidates:
+            rows.append({"op": sel.problem.op, "shape": sel.problem.signature, "dtype": sel.problem.dtype,
+                         "candidate": c.variant, "time_us": c.time_us and round(c.time_us, 2),
+                         "method": c.method, "bound_by": c.bound_by, "status": c.status,
+                         "winner": c.variant == sel.winner})
+    failed = sorted({s.problem.op for s in selections} - {s.problem.op for s in selections if s.verified})
+    if args.format == "json":
+        print(json.dumps({"target": target.name, "policy": args.policy, "cache": str(path), "results": rows,
+                          "failed_ops": failed}, indent=2))
+    else:
+        for op in dict.fromkeys(r["op"] for r in rows):
+            print(f"\n{op} on {target.name} (policy {args.policy}; time_us is a cost-model estimate unless "
+                  f"method says hardware)")
+            _emit([{**r, "status": r["status"][:70]} for r in rows if r["op"] == op], "table",
+                  ["shape", "candidate", "time_us", "method", "bound_by", "status", "winner"])
+        print(f"\nwrote {len(entries)} entries to {path}")
+    for op in failed:
+        print(f"nkimoe: error: no verified candidate for {op} on {target.name}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_bench_show(args: argparse.Namespace) -> int:
+    from nkimoe.bench.cache import BenchCache
+
+    cache = BenchCache.load()
+    for problem in cache.problems:
+        print(f"nkimoe: warning: {problem}", file=sys.stderr)
+    if args.target:
+        _registry().target(args.target)
+    rows = []
+    for where, source in (("local", cache.local), *(("shipped", f) for f in cache.shipped)):
+        for key, entry in source.entries.items():
+            if args.target and entry.get("target") != args.target:
+                continue
+            best = next((c for c in entry.get("candidates", []) if c.get("variant") == entry["winner"]), {})
+            rows.append({"source": where, "target": entry.get("target"), "op": entry.get("op"),
+                         "shape": entry.get("shape"), "dtype": entry.get("dtype"), "policy": entry.get("policy"),
+                         "winner": entry["winner"], "time_us": best.get("time_us"), "method": entry.get("method"),
+                         "sdk": entry.get("sdk"), "date": entry.get("date")})
+    if args.format == "json":
+        print(json.dumps({"local": str(cache.local.path), "entries": rows}, indent=2))
+        return 0
+    print(f"local cache: {cache.local.path} (time_us: cost-model estimate unless method is hardware)")
+    _emit(rows, "table", ["source", "target", "op", "shape", "dtype", "policy", "winner", "time_us", "method", "sdk"])
+    return 0
+
+
+def cmd_bench_clear(args: argparse.Namespace) -> int:
+    from nkimoe.bench.cache import cache_path, remove_entries
+
+    if args.target:
+        _registry().target(args.target)
+    path = cache_path()
+    removed = remove_entries(path, args.target)
+    print(f"removed {removed} entries{' for ' + args.target if args.target else ''} from {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nkimoe",
@@ -174,6 +273,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip verifying and estimating each eligible NKI candidate in the emulator")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.set_defaults(func=cmd_registry_explain)
+
+    bench = sub.add_parser("bench", help="verify, time and cache the winning variant per op and shape")
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="SUBCOMMAND", required=True)
+    p = bench_sub.add_parser(
+        "select", help="verify every candidate, time the survivors, cache the winners",
+        description="For every op at the model's shapes (prefill of --seq-len and --tokens tokens, decode with a "
+                    "cache of --seq-len), verify each candidate against the op's reference on seeded random "
+                    "inputs, time the survivors (cost-model estimates off-hardware, measured on a Trainium host), "
+                    "and write the winners to the benchmark cache.")
+    p.add_argument("--target", required=True, help="trn2 or trn3")
+    p.add_argument("--config", help="an HF config.json of a Qwen3-MoE model (default: Qwen3-30B-A3B)")
+    p.add_argument("--ops", help=f"comma-separated ops (default: all of {', '.join(OP_NAMES)})")
+    p.add_argument("--tokens", help="comma-separated extra prefill token counts (default: 128)")
+    p.add_argument("--seq-len", type=int, default=1024, help="prefill length and decode cache length (default 1024)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    p.add_argument("--policy", choices=POLICIES, default="fastest",
+                   help="fastest: any verified variant; bitexact: only variants declared and verified bit-exact")
+    p.add_argument("--cache", help="cache file to write (default: NKIMOE_CACHE or the user cache directory)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(func=cmd_bench_select)
+    p = bench_sub.add_parser("show", help="list cached winners (local and shipped)")
+    p.add_argument("--target", help="only this target")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(func=cmd_bench_show)
+    p = bench_sub.add_parser("clear", help="remove local cache entries (all, or one target's)")
+    p.add_argument("--target", help="only this target")
+    p.set_defaults(func=cmd_bench_clear)
     return parser
 
 

@@ -25,6 +25,16 @@ class RegistryError(ValueError):
     """An invalid variant declaration, duplicate name, or unknown name asked of the registry."""
 
 
+def default_policy(env: Mapping[str, str] | None = None) -> str:
+    """The selection policy from ``NKIMOE_POLICY`` (``fastest`` when unset)."""
+    import os
+
+    value = ((os.environ if env is None else env).get("NKIMOE_POLICY") or "fastest").strip()
+    if value not in POLICIES:
+        raise RegistryError(f"unknown policy {value!r} from NKIMOE_POLICY; valid: {', '.join(POLICIES)}")
+    return value
+
+
 def _always(dims: Mapping[str, int], dtype: str, target: Target) -> tuple[bool, str]:
     return True, "any shape"
 

@@ -1,0 +1,31 @@
+"""Load-time binding: detect the target, read the benchmark cache, bind every call site once."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+
+from nkimoe.bench.cache import BenchCache
+from nkimoe.ops import Problem
+from nkimoe.plugins import get_registry
+from nkimoe.registry import Binding, Registry, default_policy
+from nkimoe.targets import Detection, detect
+
+
+def bind_model(problems: Mapping[str, Problem], *, env: Mapping[str, str] | None = None,
+               registry: Registry | None = None) -> tuple[Binding, Detection]:
+    """Bind ``problems`` for the detected target with the cache's winners and ``NKIMOE_POLICY``.
+
+    Problems with plugins, the cache file or stale entries are reported in one summary warning;
+    none of them makes loading fail.
+    """
+    env = os.environ if env is None else env
+    registry = registry or get_registry()
+    detection = detect(env, known=registry.targets)
+    cache = BenchCache.load(env)
+    binding = registry.bind(detection.target, problems, policy=default_policy(env), cache=cache)
+    notes = [*registry.problems, *cache.problems, *binding.warnings]
+    if notes:
+        warnings.warn(f"nkimoe: {len(notes)} binding note(s): " + "; ".join(notes), stacklevel=2)
+    return binding, detection

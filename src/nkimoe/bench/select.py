@@ -1,0 +1,132 @@
+"""``nkimoe bench select``: verify every candidate of every op at the model's shapes, time the
+survivors, and record the winners in the benchmark cache.
+
+Off-hardware, candidates run in the NKI emulator and their time is the cost-model ESTIMATE of
+their trace. On a Trainium host with the real SDK, candidates run on the device and are timed
+(warm-up, repetitions, median and spread): the method is recorded per entry.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from nkimoe.bench.cache import make_entry
+from nkimoe.bench.trial import Trial, make_inputs, run_trial
+from nkimoe.nki import EMULATED
+from nkimoe.ops import Problem
+from nkimoe.registry import Registry, Variant
+from nkimoe.shapes import ModelShapes, call_sites
+from nkimoe.targets import Target
+
+WARMUP, REPEATS = 3, 10
+
+
+@dataclass
+class CandidateResult:
+    variant: str
+    status: str  #: "ok", "rejected: <reason>", "ineligible: <reason>"
+    time_us: float | None = None
+    spread_us: float | None = None
+    method: str = ""
+    source_hash: str = ""
+    bound_by: str = ""
+
+
+@dataclass
+class Selection:
+    problem: Problem
+    sites: list[str]
+    candidates: list[CandidateResult] = field(default_factory=list)
+    winner: str | None = None  #: None when no candidate was verified (the reference falls back)
+    winner_hash: str = ""
+    method: str = ""
+
+    @property
+    def verified(self) -> list[CandidateResult]:
+        return [c for c in self.candidates if c.status == "ok"]
+
+
+def default_problems(shapes: ModelShapes, seq_len: int = 1024, prefill_tokens: Iterable[int] = (128,),
+                     dtype: str = "bfloat16") -> dict[Problem, list[str]]:
+    """Distinct problems of the model's prefill (``seq_len`` and each of ``prefill_tokens`` tokens)
+    and decode (a cache of ``seq_len``) phases, with the call sites that issue each."""
+    sites: dict[str, Problem] = {}
+    for tokens in dict.fromkeys([seq_len, *prefill_tokens]):
+        sites.update({f"{s}@{tokens}": p for s, p in call_sites(shapes, "prefill", tokens, dtype).items()})
+    sites.update(call_sites(shapes, "decode", seq_len, dtype))
+    grouped: dict[Problem, list[str]] = {}
+    for site, problem in sites.items():
+        grouped.setdefault(problem, []).append(site)
+    return grouped
+
+
+def _measure(variant: Variant, problem: Problem) -> tuple[float, float]:
+    """Median and spread (max - min) in microseconds of the variant on the device."""
+    args, kwargs = make_inputs(problem, seed=0)
+    args = variant.prepare_args(args)
+    for _ in range(WARMUP):
+        variant.kernel(*args, **kwargs)
+    samples = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        variant.kernel(*args, **kwargs)
+        samples.append((time.perf_counter() - start) * 1e6)
+    return statistics.median(samples), max(samples) - min(samples)
+
+
+def select_problem(registry: Registry, target: Target, problem: Problem, sites: list[str], policy: str,
+                   seed: int = 0) -> Selection:
+    """Verify and time every candidate of one problem; the fastest verified one wins."""
+    result = Selection(problem, sites)
+    for candidate in registry.candidates(target, problem, policy):
+        v = candidate.variant
+        if not candidate.eligible:
+            result.candidates.append(CandidateResult(v.name, f"ineligible: {candidate.reason}", source_hash=v.source_hash))
+            continue
+        trial: Trial = run_trial(v, problem, target, seed=seed)
+        if not trial.ok:
+            result.candidates.append(CandidateResult(v.name, f"rejected: {trial.detail}", source_hash=v.source_hash))
+            continue
+        if v.nki and not EMULATED:
+            median, spread = _measure(v, problem)
+            result.candidates.append(CandidateResult(v.name, "ok", median, spread, "hardware", v.source_hash))
+        elif trial.estimate is not None:
+            est = trial.estimate
+            result.candidates.append(CandidateResult(v.name, "ok", est.micros, None, "estimate", v.source_hash,
+                                                     est.bound_by))
+        else:
+            result.candidates.append(CandidateResult(v.name, "ok", None, None, "unmeasured", v.source_hash))
+    timed = [c for c in result.verified if c.time_us is not None]
+    if timed:
+        best = min(timed, key=lambda c: (c.time_us, c.variant))
+        result.winner, result.winner_hash, result.method = best.variant, best.source_hash, best.method
+    return result
+
+
+def run_select(registry: Registry, target: Target, problems: Mapping[Problem, list[str]], policy: str,
+               progress: Callable[[Iterable[Any]], Iterable[Any]] = iter) -> list[Selection]:
+    return [select_problem(registry, target, p, sites, policy) for p, sites in progress(problems.items())]
+
+
+def cache_entries(target: Target, selections: Iterable[Selection], policy: str) -> dict[str, dict[str, Any]]:
+    """Cache entries for every problem that has a verified, timed winner."""
+    from nkimoe.bench.cache import entry_key
+
+    entries = {}
+    for s in selections:
+        if s.winner is None:
+            continue
+        candidates = [
+            {"variant": c.variant, "status": c.status, "time_us": None if c.time_us is None else round(c.time_us, 3),
+             "spread_us": None if c.spread_us is None else round(c.spread_us, 3), "method": c.method,
+             "source_hash": c.source_hash}
+            for c in s.candidates
+            if not c.status.startswith("ineligible")
+        ]
+        entries[entry_key(target, s.problem, policy)] = make_entry(target, s.problem, policy, s.winner, s.winner_hash,
+                                                                   s.method, candidates)
+    return entries

@@ -1,0 +1,91 @@
+"""bench select: verification gates every candidate, the fastest verified one wins, tables and cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from nkimoe.bench.select import default_problems, select_problem
+from nkimoe.ops import Problem
+from nkimoe.registry import Registry
+from nkimoe.shapes import ModelShapes
+
+WRONG_PLUGIN = """
+from nkimoe.hookspecs import hookimpl
+from nkimoe.nki import nisa, nki, nl
+from nkimoe.registry import Variant
+
+@nki.jit
+def copy_kernel(x, weight, eps=1e-6):
+    # Fast and wrong: returns x unnormalised.
+    out = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
+    t = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=t, src=x)
+    nisa.dma_copy(dst=out, src=t)
+    return out
+
+def launcher(x, weight, eps=1e-6):
+    return copy_kernel(x, weight, eps=eps)
+
+@hookimpl
+def register_variants(register):
+    register(Variant(op="rmsnorm", name="wrong_rmsnorm_trn2", targets=("trn2",), kernel=launcher, nki=True,
+                     priority=100, tolerance={"bfloat16": (1e-3, 1e-2), "float32": (1e-6, 1e-5)}))
+"""
+
+
+def test_wrong_variant_is_rejected_and_never_wins(registry_with: Callable[..., Registry]) -> None:
+    registry = registry_with(wrong_plugin=WRONG_PLUGIN)
+    problem = Problem.of("rmsnorm", T=1, H=2048)
+    # Priority alone would bind it:
+    assert registry.bind("trn2", {"s": problem}).ops["s"].variant.name == "wrong_rmsnorm_trn2"
+    result = select_problem(registry, registry.targets["trn2"], problem, ["s"], "fastest")
+    wrong = next(c for c in result.candidates if c.variant == "wrong_rmsnorm_trn2")
+    assert wrong.status.startswith("rejected: output 0: |diff|")
+    assert result.winner in {"rmsnorm_tkg_nki", "rmsnorm_nki_trn2"}
+    assert all(c.method == "estimate" for c in result.verified)
+
+
+def test_default_problems_cover_every_op_in_both_phases() -> None:
+    problems = default_problems(ModelShapes(), 1024, (128,))
+    ops = {p.op for p in problems}
+    assert len(ops) == 9
+    assert Problem.of("attention_decode", L=1024, Hq=32, Hkv=4, D=128) in problems
+    assert Problem.of("attention_prefill", S=128, Hq=32, Hkv=4, D=128) in problems
+    assert Problem.of("linear", T=1, K=2048, N=151_936) in problems
+
+
+def _cli(*args: str, cache: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "NKIMOE_CACHE": str(cache)}
+    return subprocess.run([sys.executable, "-m", "nkimoe.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_cli_select_show_clear(tmp_path: Path) -> None:
+    cache = tmp_path / "bench.yaml"
+    out = _cli("bench", "select", "--target", "trn2", "--ops", "router,rope", "--quiet", cache=cache)
+    assert out.returncode == 0, out.stderr
+    assert "cost-model estimate" in out.stdout and "estimate" in out.stdout
+    assert "router_nki_trn2" in out.stdout and f"to {cache}" in out.stdout
+    data = json.loads(_cli("bench", "select", "--target", "trn3", "--ops", "router", "--format", "json", "--quiet",
+                           cache=cache).stdout)
+    assert {r["method"] for r in data["results"] if r["status"] == "ok"} == {"estimate"}
+    assert any(r["winner"] and r["candidate"] == "router_nki_trn3" for r in data["results"])
+    shown = json.loads(_cli("bench", "show", "--format", "json", cache=cache).stdout)
+    local = [e for e in shown["entries"] if e["source"] == "local"]
+    assert {e["target"] for e in local} == {"trn2", "trn3"} and {e["method"] for e in local} == {"estimate"}
+    cleared = _cli("bench", "clear", "--target", "trn2", cache=cache)
+    assert cleared.returncode == 0 and "removed 6 entries for trn2" in cleared.stdout
+    shown = json.loads(_cli("bench", "show", "--format", "json", cache=cache).stdout)
+    assert {e["target"] for e in shown["entries"] if e["source"] == "local"} == {"trn3"}
+
+
+def test_cli_select_rejects_cpu_and_unknown_ops(tmp_path: Path) -> None:
+    out = _cli("bench", "select", "--target", "cpu", cache=tmp_path / "c.yaml")
+    assert out.returncode == 2 and "needs a Neuron target, not 'cpu'; valid: trn2, trn3" in out.stderr
+    out = _cli("bench", "select", "--target", "trn2", "--ops", "softmax", cache=tmp_path / "c.yaml")
+    assert out.returncode == 2 and "unknown op 'softmax'" in out.stderr
