@@ -36,7 +36,7 @@ class ModelShapes:
             heads=heads,
             kv_heads=int(config["num_key_value_heads"]),
             head_dim=int(config.get("head_dim") or hidden // heads),
-            experts=int(config["num_experts"]),
+            experts=int(config.get("num_experts") or config["num_local_experts"]),
             top_k=int(config["num_experts_per_tok"]),
             moe_intermediate=int(config["moe_intermediate_size"]),
             vocab=int(config["vocab_size"]),
@@ -50,26 +50,29 @@ DEFAULT_PREFILL_TOKENS: tuple[int, ...] = (1024, 128)
 
 
 def call_sites(shapes: ModelShapes, phase: str, tokens: int, dtype: str = "bfloat16") -> dict[str, Problem]:
-    """Every distinct op problem of one decoder step of ``phase`` ("prefill" with ``tokens``
-    prompt tokens, or "decode" with a KV cache of ``tokens`` positions), keyed ``phase.site``."""
+    """Every distinct op problem of one decoder pass of ``phase`` ("prefill" of ``tokens`` prompt
+    tokens, or "decode" with a KV cache of ``tokens`` positions), keyed ``phase.site``.
+
+    The sites are the model's (``nkimoe.model``): the first layer's input norm is a plain RMSNorm,
+    every later norm fuses the residual add; q, k and v are one fused projection; in prefill only
+    the last position reaches the final norm and lm_head.
+    """
     if phase not in ("prefill", "decode"):
         raise ValueError(f"unknown phase {phase!r}; valid: prefill, decode")
     s = shapes
     t = tokens if phase == "prefill" else 1
     heads = {"Hq": s.heads, "Hkv": s.kv_heads, "D": s.head_dim}
     sites = {
-        "input_norm": Problem.of("add_rmsnorm", dtype, T=t, H=s.hidden),
-        "final_norm": Problem.of("rmsnorm", dtype, T=t, H=s.hidden),
-        "q_proj": Problem.of("linear", dtype, T=t, K=s.hidden, N=s.heads * s.head_dim),
-        "k_proj": Problem.of("linear", dtype, T=t, K=s.hidden, N=s.kv_heads * s.head_dim),
-        "v_proj": Problem.of("linear", dtype, T=t, K=s.hidden, N=s.kv_heads * s.head_dim),
+        "first_norm": Problem.of("rmsnorm", dtype, T=t, H=s.hidden),
+        "add_norm": Problem.of("add_rmsnorm", dtype, T=t, H=s.hidden),
+        "final_norm": Problem.of("add_rmsnorm", dtype, T=1, H=s.hidden),
+        "qkv_proj": Problem.of("linear", dtype, T=t, K=s.hidden, N=(s.heads + 2 * s.kv_heads) * s.head_dim),
         "o_proj": Problem.of("linear", dtype, T=t, K=s.heads * s.head_dim, N=s.hidden),
         "qk_norm": Problem.of("qk_norm", dtype, T=t, **heads),
         "rope": Problem.of("rope", dtype, T=t, **heads),
         "router_gate": Problem.of("linear", dtype, T=t, K=s.hidden, N=s.experts),
         "router": Problem.of("router", dtype, T=t, E=s.experts, K=s.top_k),
         "experts": Problem.of("expert_mlp", dtype, T=t, H=s.hidden, I=s.moe_intermediate, E=s.experts, K=s.top_k),
-        # In prefill only the last position's logits are needed: lm_head sees one token.
         "lm_head": Problem.of("linear", dtype, T=1, K=s.hidden, N=s.vocab),
     }
     if phase == "prefill":
