@@ -16,7 +16,7 @@ from nkimoe.ops import OP_NAMES, OpError
 from nkimoe.plugins import get_registry
 from nkimoe.bench.trial import run_trial
 from nkimoe.ops import Problem
-from nkimoe.registry import POLICIES, Candidate, Registry, RegistryError
+from nkimoe.registry import POLICIES, Binding, Candidate, Registry, RegistryError
 from nkimoe.targets import Target
 from nkimoe.shapes import ModelShapes, call_sites
 from nkimoe.targets import TargetError, detect
@@ -295,6 +295,102 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return cmd_generate(args)
 
 
+def _targets_arg(registry: Registry, text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    for name in names:
+        if not registry.target(name).is_neuron:
+            raise UsageError(f"--targets takes Neuron targets (trn2, trn3), got {name!r}")
+    return names
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from nkimoe.submit import SubmitError, submit
+
+    registry = _registry()
+    targets = _targets_arg(registry, args.targets)
+    root = Path(args.root).resolve()
+    try:
+        out = submit(Path(args.output), targets, registry, root=root, verify=not args.no_verify,
+                     progress=lambda msg: print(msg, file=sys.stderr))
+    except SubmitError as exc:
+        print(f"nkimoe: error: {exc}", file=sys.stderr)
+        print(f"nkimoe: nothing was written to {args.output}", file=sys.stderr)
+        return 1
+    size = out.stat().st_size
+    print(f"wrote {out} ({size / 1e6:.1f} MB) for {', '.join(targets)}"
+          f"{'' if args.no_verify else '; verified against the package on cpu and ' + ', '.join(targets)}")
+    return 0
+
+
+def _binding_for(registry: Registry, target_name: str, shapes: ModelShapes, seq_len: int) -> Binding:
+    from nkimoe.bench.cache import BenchCache
+    from nkimoe.registry import default_policy
+
+    target = registry.target(target_name)
+    sites = {**call_sites(shapes, "prefill", seq_len), **call_sites(shapes, "decode", seq_len)}
+    return registry.bind(target, sites, policy=default_policy(), cache=BenchCache.load())
+
+
+def cmd_coverage(args: argparse.Namespace) -> int:
+    from nkimoe.scoring import coverage
+
+    registry = _registry()
+    shapes = ModelShapes.from_hf_config(args.config) if args.config else ModelShapes()
+    target = args.target or detect(known=registry.targets).target.name
+    cov = coverage(_binding_for(registry, target, shapes, args.seq_len), shapes, args.seq_len, args.new_tokens)
+    rows = [{"phase": r.site.split(".")[0], "site": r.site.split(".", 1)[1], "op": r.op, "variant": r.variant,
+             "nki": r.nki, "calls": r.calls, "macs": r.macs} for r in (*cov.prefill, *cov.decode)]
+    if args.format == "json":
+        print(json.dumps({"target": target, "seq_len": args.seq_len, "new_tokens": args.new_tokens,
+                          "nki_fraction": cov.fraction, "generation_nki_fraction": cov.generation_fraction,
+                          "sites": rows}, indent=2))
+        return 0
+    print(f"{target}: prefill of {args.seq_len} tokens and one decode step (cache {args.seq_len})")
+    _emit([{**r, "macs": f"{r['macs']:,}"} for r in rows], "table",
+          ["phase", "site", "op", "variant", "nki", "calls", "macs"])
+    print(f"NKI MAC fraction (prefill + one decode graph, as the contest counts): {cov.fraction:.4f}")
+    print(f"NKI MAC fraction over a generation of {args.new_tokens} tokens: {cov.generation_fraction:.4f}")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from nkimoe.scoring import BASELINES, coverage, points, read_results
+
+    registry = _registry()
+    target = registry.target(args.target).name
+    if args.coverage is None:
+        shapes = ModelShapes()
+        nki_fraction = coverage(_binding_for(registry, target, shapes, 1024), shapes, 1024, 1).fraction
+        source = "nkimoe coverage of the current binding"
+    else:
+        nki_fraction, source = args.coverage, "--coverage"
+    if args.results:
+        measured = read_results(Path(args.results))
+    elif args.prompt is not None and args.latency_ms and args.tok_s:
+        measured = [(args.prompt, args.latency_ms, args.tok_s)]
+    else:
+        raise UsageError("give --prompt N --latency-ms X --tok-s Y, or --results FILE")
+    rows, total = [], 0.0
+    for prompt, latency, tok_s in measured:
+        try:
+            value, factors = points(target, prompt, latency, tok_s, nki_fraction)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        total += value
+        _, _, base_latency, base_tok_s = BASELINES[target][prompt]
+        rows.append({"prompt": prompt, "latency_ms": latency, "base_latency_ms": base_latency, "tok_s": tok_s,
+                     "base_tok_s": base_tok_s, "latency_x": round(factors["reduced_latency"], 3),
+                     "throughput_x": round(factors["increased_throughput"], 3), "points": round(value, 3)})
+    if args.format == "json":
+        print(json.dumps({"target": target, "coverage": nki_fraction, "coverage_source": source, "prompts": rows,
+                          "total": total}, indent=2))
+        return 0
+    print(f"{target}: coverage {nki_fraction:.4f} ({source}); accuracy assumed to pass")
+    _emit(rows, "table", list(rows[0]))
+    print(f"total points: {total:.3f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nkimoe",
@@ -380,6 +476,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("submit", help="build the single self-contained qwen.py for the contest",
+                       description="Bundle the target detection, the registry core, the variants, the selection "
+                                   "tables and the model (both paths) into one file; verify it in an isolated "
+                                   "interpreter against the package path on cpu and each emulated target; write it "
+                                   "only if it reproduces the package's tokens and logits.")
+    p.add_argument("-o", "--output", default="dist/qwen.py")
+    p.add_argument("--targets", default="trn2,trn3")
+    p.add_argument("--root", default=".", help="the nkimoe repository (holds qwen.py); default: current directory")
+    p.add_argument("--no-verify", action="store_true", help="skip the isolated-interpreter verification")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("coverage", help="NKI share of the model's MACs under the current binding",
+                       description="Per call site: MACs per prefill and per decode step, the bound variant, whether "
+                                   "it is NKI, and the NKI fraction of all MACs as the contest counts it.")
+    p.add_argument("--target", help="trn2, trn3 or cpu (default: detected)")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--config", help="an HF config.json of a Qwen3-MoE model (default: Qwen3-30B-A3B)")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(func=cmd_coverage)
+
+    p = sub.add_parser("score", help="the contest's points for measured latency and throughput",
+                       description="accuracy x (baseline latency / latency p99) x (tok/s / baseline tok/s) x "
+                                   "(1 + NKI coverage), against the public prompts' baseline rows.")
+    p.add_argument("--target", required=True, help="trn2 or trn3 (whose baseline rows to use)")
+    p.add_argument("--prompt", type=int, help="public prompt id (0-4)")
+    p.add_argument("--latency-ms", type=float, help="end-to-end latency p99 in ms")
+    p.add_argument("--tok-s", type=float, help="throughput in tokens/s")
+    p.add_argument("--coverage", type=float, help="NKI MAC fraction (default: nkimoe coverage of the binding)")
+    p.add_argument("--results", help="CSV of prompt,latency_ms,tok_s rows for several prompts")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(func=cmd_score)
     return parser
 
 
