@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 from nkimoe.bench.cache import BenchCache
 from nkimoe.ops import Problem
-from nkimoe.plugins import get_registry
+from nkimoe.plugins import get_registry, load_registry
 from nkimoe.registry import Binding, Registry, default_policy
 from nkimoe.targets import Detection, detect
 
@@ -17,11 +17,14 @@ def bind_model(problems: Mapping[str, Problem], *, env: Mapping[str, str] | None
                registry: Registry | None = None) -> tuple[Binding, Detection]:
     """Bind ``problems`` for the detected target with the cache's winners and ``NKIMOE_POLICY``.
 
+    Plugins load from ``env`` when it is given (else the process-wide registry is used).
+
     Problems with plugins, the cache file or stale entries are reported in one summary warning;
     none of them makes loading fail.
     """
+    if registry is None:
+        registry = get_registry() if env is None else load_registry(env)
     env = os.environ if env is None else env
-    registry = registry or get_registry()
     detection = detect(env, known=registry.targets)
     cache = BenchCache.load(env)
     binding = registry.bind(detection.target, problems, policy=default_policy(env), cache=cache)

@@ -391,6 +391,26 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plugins_list(args: argparse.Namespace) -> int:
+    registry = get_registry()
+    rows = []
+    for info in registry.plugins:
+        contributed = [registry.variants[v] for v in info.variants if v in registry.variants]
+        rows.append({"name": info.name, "source": info.source, "status": info.status,
+                     "variants": info.variants, "targets": info.targets,
+                     "variant_targets": sorted({t for v in contributed for t in v.targets})})
+    if args.format == "json":
+        print(json.dumps(rows, indent=2))
+        return 0
+    def brief(names: list[str]) -> str:
+        text = ",".join(names)
+        return f"{len(names)}: {text if len(text) <= 60 else text[:57] + '...'}" if names else "-"
+
+    _emit([{**r, "variants": brief(r["variants"]), "status": r["status"][:80]} for r in rows], "table",
+          ["name", "source", "status", "variants", "targets", "variant_targets"])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nkimoe",
@@ -476,6 +496,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    plugins = sub.add_parser("plugins", help="list plugins: builtin, entry points and NKIMOE_PLUGINS")
+    plugins_sub = plugins.add_subparsers(dest="plugins_command", metavar="SUBCOMMAND", required=True)
+    p = plugins_sub.add_parser("list", help="each plugin with its source, status and contributions",
+                               description="Every plugin found (builtin modules, the 'nkimoe' entry-point group, "
+                                           "NKIMOE_PLUGINS) with where it came from, whether it loaded, and the "
+                                           "variants and targets it contributed.")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(func=cmd_plugins_list)
 
     p = sub.add_parser("submit", help="build the single self-contained qwen.py for the contest",
                        description="Bundle the target detection, the registry core, the variants, the selection "
