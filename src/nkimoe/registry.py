@@ -40,14 +40,25 @@ def _always(dims: Mapping[str, int], dtype: str, target: Target) -> tuple[bool, 
 
 
 def source_hash(obj: Any) -> str:
-    """A short hash of the source of ``obj`` and of every function in its module, so that an
-    edit to a kernel or its helpers changes the hash that cache entries are checked against."""
+    """A short hash of the source of the module defining ``obj`` and of the sibling modules it uses
+    (same parent package, e.g. shared kernel helpers), so that an edit to a kernel or its helpers
+    changes the hash that cache entries are checked against."""
     module = inspect.getmodule(obj)
-    try:
-        text = inspect.getsource(module) if module is not None else inspect.getsource(obj)
-    except (OSError, TypeError):
-        text = repr(obj)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    if module is None:
+        return hashlib.sha256(repr(obj).encode()).hexdigest()[:16]
+    parent = module.__name__.rpartition(".")[0]
+    used = {module}
+    for value in vars(module).values():
+        other = inspect.getmodule(value)
+        if other is not None and parent and other.__name__.rpartition(".")[0] == parent:
+            used.add(other)
+    digest = hashlib.sha256()
+    for each in sorted(used, key=lambda m: m.__name__):
+        try:
+            digest.update(inspect.getsource(each).encode())
+        except (OSError, TypeError):
+            digest.update(repr(each).encode())
+    return digest.hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ CORE_MODULES: tuple[str, ...] = (
     "nkimoe", "nkimoe.targets", "nkimoe.ops", "nkimoe.registry", "nkimoe.shapes",
     "nkimoe.nki", "nkimoe.nki.emulator", "nkimoe.nki.emulator.dtypes", "nkimoe.nki.emulator.core",
     "nkimoe.nki.emulator.language", "nkimoe.nki.emulator.isa", "nkimoe.nki.emulator.runtime",
-    "nkimoe.variants", "nkimoe.model", "nkimoe.neuron",
+    "nkimoe.variants", "nkimoe.variants.tiles", "nkimoe.model", "nkimoe.neuron",
 )
 
 #: Stand-in for nkimoe.hookspecs: variants are registered statically, so the marker does nothing.

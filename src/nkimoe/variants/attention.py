@@ -34,6 +34,7 @@ from nkimoe.hookspecs import hookimpl
 from nkimoe.nki import nisa, nki, nl
 from nkimoe.registry import Variant
 from nkimoe.targets import Target
+from nkimoe.variants.tiles import pe_transpose
 
 P = 128
 #: Keys per decode block: one PSUM bank of fp32 scores.
@@ -111,9 +112,7 @@ def attention_cte_kernel(q, k, v, scale: float, fast_exp: bool = False):
             pk = min(P, s - kb * P)
             k_rows = nl.ndarray((P, d), dtype=k.dtype, buffer=nl.sbuf)
             nisa.dma_copy(dst=k_rows[0:pk], src=k[kb * P:kb * P + pk, g, :])
-            tp = nl.ndarray((d, P), dtype=k.dtype, buffer=nl.psum)
-            nisa.nc_transpose(dst=tp[:, 0:pk], data=k_rows[0:pk], engine=nisa.engine.tensor)
-            nisa.tensor_copy(dst=k_t[:, kb * P:kb * P + pk], src=tp[:, 0:pk])
+            pe_transpose(k_t[:, kb * P:kb * P + pk], k_rows[0:pk])
             nisa.dma_copy(dst=v_sb[0:pk, kb, :], src=v[kb * P:kb * P + pk, g, :])
         for hh in nl.affine_range(group):
             h = g * group + hh
@@ -121,10 +120,8 @@ def attention_cte_kernel(q, k, v, scale: float, fast_exp: bool = False):
                 pq = min(P, s - qb * P)
                 q_rows = nl.ndarray((P, d), dtype=q.dtype, buffer=nl.sbuf)
                 nisa.dma_copy(dst=q_rows[0:pq], src=q[qb * P:qb * P + pq, h, :])
-                tq = nl.ndarray((d, P), dtype=q.dtype, buffer=nl.psum)
-                nisa.nc_transpose(dst=tq[:, 0:pq], data=q_rows[0:pq], engine=nisa.engine.tensor)
                 q_t = nl.ndarray((d, P), dtype=q.dtype, buffer=nl.sbuf)
-                nisa.tensor_copy(dst=q_t[:, 0:pq], src=tq[:, 0:pq])
+                pe_transpose(q_t[:, 0:pq], q_rows[0:pq])
                 m, l, o = _running_state(d)  # noqa: E741
                 for kb in nl.affine_range(qb + 1):
                     pk = min(P, s - kb * P)
@@ -136,10 +133,8 @@ def attention_cte_kernel(q, k, v, scale: float, fast_exp: bool = False):
                         nisa.affine_select(dst=ss[0:pq, 0:pk], pattern=[[-1, pk]], channel_multiplier=1,
                                            on_true_tile=ss[0:pq, 0:pk], on_false_value=NEG, cmp_op=nl.greater_equal)
                     p_blk, corr = _softmax_step(ss, m, l, pq, pk, q.dtype, fast_exp)
-                    tp_p = nl.ndarray((P, P), dtype=q.dtype, buffer=nl.psum)
-                    nisa.nc_transpose(dst=tp_p[0:pk, 0:pq], data=p_blk[0:pq, 0:pk], engine=nisa.engine.tensor)
                     p_t = nl.ndarray((P, P), dtype=q.dtype, buffer=nl.sbuf)
-                    nisa.tensor_copy(dst=p_t[0:pk, 0:pq], src=tp_p[0:pk, 0:pq])
+                    pe_transpose(p_t[0:pk, 0:pq], p_blk[0:pq, 0:pk])
                     pv = nl.ndarray((P, d), dtype=nl.float32, buffer=nl.psum)
                     nisa.nc_matmul(dst=pv[0:pq], stationary=p_t[0:pk, 0:pq], moving=v_sb[0:pk, kb, :])
                     nisa.scalar_tensor_tensor(dst=o[0:pq], data=o[0:pq], op0=nl.multiply, operand0=corr[0:pq],
@@ -186,10 +181,8 @@ def attention_tkg_kernel(q, k_cache, v_cache, length, scale: float, fast_exp: bo
             chunks = (n + P - 1) // P
             for c in nl.affine_range(chunks):
                 kc = min(P, n - c * P)
-                tp = nl.ndarray((P, P), dtype=q.dtype, buffer=nl.psum)
-                nisa.nc_transpose(dst=tp[0:kc, 0:group], data=p_blk[0:group, c * P:c * P + kc], engine=nisa.engine.tensor)
                 p_t = nl.ndarray((P, P), dtype=q.dtype, buffer=nl.sbuf)
-                nisa.tensor_copy(dst=p_t[0:kc, 0:group], src=tp[0:kc, 0:group])
+                pe_transpose(p_t[0:kc, 0:group], p_blk[0:group, c * P:c * P + kc])
                 v_blk = nl.ndarray((P, d), dtype=v_cache.dtype, buffer=nl.sbuf)
                 start = blk * DECODE_BLOCK + c * P
                 nisa.dma_copy(dst=v_blk[0:kc], src=v_cache[g, start:start + kc, :])

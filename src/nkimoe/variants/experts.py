@@ -40,6 +40,7 @@ from nkimoe.hookspecs import hookimpl
 from nkimoe.nki import nisa, nki, nl
 from nkimoe.registry import Variant
 from nkimoe.targets import Target
+from nkimoe.variants.tiles import pe_transpose
 
 P = 128
 #: Tokens per prefill block (one partition tile).
@@ -167,9 +168,7 @@ def expert_mlp_cte_kernel(x, n_blocks, block_expert, block_tokens, block_weights
         # x^T of the block: [128 (hidden slice), H/128, 128 tokens]
         x_t = nl.ndarray((P, hf, P), dtype=x.dtype, buffer=nl.sbuf)
         for kk in nl.affine_range(hf):
-            tp = nl.ndarray((P, P), dtype=x.dtype, buffer=nl.psum)
-            nisa.nc_transpose(dst=tp, data=rows[:, kk * P:(kk + 1) * P], engine=nisa.engine.tensor)
-            nisa.tensor_copy(dst=x_t[:, kk, :], src=tp)
+            pe_transpose(x_t[:, kk, :], rows[:, kk * P:(kk + 1) * P])
         gu_out = nl.ndarray((P, i2), dtype=x.dtype, buffer=nl.sbuf)
         for c in nl.affine_range((i2 + block - 1) // block):
             cols = min(block, i2 - c * block)
@@ -183,9 +182,7 @@ def expert_mlp_cte_kernel(x, n_blocks, block_expert, block_tokens, block_weights
         nisa.tensor_tensor(dst=act, data1=act, data2=gu_out[:, i:i2], op=nl.multiply)
         act_t = nl.ndarray((P, iff, P), dtype=x.dtype, buffer=nl.sbuf)
         for kk in nl.affine_range(iff):
-            tp = nl.ndarray((P, P), dtype=x.dtype, buffer=nl.psum)
-            nisa.nc_transpose(dst=tp, data=act[:, kk * P:(kk + 1) * P], engine=nisa.engine.tensor)
-            nisa.tensor_copy(dst=act_t[:, kk, :], src=tp)
+            pe_transpose(act_t[:, kk, :], act[:, kk * P:(kk + 1) * P])
         prev = nl.ndarray((P, h), dtype=nl.float32, buffer=nl.sbuf)
         nisa.dma_copy(dst=prev, src=acc.ap([[h, P], [1, h]], offset=0, vector_offset=tok, indirect_dim=0))
         for c in nl.affine_range((h + block - 1) // block):

@@ -31,6 +31,7 @@ from nkimoe.hookspecs import hookimpl
 from nkimoe.nki import nisa, nki, nl
 from nkimoe.registry import Variant
 from nkimoe.targets import Target
+from nkimoe.variants.tiles import pe_transpose
 
 P = 128
 
@@ -66,9 +67,7 @@ def linear_kernel(x, w_t, block: int = 512):
         rows = nl.ndarray((P, k), dtype=x.dtype, buffer=nl.sbuf)
         nisa.dma_copy(dst=rows[0:p], src=x[tile * P:tile * P + p, :])
         for j in nl.affine_range(kt):
-            tp = nl.ndarray((P, P), dtype=x.dtype, buffer=nl.psum)
-            nisa.nc_transpose(dst=tp[:, 0:p], data=rows[0:p, j * P:(j + 1) * P], engine=nisa.engine.tensor)
-            nisa.tensor_copy(dst=x_t[:, j, tile * P:tile * P + p], src=tp[:, 0:p])
+            pe_transpose(x_t[:, j, tile * P:tile * P + p], rows[0:p, j * P:(j + 1) * P])
     for c in nl.affine_range((n + block - 1) // block):
         cols = min(block, n - c * block)
         w_blk = nl.ndarray((P, kt, block), dtype=w_t.dtype, buffer=nl.sbuf)
