@@ -40,7 +40,7 @@ from nkimoe.hookspecs import hookimpl
 from nkimoe.nki import nisa, nki, nl
 from nkimoe.registry import Variant
 from nkimoe.targets import Target
-from nkimoe.variants.tiles import pe_transpose
+from nkimoe.variants.tiles import matmul_accumulate, pe_transpose
 
 P = 128
 #: Tokens per prefill block (one partition tile).
@@ -108,18 +108,14 @@ def expert_mlp_tkg_kernel(x, weights, ids, w_gu, w_dn):
             gu_out = nl.ndarray((P, 2 * iff), dtype=x.dtype, buffer=nl.sbuf)
             for c in nl.affine_range(2 * iff):
                 ps = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.psum)
-                for kk in nl.affine_range(hf):
-                    nisa.nc_matmul(dst=ps, stationary=gu[:, kk, c * P:(c + 1) * P], moving=x_t[:, kk, tok:tok + 1],
-                                   accumulate=(kk > 0))
+                matmul_accumulate(ps, gu[:, :, c * P:(c + 1) * P], x_t[:, :, tok:tok + 1])
                 nisa.tensor_copy(dst=gu_out[:, c:c + 1], src=ps)
             act = nl.ndarray((P, iff), dtype=x.dtype, buffer=nl.sbuf)
             nisa.activation(dst=act, op=nl.silu, data=gu_out[:, 0:iff])
             nisa.tensor_tensor(dst=act, data1=act, data2=gu_out[:, iff:2 * iff], op=nl.multiply)
             for c in nl.affine_range(hf):
                 ps = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.psum)
-                for kk in nl.affine_range(iff):
-                    nisa.nc_matmul(dst=ps, stationary=dn[:, kk, c * P:(c + 1) * P], moving=act[:, kk:kk + 1],
-                                   accumulate=(kk > 0))
+                matmul_accumulate(ps, dn[:, :, c * P:(c + 1) * P], act.reshape((P, iff, 1)))
                 col = tok * top_k + slot
                 nisa.scalar_tensor_tensor(dst=acc[:, c, tok:tok + 1], data=ps, op0=nl.multiply,
                                           operand0=w_bc[:, col:col + 1], op1=nl.add, operand1=acc[:, c, tok:tok + 1])
@@ -173,9 +169,7 @@ def expert_mlp_cte_kernel(x, n_blocks, block_expert, block_tokens, block_weights
         for c in nl.affine_range((i2 + block - 1) // block):
             cols = min(block, i2 - c * block)
             ps = nl.ndarray((P, block), dtype=nl.float32, buffer=nl.psum)
-            for kk in nl.affine_range(hf):
-                nisa.nc_matmul(dst=ps[:, 0:cols], stationary=x_t[:, kk, :], moving=gu[:, kk, c * block:c * block + cols],
-                               accumulate=(kk > 0))
+            matmul_accumulate(ps[:, 0:cols], x_t, gu[:, :, c * block:c * block + cols])
             nisa.tensor_copy(dst=gu_out[:, c * block:c * block + cols], src=ps[:, 0:cols])
         act = nl.ndarray((P, i), dtype=x.dtype, buffer=nl.sbuf)
         nisa.activation(dst=act, op=nl.silu, data=gu_out[:, 0:i])
@@ -188,9 +182,7 @@ def expert_mlp_cte_kernel(x, n_blocks, block_expert, block_tokens, block_weights
         for c in nl.affine_range((h + block - 1) // block):
             cols = min(block, h - c * block)
             ps = nl.ndarray((P, block), dtype=nl.float32, buffer=nl.psum)
-            for kk in nl.affine_range(iff):
-                nisa.nc_matmul(dst=ps[:, 0:cols], stationary=act_t[:, kk, :], moving=dn[:, kk, c * block:c * block + cols],
-                               accumulate=(kk > 0))
+            matmul_accumulate(ps[:, 0:cols], act_t, dn[:, :, c * block:c * block + cols])
             nisa.scalar_tensor_tensor(dst=prev[:, c * block:c * block + cols], data=ps[:, 0:cols], op0=nl.multiply,
                                       operand0=wt, op1=nl.add, operand1=prev[:, c * block:c * block + cols])
         nisa.dma_copy(dst=acc.ap([[h, P], [1, h]], offset=0, vector_offset=tok, indirect_dim=0), src=prev)

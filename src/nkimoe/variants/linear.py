@@ -31,7 +31,7 @@ from nkimoe.hookspecs import hookimpl
 from nkimoe.nki import nisa, nki, nl
 from nkimoe.registry import Variant
 from nkimoe.targets import Target
-from nkimoe.variants.tiles import pe_transpose
+from nkimoe.variants.tiles import matmul_accumulate, pe_transpose
 
 P = 128
 
@@ -76,9 +76,7 @@ def linear_kernel(x, w_t, block: int = 512):
         for tile in nl.affine_range(tiles):
             p = min(P, t - tile * P)
             acc = nl.ndarray((P, block), dtype=nl.float32, buffer=nl.psum)
-            for j in nl.affine_range(kt):
-                nisa.nc_matmul(dst=acc[0:p, 0:cols], stationary=x_t[:, j, tile * P:tile * P + p],
-                               moving=w_blk[:, j, 0:cols], accumulate=(j > 0))
+            matmul_accumulate(acc[0:p, 0:cols], x_t[:, :, tile * P:tile * P + p], w_blk[:, :, 0:cols])
             y = nl.ndarray((P, block), dtype=x.dtype, buffer=nl.sbuf)
             nisa.tensor_copy(dst=y[0:p, 0:cols], src=acc[0:p, 0:cols])
             nisa.dma_copy(dst=out[tile * P:tile * P + p, c * block:c * block + cols], src=y[0:p, 0:cols])
