@@ -107,9 +107,9 @@ def expert_mlp(x: Tensor, weights: Tensor, ids: Tensor, w_gate_up: Tensor, w_dow
     for expert in torch.unique(ids).tolist():
         token_idx, slot = torch.where(ids == expert)
         h = x[token_idx]
-        gate_up = h @ w_gate_up[expert].T
+        gate_up = torch.nn.functional.linear(h, w_gate_up[expert])
         act = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-        y = (act @ w_down[expert].T) * weights[token_idx, slot, None]
+        y = torch.nn.functional.linear(act, w_down[expert]) * weights[token_idx, slot, None]
         out.index_add_(0, token_idx, y.to(out.dtype))
     return out
 
@@ -150,8 +150,8 @@ def attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: int, s
 
 
 def linear(x: Tensor, w: Tensor) -> Tensor:
-    """``x @ w.T`` without bias. Dimensions: x [T, K], w [N, K]. Returns [T, N]."""
-    return x @ w.T
+    """``x @ w.T`` without bias, as ``nn.Linear`` computes it. Dimensions: x [T, K], w [N, K]. Returns [T, N]."""
+    return torch.nn.functional.linear(x, w)
 
 
 # --- contracts --------------------------------------------------------------------------------
