@@ -116,14 +116,21 @@ def _flat(t: NkiTensor) -> np.ndarray:
     return values(t).reshape(t.partitions, -1) if t.dtype not in dt.PACKED_X4 else values(t).reshape(t.partitions, -1, 4)
 
 
-def _write(dst: NkiTensor, vals: np.ndarray, matmul: bool = False) -> None:
-    cast = dt.cast(np.asarray(vals).reshape(dst.data.shape), dst.dtype)
+def _store(dst: NkiTensor, stored: np.ndarray, matmul: bool = False) -> None:
+    """Put values already in ``dst``'s storage dtype into ``dst`` (scattering through a gather view);
+    a write by anything but a matmul ends PSUM accumulation there."""
+    stored = np.asarray(stored).reshape(dst.data.shape)
     if isinstance(dst, _Gather):
-        dst.scatter(cast)
+        dst.scatter(stored)
     else:
-        dst.data[...] = cast
+        dst.data[...] = stored
     if dst.mm_written is not None and not matmul:
         dst.mm_written[...] = False
+
+
+def _write(dst: NkiTensor, vals: np.ndarray, matmul: bool = False) -> None:
+    """Round computed values to ``dst``'s dtype on write, as the engines do."""
+    _store(dst, dt.cast(np.asarray(vals).reshape(dst.data.shape), dst.dtype), matmul)
 
 
 def _engine(instr: str, requested: Any, default: str, allowed: Sequence[str]) -> str:
@@ -182,20 +189,12 @@ def dma_copy(dst: NkiTensor, src: NkiTensor, priority: Any = None, oob_mode: Any
     _tile("dma_copy", "src", src, (*allowed, MemoryRegion.psum))
     if math.prod(dst.shape) != math.prod(src.shape):
         raise _limit("dma_copy", "dst/src", f"element counts differ: {dst.shape} vs {src.shape}")
-    if dst.dtype in dt.PACKED_X4 or src.dtype in dt.PACKED_X4:
-        if dst.dtype != src.dtype:
-            raise _limit("dma_copy", "dst/src", "x4 packed data moves only between tensors of the same x4 dtype")
-        vals = src.data
+    if (dst.dtype in dt.PACKED_X4 or src.dtype in dt.PACKED_X4) and dst.dtype != src.dtype:
+        raise _limit("dma_copy", "dst/src", "x4 packed data moves only between tensors of the same x4 dtype")
+    if src.dtype == dst.dtype:
+        _store(dst, src.data)
     else:
-        vals = src.data if src.dtype == dst.dtype else values(src)
-    if isinstance(dst, _Gather):
-        dst.scatter(dt.cast(np.asarray(vals, dtype=np.float32), dst.dtype) if src.dtype != dst.dtype else
-                    np.asarray(vals).reshape(dst.data.shape))
-    else:
-        dst.data[...] = np.asarray(vals).reshape(dst.data.shape) if src.dtype == dst.dtype else dt.cast(
-            np.asarray(vals).reshape(dst.data.shape), dst.dtype)
-    if dst.mm_written is not None:
-        dst.mm_written[...] = False
+        _write(dst, values(src))
     nbytes = src.nbytes
     row = src if not src.buffer.on_chip else dst
     contiguous = _contiguous_bytes(row)
@@ -229,7 +228,10 @@ def dma_transpose(dst: NkiTensor, src: NkiTensor, axes: Any = None, priority: An
         out = out.reshape(dst.data.shape)
     if out.shape != dst.data.shape:
         raise _limit("dma_transpose", "dst", f"shape {dst.shape} does not match the transposed src {out.shape}")
-    dst.data[...] = out if src.dtype == dst.dtype else dt.cast(out.astype(np.float32), dst.dtype)
+    if src.dtype == dst.dtype:
+        _store(dst, out)
+    else:
+        _write(dst, out.astype(np.float32))
     nbytes = src.nbytes
     _record("dma_transpose", "dma", [src], dst, bytes=nbytes, contiguous=int(dt.itemsize(src.dtype)),
             hbm_read=nbytes if not src.buffer.on_chip else 0)
@@ -246,9 +248,7 @@ def tensor_copy(dst: NkiTensor, src: NkiTensor, engine: Any = engine.unknown, na
     if eng == "gpsimd" and MemoryRegion.psum in (dst.buffer, src.buffer):
         raise _limit("tensor_copy", "engine", "gpsimd cannot access PSUM")
     if src.dtype == dst.dtype:
-        dst.data[...] = src.data.reshape(dst.data.shape)
-        if dst.mm_written is not None:
-            dst.mm_written[...] = False
+        _store(dst, src.data)
     else:
         _write(dst, values(src))
     _record("tensor_copy", eng, [src], dst)
@@ -415,9 +415,7 @@ def nc_transpose(dst: NkiTensor, data: NkiTensor, engine: Any = engine.unknown, 
         raise _limit("nc_transpose", "data", f"shape {data.shape} exceeds [{limit}, {limit}] on the {eng} engine")
     if dst.partitions != data.free_size or dst.free_size != data.partitions:
         raise _limit("nc_transpose", "dst", f"shape {dst.shape} is not the transpose of {data.shape}")
-    dst.data[...] = data.data.reshape(data.partitions, -1).T.reshape(dst.data.shape)
-    if dst.mm_written is not None:
-        dst.mm_written[...] = False
+    _store(dst, data.data.reshape(data.partitions, -1).T)
     _record("nc_transpose", eng, [data], dst, free=data.partitions,
             detail={"k": data.partitions, "m": data.free_size, "n": data.partitions, "fp32": False,
                     "double_row": False, "stationary": data.storage_id})
@@ -594,7 +592,7 @@ def activation(dst: NkiTensor, op: Op, data: NkiTensor, bias: Any = None, scale:
     _tile("activation", "data", data)
     _same_layout("activation", dst, data, "dst and data")
     fn = _op("activation", op, ("activation", "arith"))
-    vals = _flat(data) * _bias_scale("activation", "scale", scale, data.partitions) if scale is not None else _flat(data)
+    vals = _flat(data) * _bias_scale("activation", "scale", 1.0 if scale is None else scale, data.partitions)
     vals = vals + _bias_scale("activation", "bias", bias, data.partitions)
     with np.errstate(all="ignore"):
         out = np.asarray(fn.fn(vals) if fn.arity == 1 else fn.fn(vals, 0.0), dtype=np.float32)
@@ -814,7 +812,7 @@ def nc_find_index8(dst: NkiTensor, data: NkiTensor, vals: NkiTensor, name: Any =
             if hits:
                 out[p, j] = hits[0]
                 used.add(hits[0])
-    dst.data[...] = out.reshape(dst.data.shape).astype(dt.STORAGE[dst.dtype])
+    _store(dst, out.astype(dt.STORAGE[dst.dtype]))
     _record("nc_find_index8", "vector", [data, vals], dst, free=rows.shape[1])
 
 
@@ -836,7 +834,7 @@ def nc_match_replace8(dst: NkiTensor, data: NkiTensor, vals: NkiTensor, imm: flo
     _write(dst, rows)
     if dst_idx is not None:
         _tile("nc_match_replace8", "dst_idx", dst_idx)
-        dst_idx.data[...] = idx.reshape(dst_idx.data.shape).astype(dt.STORAGE[dst_idx.dtype])
+        _store(dst_idx, idx.astype(dt.STORAGE[dst_idx.dtype]))
     _record("nc_match_replace8", "vector", [data, vals], [dst] + ([dst_idx] if dst_idx is not None else []),
             free=rows.shape[1])
 
@@ -862,7 +860,7 @@ def topk(val_dst: NkiTensor, idx_dst: NkiTensor, src: NkiTensor, n: int, name: A
         vals_out[g * 16:(g + 1) * 16] = snake[order]
         idx_out[g * 16:(g + 1) * 16] = order
     _write(val_dst, vals_out)
-    idx_dst.data[...] = idx_out.astype(np.uint32).reshape(idx_dst.data.shape)
+    _store(idx_dst, idx_out.astype(np.uint32))
     _record("topk", "gpsimd", [src], [val_dst, idx_dst], free=4 * n + k)
 
 
@@ -885,7 +883,7 @@ def nc_stream_shuffle(dst: NkiTensor, src: NkiTensor, shuffle_mask: Sequence[int
             if quad + m >= src.partitions and m >= src.partitions:
                 raise _limit("nc_stream_shuffle", "shuffle_mask", f"entry {i} reads partition {m} past src's {src.partitions}")
             out[p] = s_rows[min(quad + m, src.partitions - 1) if src.partitions > 32 else m]
-    dst.data[...] = out.reshape(dst.data.shape)
+    _store(dst, out)
     _record("nc_stream_shuffle", "vector", [src], dst)
 
 
