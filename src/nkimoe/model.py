@@ -23,7 +23,6 @@ from typing import Any
 import torch
 
 from nkimoe.ops import rope_cos_sin
-from nkimoe.registry import Binding
 from nkimoe.shapes import ModelShapes, call_sites
 
 log = logging.getLogger("nkimoe")

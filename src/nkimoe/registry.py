@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
@@ -27,8 +28,6 @@ class RegistryError(ValueError):
 
 def default_policy(env: Mapping[str, str] | None = None) -> str:
     """The selection policy from ``NKIMOE_POLICY`` (``fastest`` when unset)."""
-    import os
-
     value = ((os.environ if env is None else env).get("NKIMOE_POLICY") or "fastest").strip()
     if value not in POLICIES:
         raise RegistryError(f"unknown policy {value!r} from NKIMOE_POLICY; valid: {', '.join(POLICIES)}")

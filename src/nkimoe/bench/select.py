@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from nkimoe.bench.cache import make_entry
+from nkimoe.bench.cache import entry_key, make_entry
 from nkimoe.bench.trial import Trial, make_inputs, run_trial
 from nkimoe.nki import EMULATED
 from nkimoe.ops import Problem
@@ -114,8 +114,6 @@ def run_select(registry: Registry, target: Target, problems: Mapping[Problem, li
 
 def cache_entries(target: Target, selections: Iterable[Selection], policy: str) -> dict[str, dict[str, Any]]:
     """Cache entries for every problem that has a verified, timed winner."""
-    from nkimoe.bench.cache import entry_key
-
     entries = {}
     for s in selections:
         if s.winner is None:
