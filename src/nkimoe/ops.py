@@ -134,14 +134,18 @@ def attention_prefill(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     return (probs @ vh).transpose(0, 1)
 
 
-def attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: int, scale: float) -> Tensor:
+def attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: int | Tensor, scale: float) -> Tensor:
     """One query token over the first ``length`` positions of the KV cache (GQA).
+
+    ``length`` is an int or a one-element integer tensor (a traced graph passes the run-time
+    position as a tensor; NKI variants read it on the device).
 
     Dimensions: q [1, Hq, D]; k_cache [Hkv, D, Lmax] (keys stored transposed, one contiguous
     [D, Lmax] block per KV head, so a decode kernel reads K^T tiles with the contraction on
     partitions directly); v_cache [Hkv, Lmax, D]. Returns [1, Hq, D].
     """
     groups = q.shape[1] // k_cache.shape[0]
+    length = int(length)
     kh = _expand_kv(k_cache[:, :, :length].transpose(1, 2), groups)
     vh = _expand_kv(v_cache[:, :length], groups)
     scores = (q.transpose(0, 1) @ kh.transpose(1, 2)) * scale
@@ -363,7 +367,7 @@ OPS: Mapping[str, OpContract] = {
         ),
         OpContract(
             "attention_decode", "one query token over the KV cache (GQA)", ("L", "Hq", "Hkv", "D"),
-            ("q: [1, Hq, D]", "k_cache: [Hkv, D, Lmax]", "v_cache: [Hkv, Lmax, D]", "length: int", "scale: float"),
+            ("q: [1, Hq, D]", "k_cache: [Hkv, D, Lmax]", "v_cache: [Hkv, Lmax, D]", "length: int | [1, 1] int32", "scale: float"),
             attention_decode, lambda d: 2 * d["L"] * d["Hq"] * d["D"], _decode_inputs, _gqa_check,
         ),
         OpContract(

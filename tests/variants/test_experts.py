@@ -112,3 +112,23 @@ def test_layout_conversion_round_trips(model: Model) -> None:
     gu, dn = model.prepared
     assert gu.shape == (E, H, 2 * I) and dn.shape == (E, I, H)
     assert torch.equal(gu[5].T, model.gate_up[5]) and torch.equal(dn[7].T, model.down[7])
+
+
+class _Blocks(torch.nn.Module):
+    def forward(self, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return expert_blocks(ids, weights, 16)
+
+
+def test_blocks_are_computed_in_the_graph_not_at_trace_time() -> None:
+    """An exported graph (torch.export refuses value-dependent Python control flow, as a torch-xla
+    trace on a Neuron device would silently bake it in) recomputes the blocks from the run-time ids."""
+    g = torch.Generator().manual_seed(2)
+    first, second = (torch.randint(0, 16, (40, 8), generator=g) for _ in range(2))
+    weights = torch.rand(40, 8, generator=g)
+    graph = torch.export.export(_Blocks(), (first, weights)).module()
+    for ids in (first, second, torch.zeros_like(first)):
+        for got, want in zip(graph(ids, weights), expert_blocks(ids, weights, 16)):
+            assert torch.equal(got, want)
+    n, block_expert, block_tokens, _ = expert_blocks(torch.zeros_like(first), weights, 16)
+    assert int(n) == 3 and block_expert[:3].flatten().tolist() == [0, 0, 0]  # 320 pairs: blocks of 128, 128, 64
+    assert int((block_tokens[:3] < 40).sum()) == 320

@@ -229,10 +229,11 @@ def _cte_launcher(fast_exp: bool) -> Callable[..., torch.Tensor]:
 
 
 def _tkg_launcher(fast_exp: bool) -> Callable[..., torch.Tensor]:
-    def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: int,
+    def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: int | torch.Tensor,
                          scale: float) -> torch.Tensor:
-        return attention_tkg_kernel(q, k_cache, v_cache, torch.tensor([[length]], dtype=torch.int32), scale=scale,
-                                    fast_exp=fast_exp)
+        # A tensor length stays a tensor, so that a traced graph reads it at run time.
+        valid = torch.as_tensor(length, dtype=torch.int32).reshape(1, 1)
+        return attention_tkg_kernel(q, k_cache, v_cache, valid, scale=scale, fast_exp=fast_exp)
 
     return attention_decode
 

@@ -202,29 +202,35 @@ def expert_blocks(ids: torch.Tensor, weights: torch.Tensor, num_experts: int) ->
 
     Returns ``n_blocks [1, 1]``, ``block_expert [NB, 1]``, ``block_tokens [NB, 128]`` (padding
     rows point at token T, a zero row) and ``block_weights [NB, 128]`` (fp32, 0 for padding), with
-    NB = the static worst case ``ceil(T*K/128) + min(E, T*K)``; only the first ``n_blocks`` are used.
+    NB = the static worst case ``ceil(T*K/128) + min(E, T*K)``; only the first ``n_blocks`` are used
+    (later slots name expert E-1 and hold padding rows only).
+
+    Built from tensor operations with shapes fixed by (T, K, E) and no value-dependent Python
+    control flow, so that a traced graph (torch-xla on a Neuron device) computes it at run time.
     """
     t, k = ids.shape
+    pairs = t * k
     flat_ids = ids.reshape(-1).to(torch.int64)
     order = torch.argsort(flat_ids, stable=True)
-    tokens = (order // k).to(torch.int32)
-    wts = weights.reshape(-1)[order].to(torch.float32)
-    counts = torch.bincount(flat_ids, minlength=num_experts)
-    slots = -(-t * k // BLOCK) + min(num_experts, t * k)
-    block_expert = torch.zeros(slots, 1, dtype=torch.int32)
-    block_tokens = torch.full((slots, BLOCK), t, dtype=torch.int32)
-    block_weights = torch.zeros(slots, BLOCK, dtype=torch.float32)
-    start = n = 0
-    for expert in torch.nonzero(counts).reshape(-1).tolist():
-        count = int(counts[expert])
-        for off in range(0, count, BLOCK):
-            size = min(BLOCK, count - off)
-            block_expert[n, 0] = expert
-            block_tokens[n, :size] = tokens[start + off:start + off + size]
-            block_weights[n, :size] = wts[start + off:start + off + size]
-            n += 1
-        start += count
-    return torch.tensor([[n]], dtype=torch.int32), block_expert, block_tokens, block_weights
+    sorted_tokens = (order // k).to(torch.int32)
+    sorted_weights = weights.reshape(-1)[order].to(torch.float32)
+    experts = torch.arange(num_experts, dtype=torch.int64)
+    counts = (flat_ids[:, None] == experts[None, :]).sum(dim=0)
+    first_pair = torch.cumsum(counts, 0) - counts  # where each expert's pairs start in sorted order
+    blocks_per_expert = (counts + BLOCK - 1) // BLOCK
+    blocks_end = torch.cumsum(blocks_per_expert, 0)
+    n_blocks = blocks_end[-1]
+    slots = -(-pairs // BLOCK) + min(num_experts, pairs)
+    slot = torch.arange(slots, dtype=torch.int64)
+    slot_expert = (slot[:, None] >= blocks_end[None, :]).sum(dim=1).clamp(max=num_experts - 1)
+    block_in_expert = slot - (blocks_end - blocks_per_expert)[slot_expert]
+    row = block_in_expert[:, None] * BLOCK + torch.arange(BLOCK, dtype=torch.int64)[None, :]
+    valid = (row < counts[slot_expert][:, None]) & (slot < n_blocks)[:, None]
+    pair = (first_pair[slot_expert][:, None] + row).clamp(max=pairs - 1)
+    block_tokens = torch.where(valid, sorted_tokens[pair], torch.full_like(sorted_tokens[pair], t))
+    block_weights = torch.where(valid, sorted_weights[pair], torch.zeros_like(sorted_weights[pair]))
+    return (n_blocks.reshape(1, 1).to(torch.int32), slot_expert.reshape(-1, 1).to(torch.int32),
+            block_tokens.to(torch.int32), block_weights)
 
 
 # --- launchers ----------------------------------------------------------------------------------
