@@ -27,7 +27,6 @@ from nkimoe.neuron import (
     decode_layouts,
     linear_rows,
     moe_partial,
-    padded_intermediate,
     permuted_shape,
     prefill_attention,
     rotary,
@@ -41,6 +40,7 @@ from nkimoe.ops import (
     rope_cos_sin,
     untied_logits,
 )
+from nkimoe.shapes import ModelShapes, neuron_call_sites, padded_intermediate
 from nkimoe.variants.attention import ATTENTION_TOLERANCE
 from nkimoe.variants.experts import EXPERT_TOLERANCE
 from nkimoe.variants.linear import LINEAR_TOLERANCE
@@ -84,7 +84,7 @@ def test_storage_layouts_follow_the_decode_bound_variants(kernels: Kernels, gate
 
 def test_intermediate_padding() -> None:
     assert padded_intermediate(768, 4) == 256 and padded_intermediate(768, 2) == 384 and padded_intermediate(768, 1) == 768
-    with pytest.raises(NeuronWiringError, match="moe_intermediate_size=770 does not split over tp_degree=4"):
+    with pytest.raises(ValueError, match="moe_intermediate_size=770 does not split over tp_degree=4"):
         padded_intermediate(770, 4)
 
 
@@ -163,6 +163,9 @@ def test_moe_ranks_sum_to_hf_sparse_moe_block(kernels: Kernels, moe: MoeLayer, t
     biggest = float(torch.stack(partials).float().abs().max())
     ok, detail = compare(total, expected, atol + TP * 2**-9 * biggest, rtol)
     assert ok, detail
+    # What the adapters bound is what `bench select --tp 4` measures (layouts come from the decode binding).
+    sites = {**neuron_call_sites(ModelShapes(), TP, "prefill", tokens), **neuron_call_sites(ModelShapes(), TP, "decode", 1024)}
+    assert set(kernels.problems()) <= set(sites.values())
 
 
 def _heads(seed: int, *shape: int) -> torch.Tensor:

@@ -168,8 +168,13 @@ def cmd_bench_select(args: argparse.Namespace) -> int:
     ops = [_check_op(o.strip()) for o in args.ops.split(",")] if args.ops else None
     shapes = ModelShapes.from_hf_config(args.config) if args.config else ModelShapes()
     tokens = _parse_ints(args.tokens, "--tokens") if args.tokens else [128]
-    problems = {p: s for p, s in default_problems(shapes, args.seq_len, tokens, args.dtype).items()
-                if ops is None or p.op in ops}
+    if args.tp < 1:
+        raise UsageError(f"--tp must be a positive tensor-parallel degree, got {args.tp}")
+    try:
+        all_problems = default_problems(shapes, args.seq_len, tokens, args.dtype, args.tp)
+    except ValueError as err:
+        raise UsageError(f"--tp {args.tp}: {err}") from None
+    problems = {p: s for p, s in all_problems.items() if ops is None or p.op in ops}
     progress = lambda items: tqdm(list(items), desc=f"bench select {target.name}", unit="problem",  # noqa: E731
                                   file=sys.stderr, disable=args.quiet)
     selections = run_select(registry, target, problems, args.policy, progress)
@@ -461,6 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ops", help=f"comma-separated ops (default: all of {', '.join(OP_NAMES)})")
     p.add_argument("--tokens", help="comma-separated extra prefill token counts (default: 128)")
     p.add_argument("--seq-len", type=int, default=1024, help="prefill length and decode cache length (default 1024)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="1 (default): the portable model's full-width shapes; N > 1: one rank's shapes on the Neuron "
+                        "path at tensor parallelism N (the contest harness runs --tp-degree 4)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--policy", choices=POLICIES, default="fastest",
                    help="fastest: any verified variant; bitexact: only variants declared and verified bit-exact")

@@ -51,6 +51,7 @@ from torch import nn
 from nkimoe.autoselect import bind_model
 from nkimoe.ops import Problem, get_op
 from nkimoe.registry import BoundOp
+from nkimoe.shapes import padded_intermediate
 
 try:  # pragma: no cover - exercised only where the Neuron SDK is installed
     from neuronx_distributed_inference.models.qwen3_moe import (
@@ -63,10 +64,6 @@ except ImportError:  # the usual case off Trainium
     NEURON_AVAILABLE = False
 
 log = logging.getLogger("nkimoe.neuron")
-
-#: Partition rows of a NeuronCore tile: the expert variants tile the intermediate axis by it.
-P = 128
-
 
 class NeuronUnavailable(ImportError):
     """The Neuron path was used where neuronx-distributed-inference cannot be imported."""
@@ -106,6 +103,10 @@ class Kernels:
                      hit.decided_by, hit.reason)
             self._bound[problem] = hit
         return hit
+
+    def problems(self) -> list[Problem]:
+        """The problems bound so far."""
+        return list(self._bound)
 
 
 def axis_permutation(convert: Callable[[torch.Tensor], Any], ndim: int) -> Layout | None:
@@ -242,15 +243,6 @@ def decode_attention(kernels: Kernels, q: torch.Tensor, k_new: torch.Tensor, v_n
             out = _masked_decode(query, k_cache, v_cache, length, scale)
         outs.append(out.transpose(0, 1))
     return torch.stack(outs)
-
-
-def padded_intermediate(inter: int, tp: int) -> int:
-    """Each rank's slice of the expert intermediate axis, padded up to a multiple of 128 (the
-    expert variants' partition tile): Qwen3-30B-A3B's 768 over TP 4 gives 192, padded to 256.
-    Zero rows of gate and up and zero columns of down add exactly zero to the output."""
-    if inter % tp:
-        raise NeuronWiringError(f"moe_intermediate_size={inter} does not split over tp_degree={tp}")
-    return -(-(inter // tp) // P) * P
 
 
 def stack_experts(state_dict: Mapping[str, torch.Tensor], prefix: str, experts: int, tp: int) -> tuple[torch.Tensor, torch.Tensor]:

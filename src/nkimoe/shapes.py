@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from nkimoe.ops import Problem
+from nkimoe.targets import TRN2
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,62 @@ def call_sites(shapes: ModelShapes, phase: str, tokens: int, dtype: str = "bfloa
         "experts": Problem.of("expert_mlp", dtype, T=t, H=s.hidden, I=s.moe_intermediate, E=s.experts, K=s.top_k),
         "lm_head": Problem.of("linear", dtype, T=1, K=s.hidden, N=s.vocab),
     }
+    if phase == "prefill":
+        sites["attention"] = Problem.of("attention_prefill", dtype, S=t, **heads)
+    else:
+        sites["attention"] = Problem.of("attention_decode", dtype, L=tokens, **heads)
+    return {f"{phase}.{name}": problem for name, problem in sites.items()}
+
+
+def padded_intermediate(inter: int, tp: int) -> int:
+    """Each rank's slice of the expert intermediate axis under tensor parallelism ``tp``, padded up to
+    a multiple of the 128 partitions (the same on Trn2 and Trn3; the expert variants tile the
+    intermediate axis by them): Qwen3-30B-A3B's 768 over TP 4 gives 192, padded to 256. Zero rows of gate
+    and up and zero columns of down add exactly zero to the output."""
+    if inter % tp:
+        raise ValueError(f"moe_intermediate_size={inter} does not split over tp_degree={tp}")
+    return -(-(inter // tp) // TRN2.partitions) * TRN2.partitions
+
+
+def neuron_call_sites(shapes: ModelShapes, tp: int, phase: str, tokens: int, dtype: str = "bfloat16",
+                      fused_qkv: bool = False) -> dict[str, Problem]:
+    """The op problems one rank binds on the Neuron path (``nkimoe.neuron``) at tensor parallelism
+    ``tp``, batch 1, keyed ``phase.site``: query heads, the projections' output (or contraction)
+    features, the vocabulary and the expert intermediate axis (padded) split over the ranks; KV
+    heads split, or replicated to one per rank when there are fewer than ``tp`` (NxDI's
+    ``GQA.REPLICATE_TO_TP_DEGREE``). q/k norms run per head row; every position reaches the final
+    norm and only the last one lm_head.
+    """
+    if phase not in ("prefill", "decode"):
+        raise ValueError(f"unknown phase {phase!r}; valid: prefill, decode")
+    s = shapes
+    bad = [f"{name}={value}" for name, value in (("heads", s.heads), ("vocab", s.vocab)) if value % tp]
+    if s.kv_heads % tp and tp % s.kv_heads:
+        bad.append(f"kv_heads={s.kv_heads}")
+    if bad:
+        raise ValueError(f"{', '.join(bad)} do not split over tp_degree={tp}")
+    t = tokens if phase == "prefill" else 1
+    hq, hkv = s.heads // tp, max(1, s.kv_heads // tp)
+    heads = {"Hq": hq, "Hkv": hkv, "D": s.head_dim}
+    sites = {
+        "input_norm": Problem.of("rmsnorm", dtype, T=t, H=s.hidden),
+        "q_norm": Problem.of("rmsnorm", dtype, T=t * hq, H=s.head_dim),
+        "k_norm": Problem.of("rmsnorm", dtype, T=t * hkv, H=s.head_dim),
+        "rope": Problem.of("rope", dtype, T=t, **heads),
+        "o_proj": Problem.of("linear", dtype, T=t, K=hq * s.head_dim, N=s.hidden),
+        "add_norm": Problem.of("add_rmsnorm", dtype, T=t, H=s.hidden),
+        "router_gate": Problem.of("linear", dtype, T=t, K=s.hidden, N=s.experts),
+        "router": Problem.of("router", dtype, T=t, E=s.experts, K=s.top_k),
+        "experts": Problem.of("expert_mlp", dtype, T=t, H=s.hidden, I=padded_intermediate(s.moe_intermediate, tp),
+                              E=s.experts, K=s.top_k),
+        "final_norm": Problem.of("rmsnorm", dtype, T=t, H=s.hidden),
+        "lm_head": Problem.of("linear", dtype, T=1, K=s.hidden, N=s.vocab // tp),
+    }
+    if fused_qkv:
+        sites["qkv_proj"] = Problem.of("linear", dtype, T=t, K=s.hidden, N=(hq + 2 * hkv) * s.head_dim)
+    else:
+        sites["q_proj"] = Problem.of("linear", dtype, T=t, K=s.hidden, N=hq * s.head_dim)
+        sites["kv_proj"] = Problem.of("linear", dtype, T=t, K=s.hidden, N=hkv * s.head_dim)
     if phase == "prefill":
         sites["attention"] = Problem.of("attention_prefill", dtype, S=t, **heads)
     else:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from nkimoe.bench.select import default_problems, select_problem
-from nkimoe.ops import Problem
+from nkimoe.ops import OP_NAMES, Problem
 from nkimoe.registry import Registry
 from nkimoe.shapes import ModelShapes
 
@@ -59,6 +59,18 @@ def test_default_problems_cover_every_op_in_both_phases() -> None:
     assert Problem.of("linear", T=1, K=2048, N=151_936) in problems
 
 
+def test_default_problems_at_tp4_are_one_ranks_shapes() -> None:
+    problems = default_problems(ModelShapes(), 1024, (128,), tp=4)
+    # NxDI's q/k norm modules take head rows: rmsnorm problems, no qk_norm.
+    assert {p.op for p in problems} == set(OP_NAMES) - {"qk_norm"}
+    assert Problem.of("attention_decode", L=1024, Hq=8, Hkv=1, D=128) in problems
+    assert Problem.of("expert_mlp", T=1, H=2048, I=256, E=128, K=8) in problems  # 768 / 4 = 192, padded to 256
+    assert Problem.of("linear", T=1, K=2048, N=151_936 // 4) in problems  # lm_head's vocabulary slice
+    assert Problem.of("linear", T=128, K=1024, N=2048) in problems  # o_proj contracts this rank's heads
+    assert Problem.of("rmsnorm", T=8, H=128) in problems  # q norm of 8 heads in decode
+    assert not any(p.dim.get("Hq") == 32 for p in problems)
+
+
 def _cli(*args: str, cache: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "NKIMOE_CACHE": str(cache)}
     return subprocess.run([sys.executable, "-m", "nkimoe.cli", *args], capture_output=True, text=True, env=env,
@@ -89,3 +101,6 @@ def test_cli_select_rejects_cpu_and_unknown_ops(tmp_path: Path) -> None:
     assert out.returncode == 2 and "needs a Neuron target, not 'cpu'; valid: trn2, trn3" in out.stderr
     out = _cli("bench", "select", "--target", "trn2", "--ops", "softmax", cache=tmp_path / "c.yaml")
     assert out.returncode == 2 and "unknown op 'softmax'" in out.stderr
+    out = _cli("bench", "select", "--target", "trn2", "--tp", "3", cache=tmp_path / "c.yaml")
+    assert out.returncode == 2 and "--tp 3: heads=32, vocab=151936, kv_heads=4 do not split over tp_degree=3" in out.stderr
+    assert not (tmp_path / "c.yaml").exists()

@@ -19,7 +19,7 @@ from nkimoe.bench.trial import Trial, make_inputs, run_trial
 from nkimoe.nki import EMULATED
 from nkimoe.ops import Problem
 from nkimoe.registry import Registry, Variant
-from nkimoe.shapes import ModelShapes, call_sites
+from nkimoe.shapes import ModelShapes, call_sites, neuron_call_sites
 from nkimoe.targets import Target
 
 WARMUP, REPEATS = 3, 10
@@ -51,13 +51,17 @@ class Selection:
 
 
 def default_problems(shapes: ModelShapes, seq_len: int = 1024, prefill_tokens: Iterable[int] = (128,),
-                     dtype: str = "bfloat16") -> dict[Problem, list[str]]:
+                     dtype: str = "bfloat16", tp: int = 1) -> dict[Problem, list[str]]:
     """Distinct problems of the model's prefill (``seq_len`` and each of ``prefill_tokens`` tokens)
-    and decode (a cache of ``seq_len``) phases, with the call sites that issue each."""
+    and decode (a cache of ``seq_len``) phases, with the call sites that issue each: the portable
+    model's at ``tp`` 1, one rank's of the Neuron path at tensor parallelism ``tp`` > 1."""
+    def sites_of(phase: str, tokens: int) -> dict[str, Problem]:
+        return call_sites(shapes, phase, tokens, dtype) if tp == 1 else neuron_call_sites(shapes, tp, phase, tokens, dtype)
+
     sites: dict[str, Problem] = {}
     for tokens in dict.fromkeys([seq_len, *prefill_tokens]):
-        sites.update({f"{s}@{tokens}": p for s, p in call_sites(shapes, "prefill", tokens, dtype).items()})
-    sites.update(call_sites(shapes, "decode", seq_len, dtype))
+        sites.update({f"{s}@{tokens}": p for s, p in sites_of("prefill", tokens).items()})
+    sites.update(sites_of("decode", seq_len))
     grouped: dict[Problem, list[str]] = {}
     for site, problem in sites.items():
         grouped.setdefault(problem, []).append(site)
