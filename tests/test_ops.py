@@ -78,21 +78,42 @@ def test_router_matches_hf(config: Qwen3MoeConfig) -> None:
     assert torch.equal(weights, hf_weights)
 
 
-def test_expert_mlp_matches_hf_experts(config: Qwen3MoeConfig) -> None:
-    g = _gen(3)
-    experts = hf.Qwen3MoeExperts(config)
+def _hf_grouped_experts(config: Qwen3MoeConfig, g: torch.Generator) -> hf.Qwen3MoeExperts:
+    """HF's experts module with the implementation ``from_pretrained`` selects (``grouped_mm``)."""
+    grouped = Qwen3MoeConfig(**{**config.to_dict(), "experts_implementation": "grouped_mm"})
+    experts = hf.Qwen3MoeExperts(grouped)
     with torch.no_grad():
         experts.gate_up_proj.copy_(torch.randn(E, 2 * I, H, generator=g) / H**0.5)
         experts.down_proj.copy_(torch.randn(E, H, I, generator=g) / I**0.5)
-    experts = experts.to(torch.bfloat16)
-    x = torch.randn(17, H, generator=g).to(torch.bfloat16)
-    weights, ids = ops.router(ops.untied_logits(17, E, torch.float32, g), K)
+    return experts.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("tokens", [1, 17])
+def test_expert_mlp_matches_hf_experts(config: Qwen3MoeConfig, tokens: int) -> None:
+    g = _gen(3)
+    experts = _hf_grouped_experts(config, g)
+    x = torch.randn(tokens, H, generator=g).to(torch.bfloat16)
+    weights, ids = ops.router(ops.untied_logits(tokens, E, torch.float32, g), K)
     weights = weights.to(torch.bfloat16)
     with torch.no_grad():
         expected = experts(x, ids, weights)
         actual = ops.expert_mlp(x, weights, ids, experts.gate_up_proj, experts.down_proj)
-    # Per expert the same matmuls, the same bf16 rounding and the same index_add_ order.
+    # The same grouped matmuls, the same bf16 roundings, the same fp32 sum over the top-k.
     assert torch.equal(actual, expected)
+
+
+def test_expert_mlp_without_grouped_mm_computes_the_same(config: Qwen3MoeConfig,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    g = _gen(4)
+    experts = _hf_grouped_experts(config, g)
+    x = torch.randn(9, H, generator=g).to(torch.bfloat16)
+    weights, ids = ops.router(ops.untied_logits(9, E, torch.float32, g), K)
+    weights = weights.to(torch.bfloat16)
+    args = (x, weights, ids, experts.gate_up_proj.detach(), experts.down_proj.detach())
+    grouped = ops.expert_mlp(*args)
+    monkeypatch.delattr(torch.nn.functional, "grouped_mm")  # torch releases before grouped_mm
+    # A matmul per expert computes each row as the grouped matmul does: bit-exact.
+    assert torch.equal(ops.expert_mlp(*args), grouped)
 
 
 def _hf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -95,23 +95,41 @@ def router(logits: Tensor, top_k: int = 8, norm_topk_prob: bool = True) -> tuple
     return weights.to(logits.dtype), ids
 
 
+def _grouped_linear(rows: Tensor, w: Tensor, counts: Tensor) -> Tensor:
+    """``rows`` grouped by expert (``counts[e]`` consecutive rows for expert e), each group times
+    ``w[e].T``. Dimensions: rows [R, K], w [E, N, K], counts [E]. Returns [R, N].
+
+    One ``grouped_mm`` where torch has it and the row strides are 16-byte aligned (as the model's
+    are); otherwise a matmul per non-empty group, which computes the same rows.
+    """
+    width = rows.element_size()
+    if hasattr(torch.nn.functional, "grouped_mm") and rows.shape[1] * width % 16 == 0 and w.shape[1] * width % 16 == 0:
+        offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+        return torch.nn.functional.grouped_mm(rows, w.transpose(1, 2), offs=offsets)
+    return torch.cat([torch.nn.functional.linear(group, w[e])
+                      for e, group in enumerate(rows.split(counts.tolist())) if len(group)])
+
+
 def expert_mlp(x: Tensor, weights: Tensor, ids: Tensor, w_gate_up: Tensor, w_down: Tensor) -> Tensor:
     """SwiGLU experts for the selected ids, scaled by the routing weights and summed per token.
 
     Dimensions: x [T, H], weights [T, K], ids [T, K], w_gate_up [E, 2I, H] (gate rows first, then
     up rows, as HF stores ``gate_up_proj``), w_down [E, H, I]. Returns [T, H] in x.dtype.
-    Each expert's result is rounded to x.dtype before it is added, as HF's ``index_add_`` does.
+    The arithmetic of HF's default (``grouped_mm``) experts: each (token, slot) result is rounded
+    to x.dtype, scaled by its routing weight (rounded again), and a token's K results are summed
+    in fp32 and rounded once. Only the selected experts' weights are read.
     """
-    out = torch.zeros_like(x)
+    tokens, top_k = ids.shape
     inter = w_down.shape[-1]
-    for expert in torch.unique(ids).tolist():
-        token_idx, slot = torch.where(ids == expert)
-        h = x[token_idx]
-        gate_up = torch.nn.functional.linear(h, w_gate_up[expert])
-        act = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-        y = torch.nn.functional.linear(act, w_down[expert]) * weights[token_idx, slot, None]
-        out.index_add_(0, token_idx, y.to(out.dtype))
-    return out
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=w_down.shape[0])
+    gate_up = _grouped_linear(x[order // top_k], w_gate_up, counts)
+    act = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+    scaled = _grouped_linear(act, w_down, counts) * weights.reshape(-1)[order, None]
+    per_slot = torch.empty_like(scaled)
+    per_slot[order] = scaled
+    return per_slot.view(tokens, top_k, -1).sum(dim=1).to(x.dtype)
 
 
 def _expand_kv(t: Tensor, groups: int) -> Tensor:
