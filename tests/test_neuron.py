@@ -40,7 +40,7 @@ from nkimoe.ops import (
     rope_cos_sin,
     untied_logits,
 )
-from nkimoe.shapes import ModelShapes, neuron_call_sites, padded_intermediate
+from nkimoe.shapes import ModelShapes, intermediate_per_rank, neuron_call_sites
 from nkimoe.variants.attention import ATTENTION_TOLERANCE
 from nkimoe.variants.experts import EXPERT_TOLERANCE
 from nkimoe.variants.linear import LINEAR_TOLERANCE
@@ -77,15 +77,15 @@ def test_axis_permutation_reads_prepare_functions() -> None:
     ("trn3", (1, 0), (0, 2, 1)),
 ], indirect=["kernels"])
 def test_storage_layouts_follow_the_decode_bound_variants(kernels: Kernels, gate: tuple, experts: tuple) -> None:
-    gate_layout, expert_layouts = decode_layouts(kernels, torch.bfloat16, 1, H, padded_intermediate(I, TP), E, K)
+    gate_layout, expert_layouts = decode_layouts(kernels, torch.bfloat16, 1, H, intermediate_per_rank(I, TP), E, K)
     assert gate_layout == gate
     assert expert_layouts == {"w_gate_up": experts, "w_down": experts}
 
 
-def test_intermediate_padding() -> None:
-    assert padded_intermediate(768, 4) == 256 and padded_intermediate(768, 2) == 384 and padded_intermediate(768, 1) == 768
+def test_intermediate_slices() -> None:
+    assert intermediate_per_rank(768, 4) == 192 and intermediate_per_rank(768, 8) == 96
     with pytest.raises(ValueError, match="moe_intermediate_size=770 does not split over tp_degree=4"):
-        padded_intermediate(770, 4)
+        intermediate_per_rank(770, 4)
 
 
 def test_stacked_experts_shard_into_each_ranks_gate_and_up_slices() -> None:
@@ -94,17 +94,18 @@ def test_stacked_experts_shard_into_each_ranks_gate_and_up_slices() -> None:
     sd = {f"mlp.experts.{e}.{n}.weight": torch.randn(*shape, generator=g) for e in range(experts)
           for n, shape in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)), ("down_proj", (hidden, inter)))}
     gate_up, down = stack_experts(sd, "mlp.", experts, TP)
-    ip = padded_intermediate(inter, TP)
-    assert gate_up.shape == (experts, 2 * TP * ip, hidden) and down.shape == (experts, hidden, TP * ip)
+    assert gate_up.shape == (experts, 2 * inter, hidden) and down.shape == (experts, hidden, inter)
     piece = inter // TP
     for rank in range(TP):
         gu, dn = shard(gate_up, 1, 2, rank), shard(down, 2, 1, rank)
+        assert gu.shape == (experts, 2 * piece, hidden) and dn.shape == (experts, hidden, piece)
         rows = slice(rank * piece, (rank + 1) * piece)
         for e in range(experts):
             assert torch.equal(gu[e, :piece], sd[f"mlp.experts.{e}.gate_proj.weight"][rows])
-            assert torch.equal(gu[e, ip:ip + piece], sd[f"mlp.experts.{e}.up_proj.weight"][rows])
-            assert torch.equal(dn[e, :, :piece], sd[f"mlp.experts.{e}.down_proj.weight"][:, rows])
-        assert not gu[:, piece:ip].any() and not gu[:, ip + piece:].any() and not dn[:, :, piece:].any()
+            assert torch.equal(gu[e, piece:], sd[f"mlp.experts.{e}.up_proj.weight"][rows])
+            assert torch.equal(dn[e], sd[f"mlp.experts.{e}.down_proj.weight"][:, rows])
+    with pytest.raises(ValueError, match="moe_intermediate_size=12 does not split over tp_degree=5"):
+        stack_experts(sd, "mlp.", experts, 5)
 
 
 class MoeLayer:
@@ -146,7 +147,7 @@ def test_moe_ranks_sum_to_hf_sparse_moe_block(kernels: Kernels, moe: MoeLayer, t
     # The data has no routing tie: HF's 8th and 9th probabilities differ by far more than the
     # bf16 rounding of the logits can move them (2^-8 relative), so both sides pick the same experts.
     assert float(((top[:, K - 1] - top[:, K]) / top[:, K - 1]).min()) > 2**-5
-    gate_layout, expert_layouts = decode_layouts(kernels, torch.bfloat16, 1, H, padded_intermediate(I, TP), E, K)
+    gate_layout, expert_layouts = decode_layouts(kernels, torch.bfloat16, 1, H, intermediate_per_rank(I, TP), E, K)
     gate = moe.sd["mlp.gate.weight"].permute(gate_layout).contiguous()
     gate_up, down = (w.permute(expert_layouts[a]).contiguous() for w, a in zip(moe.full, ("w_gate_up", "w_down")))
     partials = [moe_partial(kernels, x, gate, gate_layout,
@@ -217,7 +218,7 @@ def test_row_and_column_parallel_matmuls_rebuild_the_full_projection(kernels: Ke
     tokens = 3
     x = _heads(11, 1, tokens, HEADS * D)
     w_o = (_heads(12, H, HEADS * D).float() * (HEADS * D) ** -0.5).to(torch.bfloat16)
-    layout = decode_layouts(kernels, torch.bfloat16, 1, H, padded_intermediate(I, TP), E, K)[0]
+    layout = decode_layouts(kernels, torch.bfloat16, 1, H, intermediate_per_rank(I, TP), E, K)[0]
     stored = w_o.permute(layout).contiguous()  # as transpose_parallel_linear_layer stores K-major weights
     assert stored.shape == permuted_shape(w_o.shape, layout)
     atol, rtol = LINEAR_TOLERANCE["bfloat16"]

@@ -22,7 +22,7 @@ rope                            ``apply_rotary_embedding``
 attention_prefill               ``perform_prefill``
 attention_decode                ``compute_for_token_gen`` (K cache stored transposed)
 linear (router gate), router,   nkimoe's sparse MoE block: every rank holds all experts' slice
-expert_mlp                      of the intermediate axis (padded to a multiple of 128), runs
+expert_mlp                      of the intermediate axis (768 over TP 4: 192, unpadded), runs
                                 the bound expert variant on it and all-reduces the partial sums
 ==============================  ==============================================================
 
@@ -51,7 +51,7 @@ from torch import nn
 from nkimoe.autoselect import bind_model
 from nkimoe.ops import Problem, get_op
 from nkimoe.registry import BoundOp
-from nkimoe.shapes import padded_intermediate
+from nkimoe.shapes import intermediate_per_rank
 
 try:  # pragma: no cover - exercised only where the Neuron SDK is installed
     from neuronx_distributed_inference.models.qwen3_moe import (
@@ -248,24 +248,16 @@ def decode_attention(kernels: Kernels, q: torch.Tensor, k_new: torch.Tensor, v_n
 def stack_experts(state_dict: Mapping[str, torch.Tensor], prefix: str, experts: int, tp: int) -> tuple[torch.Tensor, torch.Tensor]:
     """HF's per-expert weights of one layer as the full (all-rank) expert tensors NxD shards.
 
-    Returns ``gate_up [E, 2 * tp * Ip, H]``: the gate rows of every rank's slice (each padded to
-    Ip), then the up rows likewise, so that sharding axis 1 with stride 2 (NxD's
-    ``create_local_weight``) hands rank r ``[gate_r; up_r]``, the ``w_gate_up`` layout; and
-    ``down [E, H, tp * Ip]``, rank r's padded slice contiguous along axis 2.
+    Returns ``gate_up [E, 2I, H]``: every expert's gate rows, then its up rows (HF's
+    ``gate_up_proj``), so that sharding axis 1 with stride 2 (NxD's ``create_local_weight``) hands
+    rank r ``[gate_r; up_r]``, the ``w_gate_up`` layout of its slice; and ``down [E, H, I]``, rank
+    r's slice contiguous along axis 2.
     """
-    first = state_dict[f"{prefix}experts.0.gate_proj.weight"]
-    inter, hidden = first.shape
-    ip, piece = padded_intermediate(inter, tp), inter // tp
-    gate_up = first.new_zeros(experts, 2 * tp * ip, hidden)
-    down = first.new_zeros(experts, hidden, tp * ip)
-    for e in range(experts):
-        gate, up, dn = (state_dict[f"{prefix}experts.{e}.{name}.weight"] for name in ("gate_proj", "up_proj", "down_proj"))
-        for rank in range(tp):
-            src, at = slice(rank * piece, (rank + 1) * piece), rank * ip
-            gate_up[e, at:at + piece] = gate[src]
-            gate_up[e, tp * ip + at:tp * ip + at + piece] = up[src]
-            down[e, :, at:at + piece] = dn[:, src]
-    return gate_up, down
+    intermediate_per_rank(state_dict[f"{prefix}experts.0.gate_proj.weight"].shape[0], tp)  # checks the split
+    names = ("gate_proj", "up_proj", "down_proj")
+    gate, up, down = (torch.stack([state_dict[f"{prefix}experts.{e}.{name}.weight"] for e in range(experts)])
+                      for name in names)
+    return torch.cat([gate, up], dim=1), down
 
 
 def moe_partial(kernels: Kernels, x: torch.Tensor, gate: torch.Tensor, gate_layout: Layout, gate_up: torch.Tensor,
@@ -400,7 +392,7 @@ if NEURON_AVAILABLE:  # pragma: no cover - needs the Neuron SDK
     def _layouts(config: Any) -> tuple[Layout, dict[str, Layout]]:
         experts, inter, tp = _moe_dims(config)
         return decode_layouts(KERNELS, config.neuron_config.torch_dtype, _decode_tokens(config), config.hidden_size,
-                              padded_intermediate(inter, tp), experts, config.num_experts_per_tok)
+                              intermediate_per_rank(inter, tp), experts, config.num_experts_per_tok)
 
     class Qwen3MoeInferenceConfig(_nxdi.Qwen3MoeInferenceConfig):
         """NxDI's Qwen3-MoE config, checked for what the Neuron path wires; the K cache is stored
@@ -450,7 +442,7 @@ if NEURON_AVAILABLE:  # pragma: no cover - needs the Neuron SDK
         def __init__(self, config: Any, layouts: Mapping[str, Layout]) -> None:
             super().__init__()
             experts, inter, tp = _moe_dims(config)
-            ip, dtype = padded_intermediate(inter, tp), config.neuron_config.torch_dtype
+            ip, dtype = intermediate_per_rank(inter, tp), config.neuron_config.torch_dtype
             shapes = {"w_gate_up": (experts, 2 * ip, config.hidden_size), "w_down": (experts, config.hidden_size, ip)}
             # Sharded axis (in the reference layout) and stride, as stack_experts arranges them.
             split = {"w_gate_up": (1, 2), "w_down": (2, 1)}

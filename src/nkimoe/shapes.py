@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from nkimoe.ops import Problem
-from nkimoe.targets import TRN2
 
 
 @dataclass(frozen=True)
@@ -83,21 +82,20 @@ def call_sites(shapes: ModelShapes, phase: str, tokens: int, dtype: str = "bfloa
     return {f"{phase}.{name}": problem for name, problem in sites.items()}
 
 
-def padded_intermediate(inter: int, tp: int) -> int:
-    """Each rank's slice of the expert intermediate axis under tensor parallelism ``tp``, padded up to
-    a multiple of the 128 partitions (the same on Trn2 and Trn3; the expert variants tile the
-    intermediate axis by them): Qwen3-30B-A3B's 768 over TP 4 gives 192, padded to 256. Zero rows of gate
-    and up and zero columns of down add exactly zero to the output."""
-    if inter % tp:
+def intermediate_per_rank(inter: int, tp: int) -> int:
+    """Each rank's slice of the expert intermediate axis under tensor parallelism ``tp``:
+    Qwen3-30B-A3B's 768 over TP 4 gives 192 (the expert variants run a ragged last partition tile,
+    so the slice is not padded and no rank reads bytes it does not use)."""
+    if tp < 1 or inter % tp:
         raise ValueError(f"moe_intermediate_size={inter} does not split over tp_degree={tp}")
-    return -(-(inter // tp) // TRN2.partitions) * TRN2.partitions
+    return inter // tp
 
 
 def neuron_call_sites(shapes: ModelShapes, tp: int, phase: str, tokens: int, dtype: str = "bfloat16",
                       fused_qkv: bool = False) -> dict[str, Problem]:
     """The op problems one rank binds on the Neuron path (``nkimoe.neuron``) at tensor parallelism
     ``tp``, batch 1, keyed ``phase.site``: query heads, the projections' output (or contraction)
-    features, the vocabulary and the expert intermediate axis (padded) split over the ranks; KV
+    features, the vocabulary and the expert intermediate axis split over the ranks; KV
     heads split, or replicated to one per rank when there are fewer than ``tp`` (NxDI's
     ``GQA.REPLICATE_TO_TP_DEGREE``). q/k norms run per head row; every position reaches the final
     norm and only the last one lm_head.
@@ -122,7 +120,7 @@ def neuron_call_sites(shapes: ModelShapes, tp: int, phase: str, tokens: int, dty
         "add_norm": Problem.of("add_rmsnorm", dtype, T=t, H=s.hidden),
         "router_gate": Problem.of("linear", dtype, T=t, K=s.hidden, N=s.experts),
         "router": Problem.of("router", dtype, T=t, E=s.experts, K=s.top_k),
-        "experts": Problem.of("expert_mlp", dtype, T=t, H=s.hidden, I=padded_intermediate(s.moe_intermediate, tp),
+        "experts": Problem.of("expert_mlp", dtype, T=t, H=s.hidden, I=intermediate_per_rank(s.moe_intermediate, tp),
                               E=s.experts, K=s.top_k),
         "final_norm": Problem.of("rmsnorm", dtype, T=t, H=s.hidden),
         "lm_head": Problem.of("linear", dtype, T=1, K=s.hidden, N=s.vocab // tp),

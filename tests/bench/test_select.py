@@ -64,7 +64,7 @@ def test_default_problems_at_tp4_are_one_ranks_shapes() -> None:
     # NxDI's q/k norm modules take head rows: rmsnorm problems, no qk_norm.
     assert {p.op for p in problems} == set(OP_NAMES) - {"qk_norm"}
     assert Problem.of("attention_decode", L=1024, Hq=8, Hkv=1, D=128) in problems
-    assert Problem.of("expert_mlp", T=1, H=2048, I=256, E=128, K=8) in problems  # 768 / 4 = 192, padded to 256
+    assert Problem.of("expert_mlp", T=1, H=2048, I=192, E=128, K=8) in problems  # 768 / 4, unpadded
     assert Problem.of("linear", T=1, K=2048, N=151_936 // 4) in problems  # lm_head's vocabulary slice
     assert Problem.of("linear", T=128, K=1024, N=2048) in problems  # o_proj contracts this rank's heads
     assert Problem.of("rmsnorm", T=8, H=128) in problems  # q norm of 8 heads in decode

@@ -96,6 +96,59 @@ def test_only_selected_experts_are_read(model: Model, target: str) -> None:
     assert _expert_loads(s.trace) == K
 
 
+#: A rank's slice of the intermediate axis under tensor parallelism: 768 over TP 4 and TP 8 (one
+#: full partition tile and a ragged one of 64 rows; a single ragged tile of 96 rows).
+RAGGED = [(name, target, tokens, inter) for inter in (192, 96)
+          for name, target, tokens in (("expert_mlp_tkg_nki", "trn2", 1), ("expert_mlp_tkg_nki", "trn3", 1),
+                                       ("expert_mlp_cte_trn2", "trn2", 128), ("expert_mlp_cte_trn3", "trn3", 17))]
+
+
+@pytest.fixture(scope="module")
+def ragged_banks() -> dict[int, tuple[torch.Tensor, ...]]:
+    g = torch.Generator().manual_seed(12)
+    return {inter: (_expert_bank(E, (2 * inter, H), torch.bfloat16, g), _expert_bank(E, (H, inter), torch.bfloat16, g))
+            for inter in (192, 96)}
+
+
+def _traced(target: str, kernel, *args: torch.Tensor) -> tuple[torch.Tensor, list]:  # noqa: ANN001
+    with session(target) as s:
+        out = kernel(*args)
+    return out, s.trace
+
+
+@pytest.mark.parametrize("name,target,tokens,inter", RAGGED)
+def test_expert_variant_with_a_ragged_intermediate(model: Model, ragged_banks: dict, name: str, target: str,
+                                                   tokens: int, inter: int) -> None:
+    """An intermediate size that is not a multiple of 128 runs unpadded: the result of the same
+    weights zero-padded to 256 / 128 (zero rows add exactly zero), with exactly the padding's
+    bytes fewer read per expert load."""
+    gate_up, down = ragged_banks[inter]
+    x, weights, ids = model.routed(tokens)
+    kernel = REGISTRY.variants[name].kernel
+    actual, trace = _traced(target, kernel, x, weights, ids, gate_up_h_major(gate_up), down_i_major(down))
+    ok, detail = compare(actual, expert_mlp(x, weights, ids, gate_up, down), *EXPERT_TOLERANCE["bfloat16"])
+    assert ok, detail
+    padded = -(-inter // 128) * 128
+    pad = padded - inter
+    gate_up_padded = torch.zeros(E, 2 * padded, H, dtype=gate_up.dtype)
+    gate_up_padded[:, :inter], gate_up_padded[:, padded:padded + inter] = gate_up[:, :inter], gate_up[:, inter:]
+    down_padded = torch.nn.functional.pad(down, (0, pad))
+    expected, trace_padded = _traced(target, kernel, x, weights, ids, gate_up_h_major(gate_up_padded),
+                                     down_i_major(down_padded))
+    assert torch.equal(actual, expected)
+    read, read_padded = (sum(i.hbm_read for i in t) for t in (trace, trace_padded))
+    if name.endswith("_tkg_nki"):
+        loads = tokens * K
+        # Decode is HBM-bound: every weight DMA moves runs of at least 2 KiB per partition (the
+        # full-rate size) although one gate|up row of the slice is only 2I x 2 bytes.
+        weight_dmas = [i for i in trace if i.name == "dma_copy" and i.hbm_read >= H * 64 * 2]
+        assert len(weight_dmas) >= 2 * loads and min(i.contiguous for i in weight_dmas) >= 2048
+    else:
+        assert int(torch.bincount(ids.flatten()).max()) <= 128  # one block per used expert
+        loads = len(torch.unique(ids))
+    assert read_padded - read == loads * 3 * H * pad * 2
+
+
 def test_blocks_group_tokens_by_expert() -> None:
     ids = torch.tensor([[3, 1], [3, 2], [1, 3]])
     weights = torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.5, 0.5]])

@@ -8,12 +8,16 @@ Weight layout (load time, part of the variants): ``w_gate_up [E, 2I, H] -> [E, H
 at run time: the expert id is a dynamic ``scalar_offset`` of the weight access pattern, so only
 the selected experts' bytes are read.
 
+The intermediate axis need not be a multiple of 128: a tensor-parallel rank's slice (768 over
+TP 4: 192) runs as full partition tiles plus a ragged last one (64 rows) that every matmul over
+the intermediate axis contracts on its first I % 128 partitions only, so no rank reads padding.
+
 Rounding: gate and up are accumulated in fp32 PSUM and rounded to x.dtype, SiLU(gate) is
 rounded, and SiLU(gate)*up is rounded, exactly where the reference rounds (the SwiGLU product is
 the bit-exact cut point). The down projection, the routing weight and the sum over experts stay
-in fp32 and are rounded once at the end, where the reference rounds three more times (the
-expert's output, its weighted output, and each partial sum): the kernel is the more accurate of
-the two, and their difference is bounded by those three roundings.
+in fp32 and are rounded once at the end, where the reference rounds twice more per (token, slot)
+(the expert's output and its weighted output) before its fp32 sum: the kernel is the more
+accurate of the two, and their difference is bounded by those roundings.
 
 Decode (``_tkg``): weights are the stationary operand (128 output features per matmul) and the
 token column streams, so results land with features on partitions and the down projection needs
@@ -46,7 +50,7 @@ P = 128
 #: Tokens per prefill block (one partition tile).
 BLOCK = 128
 
-#: bf16: the reference rounds three more times than the kernel (see the module docstring), each
+#: bf16: the reference rounds more often than the kernel (see the module docstring), each
 #: at most half an ulp of values up to the output's magnitude: 2 ulps relative (2^-6) plus an
 #: absolute floor of 2 ulps at the expert outputs' scale (|y| < 1 here: 2 * 2^-8) for outputs
 #: that cancel. fp32: summation order only.
@@ -63,16 +67,34 @@ def down_i_major(w_down: torch.Tensor) -> torch.Tensor:
     return w_down.transpose(1, 2).contiguous()
 
 
-def _load_expert(w_gu, w_dn, expert, h: int, i2: int):  # noqa: ANN001, ANN202
-    """DMA one expert's gate|up [128, H/128, 2I] and down [128, I/128, H] blocks into SBUF;
-    ``expert`` is a [1, 1] SBUF tensor or register holding the expert id (dynamic offset)."""
-    i = i2 // 2
-    gu = nl.ndarray((P, h // P, i2), dtype=w_gu.dtype, buffer=nl.sbuf)
-    nisa.dma_copy(dst=gu, src=w_gu.ap([[i2, P], [P * i2, h // P], [1, i2]], offset=0, scalar_offset=expert,
-                                      indirect_dim=0))
-    dn = nl.ndarray((P, i // P, h), dtype=w_dn.dtype, buffer=nl.sbuf)
-    nisa.dma_copy(dst=dn, src=w_dn.ap([[h, P], [P * h, i // P], [1, h]], offset=0, scalar_offset=expert,
-                                      indirect_dim=0))
+def _intermediate_tiles(i: int) -> tuple[int, int, int]:
+    """The intermediate axis in partition tiles: ``(tiles, full tiles, rows of the last tile)``;
+    192 (768 over TP 4) is one full tile and one of 64 rows."""
+    tiles = -(-i // P)
+    return tiles, i // P, i - (tiles - 1) * P
+
+
+def _load_expert(w_gu, w_dn, expert, h: int, i2: int, partition_major: bool = False):  # noqa: ANN001, ANN202
+    """DMA one expert's gate|up [128, H/128, 2I] and down [128, ceil(I/128), H] blocks into SBUF
+    (a ragged last down tile fills its first I % 128 partitions only); ``expert`` is a [1, 1] SBUF
+    tensor or register holding the expert id (dynamic offset).
+
+    Gate|up hidden rows go to partitions as ``h = k * 128 + p`` (tile k), or with
+    ``partition_major`` as ``h = p * H/128 + k``: each partition then reads one contiguous run of
+    H/128 rows (12 KiB at I = 192, where a single row is 768 B, below the DMA's full-rate size);
+    the moving operand must use the same hidden order."""
+    tiles, full, last = _intermediate_tiles(i2 // 2)
+    hf = h // P
+    gu = nl.ndarray((P, hf, i2), dtype=w_gu.dtype, buffer=nl.sbuf)
+    pattern = [[hf * i2, P], [i2, hf], [1, i2]] if partition_major else [[i2, P], [P * i2, hf], [1, i2]]
+    nisa.dma_copy(dst=gu, src=w_gu.ap(pattern, offset=0, scalar_offset=expert, indirect_dim=0))
+    dn = nl.ndarray((P, tiles, h), dtype=w_dn.dtype, buffer=nl.sbuf)
+    if full:
+        nisa.dma_copy(dst=dn[:, 0:full, :], src=w_dn.ap([[h, P], [P * h, full], [1, h]], offset=0,
+                                                        scalar_offset=expert, indirect_dim=0))
+    if full < tiles:
+        nisa.dma_copy(dst=dn[0:last, full, :], src=w_dn.ap([[h, last], [1, h]], offset=full * P * h,
+                                                           scalar_offset=expert, indirect_dim=0))
     return gu, dn
 
 
@@ -80,7 +102,7 @@ def _load_expert(w_gu, w_dn, expert, h: int, i2: int):  # noqa: ANN001, ANN202
 def expert_mlp_tkg_kernel(x, weights, ids, w_gu, w_dn):
     """Decode: every token's top-K experts, one at a time, weights stationary.
 
-    Dimensions: T tokens (few), H hidden, I intermediate (multiples of 128), E experts, K top-k.
+    Dimensions: T tokens (few), H hidden (a multiple of 128), I intermediate, E experts, K top-k.
     Args: x [T, H] HBM; weights [T, K] HBM x.dtype; ids [T, K] HBM int32; w_gu [E, H, 2I] and
     w_dn [E, I, H] HBM (load-time layout).
     Returns: [T, H] HBM, x.dtype.
@@ -89,33 +111,39 @@ def expert_mlp_tkg_kernel(x, weights, ids, w_gu, w_dn):
     top_k = ids.shape[1]
     i2 = w_gu.shape[2]
     i = i2 // 2
-    hf, iff = h // P, i // P
+    hf = h // P
+    tiles, full, last = _intermediate_tiles(i)
     out = nl.ndarray((t, h), dtype=x.dtype, buffer=nl.shared_hbm)
     ids_sb = nl.ndarray((t, top_k), dtype=nl.int32, buffer=nl.sbuf)
     nisa.dma_copy(dst=ids_sb, src=ids)
     # Routing weights broadcast to all partitions: [128, T*K] fp32 (stride-0 DMA).
     w_bc = nl.ndarray((P, t * top_k), dtype=nl.float32, buffer=nl.sbuf)
     nisa.dma_copy(dst=w_bc, src=weights.reshape((1, t * top_k)).ap([[0, P], [1, t * top_k]]))
-    # x^T with hidden on partitions: [128, H/128, T]
+    # x^T with hidden on partitions, partition-major (hidden p * H/128 + k at [p, k]): [128, H/128, T]
     x_t = nl.ndarray((P, hf, t), dtype=x.dtype, buffer=nl.sbuf)
-    nisa.dma_copy(dst=x_t, src=x.reshape((t, hf, P)).permute((2, 1, 0)))
+    nisa.dma_copy(dst=x_t, src=x.reshape((t, P, hf)).permute((1, 2, 0)))
     acc = nl.ndarray((P, hf, t), dtype=nl.float32, buffer=nl.sbuf)
     nisa.memset(dst=acc, value=0.0)
     for tok in nl.affine_range(t):
         for slot in nl.affine_range(top_k):
-            gu, dn = _load_expert(w_gu, w_dn, ids_sb[tok:tok + 1, slot:slot + 1], h, i2)
-            # gate|up features on partitions: [128, 2I/128]
-            gu_out = nl.ndarray((P, 2 * iff), dtype=x.dtype, buffer=nl.sbuf)
-            for c in nl.affine_range(2 * iff):
+            gu, dn = _load_expert(w_gu, w_dn, ids_sb[tok:tok + 1, slot:slot + 1], h, i2, partition_major=True)
+            # features on partitions, one column per intermediate tile: gate tiles, then up tiles
+            gu_out = nl.ndarray((P, 2 * tiles), dtype=x.dtype, buffer=nl.sbuf)
+            for c in nl.affine_range(2 * tiles):
+                rows = min(P, i - c % tiles * P)
+                first = c // tiles * i + c % tiles * P
                 ps = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.psum)
-                matmul_accumulate(ps, gu[:, :, c * P:(c + 1) * P], x_t[:, :, tok:tok + 1])
-                nisa.tensor_copy(dst=gu_out[:, c:c + 1], src=ps)
-            act = nl.ndarray((P, iff), dtype=x.dtype, buffer=nl.sbuf)
-            nisa.activation(dst=act, op=nl.silu, data=gu_out[:, 0:iff])
-            nisa.tensor_tensor(dst=act, data1=act, data2=gu_out[:, iff:2 * iff], op=nl.multiply)
+                matmul_accumulate(ps[0:rows], gu[:, :, first:first + rows], x_t[:, :, tok:tok + 1])
+                nisa.tensor_copy(dst=gu_out[0:rows, c:c + 1], src=ps[0:rows])
+            act = nl.ndarray((P, tiles), dtype=x.dtype, buffer=nl.sbuf)
+            for lo, hi, rows in ((0, full, P), (full, tiles, last)):
+                if hi > lo:
+                    nisa.activation(dst=act[0:rows, lo:hi], op=nl.silu, data=gu_out[0:rows, lo:hi])
+                    nisa.tensor_tensor(dst=act[0:rows, lo:hi], data1=act[0:rows, lo:hi],
+                                       data2=gu_out[0:rows, tiles + lo:tiles + hi], op=nl.multiply)
             for c in nl.affine_range(hf):
                 ps = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.psum)
-                matmul_accumulate(ps, dn[:, :, c * P:(c + 1) * P], act.reshape((P, iff, 1)))
+                matmul_accumulate(ps, dn[:, :, c * P:(c + 1) * P], act.reshape((P, tiles, 1)), last_rows=last)
                 col = tok * top_k + slot
                 nisa.scalar_tensor_tensor(dst=acc[:, c, tok:tok + 1], data=ps, op0=nl.multiply,
                                           operand0=w_bc[:, col:col + 1], op1=nl.add, operand1=acc[:, c, tok:tok + 1])
@@ -129,7 +157,7 @@ def expert_mlp_tkg_kernel(x, weights, ids, w_gu, w_dn):
 def expert_mlp_cte_kernel(x, n_blocks, block_expert, block_tokens, block_weights, w_gu, w_dn, block: int = 512):
     """Prefill: blocks of up to 128 tokens of one expert, only for experts that received tokens.
 
-    Dimensions: T tokens, H hidden, I intermediate (multiples of 128), NB block slots.
+    Dimensions: T tokens, H hidden (a multiple of 128), I intermediate, NB block slots.
     Args: x [T + 1, H] HBM (row T is zeros: padding rows of a block point at it); n_blocks [1, 1]
     int32 (blocks in use); block_expert [NB, 1] int32; block_tokens [NB, 128] int32 token rows;
     block_weights [NB, 128] fp32 routing weights (0 for padding); w_gu [E, H, 2I], w_dn [E, I, H]
@@ -140,7 +168,8 @@ def expert_mlp_cte_kernel(x, n_blocks, block_expert, block_tokens, block_weights
     t = t1 - 1
     i2 = w_gu.shape[2]
     i = i2 // 2
-    hf, iff = h // P, i // P
+    hf = h // P
+    tiles, _, last = _intermediate_tiles(i)
     acc = nl.ndarray((t1, h), dtype=nl.float32, buffer=nl.shared_hbm)
     zeros = nl.ndarray((P, h), dtype=nl.float32, buffer=nl.sbuf)
     nisa.memset(dst=zeros, value=0.0)
@@ -174,15 +203,16 @@ def expert_mlp_cte_kernel(x, n_blocks, block_expert, block_tokens, block_weights
         act = nl.ndarray((P, i), dtype=x.dtype, buffer=nl.sbuf)
         nisa.activation(dst=act, op=nl.silu, data=gu_out[:, 0:i])
         nisa.tensor_tensor(dst=act, data1=act, data2=gu_out[:, i:i2], op=nl.multiply)
-        act_t = nl.ndarray((P, iff, P), dtype=x.dtype, buffer=nl.sbuf)
-        for kk in nl.affine_range(iff):
-            pe_transpose(act_t[:, kk, :], act[:, kk * P:(kk + 1) * P])
+        act_t = nl.ndarray((P, tiles, P), dtype=x.dtype, buffer=nl.sbuf)
+        for kk in nl.affine_range(tiles):
+            rows_i = min(P, i - kk * P)
+            pe_transpose(act_t[0:rows_i, kk, :], act[:, kk * P:kk * P + rows_i])
         prev = nl.ndarray((P, h), dtype=nl.float32, buffer=nl.sbuf)
         nisa.dma_copy(dst=prev, src=acc.ap([[h, P], [1, h]], offset=0, vector_offset=tok, indirect_dim=0))
         for c in nl.affine_range((h + block - 1) // block):
             cols = min(block, h - c * block)
             ps = nl.ndarray((P, block), dtype=nl.float32, buffer=nl.psum)
-            matmul_accumulate(ps[:, 0:cols], act_t, dn[:, :, c * block:c * block + cols])
+            matmul_accumulate(ps[:, 0:cols], act_t, dn[:, :, c * block:c * block + cols], last_rows=last)
             nisa.scalar_tensor_tensor(dst=prev[:, c * block:c * block + cols], data=ps[:, 0:cols], op0=nl.multiply,
                                       operand0=wt, op1=nl.add, operand1=prev[:, c * block:c * block + cols])
         nisa.dma_copy(dst=acc.ap([[h, P], [1, h]], offset=0, vector_offset=tok, indirect_dim=0), src=prev)
@@ -239,14 +269,14 @@ TKG_MAX_TOKENS = 4
 
 
 def _dims_ok(dims: Mapping[str, int]) -> str | None:
-    if dims["H"] % P or dims["I"] % P:
-        return f"H={dims['H']} and I={dims['I']} must be multiples of {P}"
+    if dims["H"] % P:
+        return f"H={dims['H']} must be a multiple of {P}"
     return None
 
 
 def _expert_sbuf_bytes(dims: Mapping[str, int]) -> int:
     """One expert's gate|up and down blocks per partition, double-buffered, bf16."""
-    return 2 * 2 * (dims["H"] // P * 2 * dims["I"] + dims["I"] // P * dims["H"])
+    return 2 * 2 * (dims["H"] // P * 2 * dims["I"] + _intermediate_tiles(dims["I"])[0] * dims["H"])
 
 
 def _tkg_supports(dims: Mapping[str, int], dtype: str, target: Target) -> tuple[bool, str]:

@@ -14,9 +14,16 @@ def pe_transpose(dst, src) -> None:  # noqa: ANN001
     nisa.tensor_copy(dst=dst, src=staged)
 
 
-def matmul_accumulate(dst, stationary, moving) -> None:  # noqa: ANN001
+def matmul_accumulate(dst, stationary, moving, last_rows: int | None = None) -> None:  # noqa: ANN001
     """``dst (PSUM) = sum over k of stationary[:, k, :].T @ moving[:, k, :]``: the contraction runs over
     the partitions and the middle axis of ``stationary [K, KT, M]`` and ``moving [K, KT, N]``, the
-    first matmul overwriting the PSUM tile and the rest accumulating into it in fp32."""
-    for k in nl.affine_range(stationary.shape[1]):
-        nisa.nc_matmul(dst=dst, stationary=stationary[:, k, :], moving=moving[:, k, :], accumulate=(k > 0))
+    first matmul overwriting the PSUM tile and the rest accumulating into it in fp32. Only the first
+    ``last_rows`` partitions of the last k-tile take part when given (a contraction axis that is not
+    a multiple of the partition count: 192 = 128 + 64)."""
+    tiles = stationary.shape[1]
+    rows = stationary.shape[0] if last_rows is None else last_rows
+    if tiles > 1:
+        for k in nl.affine_range(tiles - 1):
+            nisa.nc_matmul(dst=dst, stationary=stationary[:, k, :], moving=moving[:, k, :], accumulate=(k > 0))
+    nisa.nc_matmul(dst=dst, stationary=stationary[0:rows, tiles - 1, :], moving=moving[0:rows, tiles - 1, :],
+                   accumulate=(tiles > 1))
