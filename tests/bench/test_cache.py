@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from nkimoe.autoselect import bind_model
-from nkimoe.bench.cache import BenchCache, CacheFile, entry_key, make_entry, write_entries
+from nkimoe.bench.cache import BenchCache, CacheFile, entry_key, make_entry, shipped_path, write_entries
 from nkimoe.ops import Problem
 from nkimoe.plugins import load_registry
 from nkimoe.targets import TRN2, TRN3
@@ -115,3 +115,14 @@ def test_shipped_defaults_cover_both_targets() -> None:
         hit = cache.winner(target, PROBLEM, "fastest")
         assert hit is not None and hit.key.startswith("shipped") and hit.method == "estimate"
         assert target.family in REGISTRY.variants[hit.variant].targets
+
+
+@pytest.mark.parametrize("target", ["trn2", "trn3"])
+def test_shipped_defaults_match_the_current_variant_sources(target: str) -> None:
+    """A kernel edit makes its shipped entries stale (they stop deciding bindings): regenerate them
+    with the command the README gives."""
+    entries = CacheFile.read(shipped_path(target)).entries
+    assert entries
+    stale = sorted({e["winner"] for e in entries.values()
+                    if REGISTRY.variants[e["winner"]].source_hash != e["winner_hash"]})
+    assert not stale, f"shipped {target} entries with a stale source hash: {stale}"

@@ -11,6 +11,8 @@ the selected experts' bytes are read.
 The intermediate axis need not be a multiple of 128: a tensor-parallel rank's slice (768 over
 TP 4: 192) runs as full partition tiles plus a ragged last one (64 rows) that every matmul over
 the intermediate axis contracts on its first I % 128 partitions only, so no rank reads padding.
+Both kernels read gate|up with the hidden rows partition-major (partition p holds rows
+p*H/128 ... p*H/128 + H/128 - 1), one contiguous run per partition however narrow 2I is.
 
 Rounding: gate and up are accumulated in fp32 PSUM and rounded to x.dtype, SiLU(gate) is
 rounded, and SiLU(gate)*up is rounded, exactly where the reference rounds (the SwiGLU product is
@@ -183,17 +185,19 @@ def expert_mlp_cte_kernel(x, n_blocks, block_expert, block_tokens, block_weights
     for b in nl.dynamic_range(n_reg):
         expert = nl.ndarray((1, 1), dtype=nl.int32, buffer=nl.sbuf)
         nisa.dma_copy(dst=expert, src=block_expert.ap([[1, 1], [1, 1]], offset=0, scalar_offset=b, indirect_dim=0))
-        gu, dn = _load_expert(w_gu, w_dn, expert, h, i2)
+        gu, dn = _load_expert(w_gu, w_dn, expert, h, i2, partition_major=True)
         tok = nl.ndarray((P, 1), dtype=nl.int32, buffer=nl.sbuf)
         nisa.dma_copy(dst=tok, src=block_tokens.ap([[1, P], [1, 1]], offset=0, scalar_offset=b, indirect_dim=0))
         wt = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
         nisa.dma_copy(dst=wt, src=block_weights.ap([[1, P], [1, 1]], offset=0, scalar_offset=b, indirect_dim=0))
         rows = nl.ndarray((P, h), dtype=x.dtype, buffer=nl.sbuf)
         nisa.dma_copy(dst=rows, src=x.ap([[h, P], [1, h]], offset=0, vector_offset=tok, indirect_dim=0))
-        # x^T of the block: [128 (hidden slice), H/128, 128 tokens]
+        # x^T of the block in the weights' partition-major hidden order: x_t[p, k, token] holds
+        # hidden p * H/128 + k (the transposes read the rows with a stride of H/128 elements)
         x_t = nl.ndarray((P, hf, P), dtype=x.dtype, buffer=nl.sbuf)
+        by_k = rows.reshape((P, P, hf)).permute((0, 2, 1))
         for kk in nl.affine_range(hf):
-            pe_transpose(x_t[:, kk, :], rows[:, kk * P:(kk + 1) * P])
+            pe_transpose(x_t[:, kk, :], by_k[:, kk, :])
         gu_out = nl.ndarray((P, i2), dtype=x.dtype, buffer=nl.sbuf)
         for c in nl.affine_range((i2 + block - 1) // block):
             cols = min(block, i2 - c * block)
