@@ -76,20 +76,19 @@ def _intermediate_tiles(i: int) -> tuple[int, int, int]:
     return tiles, i // P, i - (tiles - 1) * P
 
 
-def _load_expert(w_gu, w_dn, expert, h: int, i2: int, partition_major: bool = False):  # noqa: ANN001, ANN202
+def _load_expert(w_gu, w_dn, expert, h: int, i2: int):  # noqa: ANN001, ANN202
     """DMA one expert's gate|up [128, H/128, 2I] and down [128, ceil(I/128), H] blocks into SBUF
     (a ragged last down tile fills its first I % 128 partitions only); ``expert`` is a [1, 1] SBUF
     tensor or register holding the expert id (dynamic offset).
 
-    Gate|up hidden rows go to partitions as ``h = k * 128 + p`` (tile k), or with
-    ``partition_major`` as ``h = p * H/128 + k``: each partition then reads one contiguous run of
-    H/128 rows (12 KiB at I = 192, where a single row is 768 B, below the DMA's full-rate size);
-    the moving operand must use the same hidden order."""
+    Gate|up hidden rows go to partitions partition-major, ``h = p * H/128 + k`` at [p, k]: each
+    partition reads one contiguous run of H/128 rows (12 KiB at I = 192, where a single row is
+    768 B, below the DMA's full-rate size); the moving operand must use the same hidden order."""
     tiles, full, last = _intermediate_tiles(i2 // 2)
     hf = h // P
     gu = nl.ndarray((P, hf, i2), dtype=w_gu.dtype, buffer=nl.sbuf)
-    pattern = [[hf * i2, P], [i2, hf], [1, i2]] if partition_major else [[i2, P], [P * i2, hf], [1, i2]]
-    nisa.dma_copy(dst=gu, src=w_gu.ap(pattern, offset=0, scalar_offset=expert, indirect_dim=0))
+    nisa.dma_copy(dst=gu, src=w_gu.ap([[hf * i2, P], [i2, hf], [1, i2]], offset=0, scalar_offset=expert,
+                                      indirect_dim=0))
     dn = nl.ndarray((P, tiles, h), dtype=w_dn.dtype, buffer=nl.sbuf)
     if full:
         nisa.dma_copy(dst=dn[:, 0:full, :], src=w_dn.ap([[h, P], [P * h, full], [1, h]], offset=0,
@@ -128,7 +127,7 @@ def expert_mlp_tkg_kernel(x, weights, ids, w_gu, w_dn):
     nisa.memset(dst=acc, value=0.0)
     for tok in nl.affine_range(t):
         for slot in nl.affine_range(top_k):
-            gu, dn = _load_expert(w_gu, w_dn, ids_sb[tok:tok + 1, slot:slot + 1], h, i2, partition_major=True)
+            gu, dn = _load_expert(w_gu, w_dn, ids_sb[tok:tok + 1, slot:slot + 1], h, i2)
             # features on partitions, one column per intermediate tile: gate tiles, then up tiles
             gu_out = nl.ndarray((P, 2 * tiles), dtype=x.dtype, buffer=nl.sbuf)
             for c in nl.affine_range(2 * tiles):
@@ -185,7 +184,7 @@ def expert_mlp_cte_kernel(x, n_blocks, block_expert, block_tokens, block_weights
     for b in nl.dynamic_range(n_reg):
         expert = nl.ndarray((1, 1), dtype=nl.int32, buffer=nl.sbuf)
         nisa.dma_copy(dst=expert, src=block_expert.ap([[1, 1], [1, 1]], offset=0, scalar_offset=b, indirect_dim=0))
-        gu, dn = _load_expert(w_gu, w_dn, expert, h, i2, partition_major=True)
+        gu, dn = _load_expert(w_gu, w_dn, expert, h, i2)
         tok = nl.ndarray((P, 1), dtype=nl.int32, buffer=nl.sbuf)
         nisa.dma_copy(dst=tok, src=block_tokens.ap([[1, P], [1, 1]], offset=0, scalar_offset=b, indirect_dim=0))
         wt = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
