@@ -47,7 +47,7 @@ def test_rmsnorm_beta2_idioms_with_torch_tensors(target: str) -> None:
     g = torch.Generator().manual_seed(3)
     x = torch.randn(200, 2048, generator=g).to(torch.bfloat16)
     w = (torch.randn(2048, generator=g) * 0.1 + 1).to(torch.bfloat16)
-    with session(target):
+    with session(target, nki_version="0.2.0"):
         out = kernels.rmsnorm_kernel(x, w)
     assert isinstance(out, torch.Tensor) and out.dtype == torch.bfloat16
     xf = x.float()

@@ -6,7 +6,7 @@ import contextlib
 import contextvars
 import enum
 import math
-import weakref
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,11 +14,21 @@ from typing import Any
 import numpy as np
 
 from nkimoe.nki.emulator import dtypes as dt
+from nkimoe.nki.emulator.memory import CapacityError, Memory, Tile, allocation_site
 from nkimoe.targets import TRN2, TRN3, Target, TargetError
 
 
 class EmulatorError(RuntimeError):
     """A kernel broke an NKI rule or a hardware limit of the emulated target."""
+
+
+class NKIObject:
+    """Base class for NKI kernel dataclasses and configuration objects (``nl.NKIObject``)."""
+
+
+def not_emulated(api: str, reason: str) -> EmulatorError:
+    """The error an API raises where emulating it would not be meaningful."""
+    return EmulatorError(f"{api} is not emulated: {reason}")
 
 
 class MemoryRegion(enum.Enum):
@@ -40,6 +50,7 @@ def region(buffer: Any) -> MemoryRegion:
     if isinstance(buffer, MemoryRegion):
         return buffer
     if isinstance(buffer, str):
+        current().refuse_removed(f"the string buffer name {buffer!r}", "use nl.sbuf, nl.psum, nl.hbm or nl.shared_hbm")
         try:
             return MemoryRegion(buffer)
         except ValueError:
@@ -67,20 +78,67 @@ class Instruction:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
+#: NKI release each round's SDK ships: SDK 2.27/2.28 (round 1, trn2) NKI 0.2.0 "Beta 2";
+#: SDK 2.29 (round 2, trn3) NKI 0.3.0 (nki-facts.md section 2d).
+NKI_VERSIONS = ("0.2.0", "0.3.0")
+
+
+def default_nki_version(target: Target) -> str:
+    """``NKIMOE_NKI_VERSION`` when set, else the NKI of the target's contest round."""
+    chosen = os.environ.get("NKIMOE_NKI_VERSION", "").strip()
+    if chosen:
+        if chosen not in NKI_VERSIONS:
+            raise EmulatorError(f"NKIMOE_NKI_VERSION={chosen!r} is not an emulated NKI; valid: {', '.join(NKI_VERSIONS)}")
+        return chosen
+    return "0.2.0" if target.nc_version < 4 else "0.3.0"
+
+
 @dataclass
 class Session:
-    """The emulated NeuronCore of one kernel run."""
+    """The emulated NeuronCore of one kernel run (under LNC=2, of one of its two programs)."""
 
     target: Target
     trace: list[Instruction] = field(default_factory=list)
-    sbuf_live: int = 0
-    psum_live: int = 0
     program_id: int = 0
     num_programs: int = 1
     reduce_regs: dict[str, np.ndarray] = field(default_factory=dict)
+    #: The NKI release whose rules apply ("0.2.0" or "0.3.0"); empty: the target's default.
+    nki_version: str = ""
+    memory: Memory | None = None
+    #: Shared state of the programs of one ``kernel[2]`` call (barriers, pipes, shared HBM).
+    lnc: Any = None
+    rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
+    running: bool = False  #: inside a kernel call
+
+    def __post_init__(self) -> None:
+        if not self.nki_version:
+            self.nki_version = default_nki_version(self.target)
+        elif self.nki_version not in NKI_VERSIONS:
+            raise EmulatorError(f"nki_version {self.nki_version!r} is not emulated; valid: {', '.join(NKI_VERSIONS)}")
+        if self.memory is None:
+            self.memory = self.fresh_memory()
+
+    def fresh_memory(self) -> Memory:
+        t = self.target
+        return Memory(t.name, t.sbuf_usable_bytes_per_partition, t.psum_bytes_per_partition)
+
+    @property
+    def strict(self) -> bool:
+        """True when NKI 0.3.0 rules apply (what 0.3.0 removed is refused)."""
+        return self.nki_version == "0.3.0"
+
+    def refuse_removed(self, idiom: str, instead: str) -> None:
+        """Raise under NKI 0.3.0 for an idiom only NKI 0.2.0 accepted."""
+        if self.strict:
+            raise EmulatorError(f"{idiom} was removed in NKI 0.3.0 (SDK 2.29, emulated for {self.target.name}); "
+                                f"{instead}. NKIMOE_NKI_VERSION=0.2.0 emulates the SDK 2.27/2.28 rules")
 
     def record(self, instr: Instruction) -> None:
         self.trace.append(instr)
+        try:
+            self.memory.use(instr.reads + instr.writes)
+        except CapacityError as exc:
+            raise EmulatorError(f"{instr.name}: {exc}") from None
 
 
 _SESSION: contextvars.ContextVar[Session | None] = contextvars.ContextVar("nkimoe_nki_session", default=None)
@@ -107,11 +165,14 @@ def current() -> Session:
 
 
 @contextlib.contextmanager
-def session(target: Target | str | None = None) -> Iterator[Session]:
-    """Run kernels inside one emulated core: ``with session("trn2") as s: k(x); s.trace``."""
+def session(target: Target | str | None = None, nki_version: str | None = None) -> Iterator[Session]:
+    """Run kernels inside one emulated core: ``with session("trn2") as s: k(x); s.trace``.
+
+    ``nki_version`` ("0.2.0" or "0.3.0") overrides the NKI release whose rules apply (default:
+    ``NKIMOE_NKI_VERSION``, else 0.2.0 on trn2 and 0.3.0 on trn3)."""
     if isinstance(target, str):
         target = {"trn2": TRN2, "trn3": TRN3}.get(target) or _named(target)
-    s = Session(target or default_target())
+    s = Session(target or default_target(), nki_version=nki_version or "")
     if not s.target.is_neuron:
         raise EmulatorError(f"target {s.target.name!r} has no NeuronCore to emulate; use trn2 or trn3")
     token = _SESSION.set(s)
@@ -148,26 +209,23 @@ class DynSlice:
     size: int
 
 
-class _Allocation:
-    """Bytes per partition an on-chip tensor holds, released when its storage is collected."""
-
-    def __init__(self, owner: np.ndarray, buffer: MemoryRegion, per_partition: int) -> None:
-        s = current()
-        attr = "sbuf_live" if buffer is MemoryRegion.sbuf else "psum_live"
-        target = s.target
-        limit = target.sbuf_usable_bytes_per_partition if buffer is MemoryRegion.sbuf else target.psum_bytes_per_partition
-        live = getattr(s, attr) + per_partition
-        if live > limit:
-            raise EmulatorError(
-                f"nl.ndarray: allocating {per_partition} B per partition in {buffer.value} brings live "
-                f"{buffer.value} to {live} B per partition, over {target.name}'s {limit} B per partition"
-            )
-        setattr(s, attr, live)
-        weakref.finalize(owner, _release, s, attr, per_partition)
-
-
-def _release(s: Session, attr: str, size: int) -> None:
-    setattr(s, attr, getattr(s, attr) - size)
+def _track(s: Session, tensor: NkiTensor, shape: tuple[int, ...], address: Any) -> None:
+    """Charge an on-chip tensor to its program's buffer, pinned at ``address`` when given."""
+    per_partition = math.ceil(math.prod(shape[1:]) * dt.itemsize(tensor.dtype))
+    first_partition, offset = 0, None
+    if address is not None:
+        try:
+            first_partition, offset = (int(a) for a in address)
+        except (TypeError, ValueError):
+            raise EmulatorError(f"nl.ndarray: address {address!r} must be (partition_offset, free_offset)") from None
+        if first_partition < 0 or first_partition + shape[0] > s.target.partitions:
+            raise EmulatorError(f"nl.ndarray: address {address!r} puts {shape[0]} partitions past {s.target.partitions}")
+    tile = Tile(tensor.name, tensor.buffer.value, per_partition, allocation_site(), 0, 0,
+                (first_partition, shape[0]), offset)
+    try:
+        s.memory.allocate(tensor.data, tensor.buffer.value, tile)
+    except CapacityError as exc:
+        raise EmulatorError(str(exc)) from None
 
 
 class NkiTensor:
@@ -193,13 +251,15 @@ class NkiTensor:
 
     # --- construction --------------------------------------------------------------------------
     @classmethod
-    def allocate(cls, shape: Sequence[int], dtype: Any, buffer: Any, name: str = "", fill: Any = None) -> NkiTensor:
+    def allocate(cls, shape: Sequence[int], dtype: Any, buffer: Any, name: str = "", fill: Any = None,
+                 address: Any = None) -> NkiTensor:
         dtype = dt.normalize(dtype)
         buf = region(buffer)
         shape = tuple(int(s) for s in shape)
         if not shape or any(s < 1 for s in shape):
             raise EmulatorError(f"nl.ndarray: shape {shape} must have positive sizes")
-        target = current().target
+        s = current()
+        target = s.target
         if buf.on_chip and shape[0] > target.partitions:
             raise EmulatorError(
                 f"nl.ndarray: partition dimension {shape[0]} exceeds maximum {target.partitions} "
@@ -210,10 +270,13 @@ class NkiTensor:
             fill = 4 if dtype in dt.INTEGER else np.nan
         data = np.full(storage_shape, fill, dtype=np.float32 if dtype not in dt.INTEGER else np.int64)
         data = dt.cast(data, dtype) if dtype not in dt.INTEGER else data.astype(dt.STORAGE[dtype])
+        if buf is MemoryRegion.shared_hbm and s.lnc is not None:
+            return s.lnc.shared_tensor(s.program_id, shape, dtype, name, lambda: cls(data, dtype, buf, name))
         tensor = cls(data, dtype, buf, name)
         if buf.on_chip:
-            per_partition = math.ceil(math.prod(shape[1:]) * dt.itemsize(dtype))
-            _Allocation(data, buf, per_partition)
+            _track(s, tensor, shape, address)
+        elif address is not None:
+            raise EmulatorError(f"nl.ndarray: address= places on-chip tensors; {buf.value} tensor {name or 'unnamed'}")
         if buf is MemoryRegion.psum:
             tensor.mm_written = np.zeros(shape, dtype=bool)
         return tensor
@@ -352,13 +415,14 @@ class NkiTensor:
             if len(rows) != counts[0]:
                 raise EmulatorError(f"ap(vector_offset=...) has {len(rows)} rows, the pattern's first axis {counts[0]}")
             lows = start + rows * dim_stride
-            if len(rows) and (lows.min() < 0 or lows.max() + span - (counts[0] - 1) * strides[0] >= flat.size):
-                raise EmulatorError(f"ap(vector_offset=...) indexes past the end of {self!r}")
-            gathered = np.stack([
-                np.lib.stride_tricks.as_strided(flat[int(lo):], counts[1:], [s * item for s in strides[1:]])
-                for lo in lows
-            ])
-            return _Gather(gathered, self, [int(lo) for lo in lows], strides[1:], counts[1:])
+            inner = span - (counts[0] - 1) * strides[0]
+            inside = (lows >= 0) & (lows + inner < flat.size)
+            gathered = np.zeros([counts[0], *counts[1:]], dtype=flat.dtype)
+            for i in np.flatnonzero(inside):
+                gathered[i] = np.lib.stride_tricks.as_strided(flat[int(lows[i]):], counts[1:],
+                                                              [s * item for s in strides[1:]])
+            return _Gather(gathered, self, [int(lo) for lo in lows], strides[1:], counts[1:],
+                           [int(i) for i in np.flatnonzero(~inside)])
         if start < 0 or start + span >= flat.size:
             raise EmulatorError(f"ap() pattern {pattern} at element {start} reaches past the end of {self!r}")
         view = np.lib.stride_tricks.as_strided(flat[start:], counts, [s * item for s in strides])
@@ -368,16 +432,22 @@ class NkiTensor:
 class _Gather(NkiTensor):
     """A vector-indexed access pattern: reads gather rows; writes scatter them back."""
 
-    __slots__ = ("origin", "starts", "strides", "counts")
+    __slots__ = ("origin", "starts", "strides", "counts", "out_of_bounds")
 
     def __init__(self, data: np.ndarray, origin: NkiTensor, starts: list[int], strides: list[int],
-                 counts: list[int]) -> None:
+                 counts: list[int], out_of_bounds: list[int]) -> None:
         super().__init__(data, origin.dtype, origin.buffer, origin.name, origin.storage_id, root=origin.root)
         self.origin, self.starts, self.strides, self.counts = origin, starts, strides, counts
+        #: Rows whose index reaches outside the tensor: an error, or skipped by a DMA with oob_mode=skip.
+        self.out_of_bounds = out_of_bounds
 
     def scatter(self, values: np.ndarray) -> None:
+        """Write each in-bounds row back to its place (out-of-bounds rows are skipped)."""
         flat = self.root.reshape(-1)
+        skipped = set(self.out_of_bounds)
         for i, lo in enumerate(self.starts):
+            if i in skipped:
+                continue
             dst = np.lib.stride_tricks.as_strided(flat[lo:], self.counts, [s * flat.itemsize for s in self.strides],
                                                   writeable=True)
             dst[...] = values[i]

@@ -22,14 +22,16 @@ from nkimoe.nki.emulator.core import (
     EmulatorError,
     Instruction,
     MemoryRegion,
+    NKIObject,
     NkiTensor,
     VirtualRegister,
     _Gather,
     _scalar,
     current,
+    not_emulated,
     require,
 )
-from nkimoe.nki.emulator.language import Op, equal, maximum, values
+from nkimoe.nki.emulator.operators import Op, add, equal, maximum, values
 
 
 class engine(enum.Enum):  # noqa: N801 (names as in the SDK)
@@ -60,9 +62,21 @@ class dge_mode(enum.Enum):  # noqa: N801
     none = 3
 
 
+#: ``nisa.NkiValidationError``: raised when hardware constraints are violated.
+NkiValidationError = EmulatorError
+
+
+class dma_engine(enum.Enum):  # noqa: N801
+    dma = 1
+    gpsimd_dma = 2
+
+
 class oob_mode(enum.Enum):  # noqa: N801
     error = 0
     skip = 1
+
+
+_Oob, _DmaEngine = oob_mode, dma_engine  # the enums, under names their parameters do not shadow
 
 
 class matmul_perf_mode(enum.Enum):  # noqa: N801
@@ -96,9 +110,13 @@ def _limit(instr: str, operand: str, message: str) -> EmulatorError:
     return EmulatorError(f"nisa.{instr}: {operand} {message} (target {current().target.name})")
 
 
-def _tile(instr: str, operand: str, t: Any, buffers: Sequence[MemoryRegion] = (MemoryRegion.sbuf, MemoryRegion.psum)) -> NkiTensor:
+def _tile(instr: str, operand: str, t: Any, buffers: Sequence[MemoryRegion] = (MemoryRegion.sbuf, MemoryRegion.psum),
+          skip_out_of_bounds: bool = False) -> NkiTensor:
     if not isinstance(t, NkiTensor):
         raise _limit(instr, operand, f"must be a tensor, got {type(t).__name__}")
+    if isinstance(t, _Gather) and t.out_of_bounds and not skip_out_of_bounds:
+        raise _limit(instr, operand, f"indirect rows {t.out_of_bounds[:8]} index past the end of {t.origin!r} "
+                                     "(a DMA with oob_mode=nisa.oob_mode.skip skips such rows)")
     if t.buffer not in buffers:
         raise _limit(instr, operand, f"is in {t.buffer.value}; allowed: {', '.join(b.value for b in buffers)}")
     pmax = current().target.partitions
@@ -180,18 +198,31 @@ def _apply(op: Op, a: Any, b: Any) -> np.ndarray:
 # --- data movement ------------------------------------------------------------------------------
 
 
-def dma_copy(dst: NkiTensor, src: NkiTensor, priority: Any = None, oob_mode: Any = oob_mode.error,
+def dma_copy(dst: NkiTensor, src: NkiTensor, oob_mode: Any = oob_mode.error,
              dge_mode: Any = dge_mode.unknown, engine: Any = engine.unknown, name: Any = None) -> None:
     """``dst = src`` with DMA; HBM or SBUF on either side; dtype converted through fp32."""
     allowed = (MemoryRegion.sbuf, MemoryRegion.hbm, MemoryRegion.shared_hbm, MemoryRegion.private_hbm)
-    # NKI 0.2.0 allowed DMA reads of PSUM; 0.3.0 does not. The emulator accepts the 0.2.0 form.
-    _tile("dma_copy", "dst", dst, allowed)
-    _tile("dma_copy", "src", src, (*allowed, MemoryRegion.psum))
+    if isinstance(oob_mode, int) or isinstance(dge_mode, int):
+        current().refuse_removed("a raw integer enum value", "pass nisa.oob_mode.* / nisa.dge_mode.* members")
+    skip = oob_mode is _Oob.skip or oob_mode == 1
+    _tile("dma_copy", "dst", dst, allowed, skip)
+    _tile("dma_copy", "src", src, (*allowed, MemoryRegion.psum), skip)
+    if src.buffer is MemoryRegion.psum:
+        current().refuse_removed("nisa.dma_copy reading PSUM", "copy PSUM to SBUF with nisa.tensor_copy first")
     if math.prod(dst.shape) != math.prod(src.shape):
         raise _limit("dma_copy", "dst/src", f"element counts differ: {dst.shape} vs {src.shape}")
     if (dst.dtype in dt.PACKED_X4 or src.dtype in dt.PACKED_X4) and dst.dtype != src.dtype:
         raise _limit("dma_copy", "dst/src", "x4 packed data moves only between tensors of the same x4 dtype")
-    if src.dtype == dst.dtype:
+    if isinstance(src, _Gather) and src.out_of_bounds:  # oob_mode=skip: those rows of dst keep their values
+        if dst.shape[0] != src.shape[0]:
+            raise _limit("dma_copy", "dst", f"must have the gathered rows ({src.shape[0]}) as its first axis "
+                                            "when oob_mode=skip skips some")
+        kept = np.setdiff1d(np.arange(src.shape[0]), src.out_of_bounds)
+        moved = src.data if src.dtype == dst.dtype else dt.cast(values(src), dst.dtype)
+        merged = dst.data.copy()
+        merged[kept] = moved.reshape(merged.shape)[kept]
+        _store(dst, merged)
+    elif src.dtype == dst.dtype:
         _store(dst, src.data)
     else:
         _write(dst, values(src))
@@ -213,8 +244,7 @@ def _contiguous_bytes(t: NkiTensor) -> int:
     return int(run)
 
 
-def dma_transpose(dst: NkiTensor, src: NkiTensor, axes: Any = None, priority: Any = None,
-                  dge_mode: Any = dge_mode.unknown, oob_mode: Any = oob_mode.error, name: Any = None) -> None:
+def dma_transpose(dst: NkiTensor, src: NkiTensor, axes: Any = None, dge_mode: Any = dge_mode.unknown, oob_mode: Any = oob_mode.error, name: Any = None) -> None:
     """Transpose with DMA (2-D: [1, 0]; 3-D: [2, 1, 0]; 4-D: [3, 1, 2, 0]); 2-byte dtypes only."""
     _tile("dma_transpose", "dst", dst, (MemoryRegion.sbuf,))
     _tile("dma_transpose", "src", src, (MemoryRegion.sbuf, MemoryRegion.hbm, MemoryRegion.shared_hbm, MemoryRegion.private_hbm))
@@ -912,3 +942,300 @@ def register_store(dst: NkiTensor, src: VirtualRegister) -> None:
     """Store a register's value into a [1, 1] SBUF tensor."""
     _write(dst, np.full(dst.data.shape, float(src.value)))
     current().record(Instruction("register_store", "scalar", (), (dst.storage_id,), 1, 1))
+
+
+# --- LNC=2: the two programs of a kernel[2] -------------------------------------------------------
+
+
+def _lnc(instr: str) -> Any:
+    s = current()
+    if s.target.nc_version < 3:
+        raise _limit(instr, "target", "needs NeuronCore-v3 or newer")
+    if s.lnc is None:
+        raise _limit(instr, "kernel", "synchronises the programs of an LNC=2 kernel; launch it as kernel[2](...)")
+    return s
+
+
+def core_barrier(data: NkiTensor, cores: Any, engine: Any = engine.gpsimd, name: Any = None) -> None:
+    """Wait until both programs of the LNC=2 kernel reach this barrier (on ``data`` in shared HBM)."""
+    s = _lnc("core_barrier")
+    _tile("core_barrier", "data", data, (MemoryRegion.shared_hbm,))
+    if tuple(cores) != (0, 1):
+        raise _limit("core_barrier", "cores", f"{tuple(cores)} is not supported; only (0, 1)")
+    eng = _engine("core_barrier", engine, "gpsimd", ("gpsimd", "vector", "scalar", "tensor", "sync"))
+    current().record(Instruction("core_barrier", eng, (data.storage_id,), (), 0, 0, 0))
+    s.lnc.barrier(s.program_id, "nisa.core_barrier")
+
+
+def sendrecv(src: NkiTensor, dst: NkiTensor, send_to_rank: int, recv_from_rank: int, pipe_id: int,
+             dma_engine: Any = dma_engine.dma, name: Any = None) -> None:
+    """Send ``src`` to program ``send_to_rank``'s ``dst`` while receiving program
+    ``recv_from_rank``'s ``src`` into this program's ``dst`` (SBUF to SBUF)."""
+    s = _lnc("sendrecv")
+    _tile("sendrecv", "src", src, (MemoryRegion.sbuf,))
+    _tile("sendrecv", "dst", dst, (MemoryRegion.sbuf,))
+    if src.shape != dst.shape or src.dtype != dst.dtype:
+        raise _limit("sendrecv", "src/dst", f"must share shape and dtype: {src!r} vs {dst!r}")
+    for operand, rank in (("send_to_rank", send_to_rank), ("recv_from_rank", recv_from_rank)):
+        if int(rank) not in range(s.num_programs):
+            raise _limit("sendrecv", operand, f"{rank} is not a program of this LNC={s.num_programs} kernel")
+    if dma_engine is _DmaEngine.gpsimd_dma:
+        per_partition = src.free_size * dt.itemsize(src.dtype)
+        if src.partitions % 16 or per_partition > 256 * dt.itemsize(src.dtype):
+            raise _limit("sendrecv", "src", "with gpsimd_dma needs partitions a multiple of 16 and at most "
+                                            "1024/512/256 B per partition for 32/16/8-bit dtypes")
+    s.lnc.send(int(send_to_rank), int(pipe_id), src.data.copy())
+    received = s.lnc.receive(s.program_id, int(pipe_id), "nisa.sendrecv")
+    _store(dst, received)
+    _record("sendrecv", "dma", [src], dst, bytes=src.nbytes, contiguous=int(src.free_size * dt.itemsize(src.dtype)))
+
+
+# --- further VectorE / GpSimd instructions --------------------------------------------------------
+
+
+def tensor_scalar_reduce(dst: NkiTensor, data: NkiTensor, op0: Op, operand0: Any, reduce_op: Op, reduce_res: NkiTensor,
+                         reverse0: bool = False, name: Any = None) -> None:
+    """``dst = data <op0> operand0`` and ``reduce_res = reduce_op`` over all free elements of dst."""
+    if reverse0:
+        raise _limit("tensor_scalar_reduce", "reverse0", "is documented as not supported yet")
+    _tile("tensor_scalar_reduce", "dst", dst)
+    _tile("tensor_scalar_reduce", "data", data)
+    _tile("tensor_scalar_reduce", "reduce_res", reduce_res)
+    _same_layout("tensor_scalar_reduce", dst, data, "dst and data")
+    if reduce_res.partitions != data.partitions or reduce_res.free_size != 1:
+        raise _limit("tensor_scalar_reduce", "reduce_res", f"must be [{data.partitions}, 1], got {reduce_res.shape}")
+    red = _op("tensor_scalar_reduce", reduce_op, ("arith",))
+    if red.reduce is None or red.name not in ("add", "subtract", "multiply", "maximum", "minimum"):
+        raise _limit("tensor_scalar_reduce", "reduce_op", f"nl.{red.name} is not add, subtract, multiply, max or min")
+    a = _scalar_operand("tensor_scalar_reduce", "operand0", operand0, data.partitions)
+    vals = _apply(_op("tensor_scalar_reduce", op0, ("arith",)), _flat(data), a)
+    _write(dst, vals)
+    _write(reduce_res, red.reduce(vals, axis=1).reshape(-1, 1))
+    _record("tensor_scalar_reduce", "vector", [data, operand0], [dst, reduce_res], free=data.free_size)
+
+
+def _initial(instr: str, value: Any, partitions: int) -> np.ndarray:
+    return np.broadcast_to(np.asarray(_scalar_operand(instr, "initial", value, partitions), dtype=np.float32),
+                           (partitions, 1)).reshape(partitions)
+
+
+def tensor_tensor_scan(dst: NkiTensor, data0: NkiTensor, data1: NkiTensor, initial: Any, op0: Op, op1: Op,
+                       reverse0: bool = False, reverse1: bool = False, name: Any = None) -> None:
+    """Per partition: ``r[i] = op1(op0(data0[i], r[i-1]), data1[i])`` with ``r[-1] = initial`` (fp32)."""
+    for operand, t in (("dst", dst), ("data0", data0), ("data1", data1)):
+        _tile("tensor_tensor_scan", operand, t)
+    _same_layout("tensor_tensor_scan", data0, data1, "data0 and data1")
+    _same_layout("tensor_tensor_scan", dst, data0, "dst and data0")
+    if data0.buffer is MemoryRegion.psum and data1.buffer is MemoryRegion.psum:
+        raise _limit("tensor_tensor_scan", "data0/data1", "cannot both be in PSUM")
+    f0, f1 = _op("tensor_tensor_scan", op0, ("arith",)), _op("tensor_tensor_scan", op1, ("arith",))
+    a, b = _flat(data0), _flat(data1)
+    out = np.empty_like(a, dtype=np.float32)
+    prev = _initial("tensor_tensor_scan", initial, data0.partitions)
+    for i in range(a.shape[1]):
+        step = _apply(f0, prev, a[:, i]) if reverse0 else _apply(f0, a[:, i], prev)
+        prev = _apply(f1, b[:, i], step) if reverse1 else _apply(f1, step, b[:, i])
+        out[:, i] = prev
+    _write(dst, out)
+    _record("tensor_tensor_scan", "vector", [data0, data1], dst, inputs=2)
+
+
+_CUMULATIVE_START = {"add": 0.0, "subtract": 0.0, "multiply": 1.0, "maximum": -np.inf, "minimum": np.inf}
+
+
+def tensor_scalar_cumulative(dst: NkiTensor, src: NkiTensor, op0: Op, op1: Op, imm0: Any, imm1: Any = None,
+                             reduce_cmd: Any = reduce_cmd.reset_reduce, name: Any = None) -> None:
+    """Per partition: ``reg = op1(op0(src[i], imm0), reg); dst[i] = reg`` with the VectorE
+    accumulator set by ``reduce_cmd`` (reset to op1's identity, load ``imm1``, or continue)."""
+    _tile("tensor_scalar_cumulative", "dst", dst)
+    _tile("tensor_scalar_cumulative", "src", src)
+    _same_layout("tensor_scalar_cumulative", dst, src, "dst and src")
+    for operand, t in (("dst", dst), ("src", src)):
+        if t.dtype in (dt.int32, dt.uint32):
+            raise _limit("tensor_scalar_cumulative", operand, f"dtype {t.dtype} is not supported (ISA limitation)")
+    f0 = _op("tensor_scalar_cumulative", op0, ("arith",))
+    f1 = _op("tensor_scalar_cumulative", op1, ("arith",))
+    if f1.name not in _CUMULATIVE_START:
+        raise _limit("tensor_scalar_cumulative", "op1", f"nl.{f1.name} is not add, subtract, multiply, max or min")
+    regs = _reduce_regs("vector", src.partitions)
+    if reduce_cmd is _Cmd.reset_reduce:
+        regs[...] = _CUMULATIVE_START[f1.name]
+    elif reduce_cmd is _Cmd.load_reduce:
+        regs[...] = _initial("tensor_scalar_cumulative", imm1, src.partitions)
+    elif reduce_cmd is not _Cmd.reduce:
+        raise _limit("tensor_scalar_cumulative", "reduce_cmd", f"{reduce_cmd} is not reset_reduce, load_reduce or reduce")
+    scaled = _apply(f0, _flat(src), _scalar_operand("tensor_scalar_cumulative", "imm0", imm0, src.partitions))
+    out = np.empty_like(scaled, dtype=np.float32)
+    for i in range(scaled.shape[1]):
+        regs[...] = _apply(f1, scaled[:, i], regs)
+        out[:, i] = regs
+    _write(dst, out)
+    _record("tensor_scalar_cumulative", "vector", [src], dst)
+
+
+def range_select(dst: NkiTensor, on_true_tile: NkiTensor, comp_op0: Op, comp_op1: Op, bound0: NkiTensor,
+                 bound1: NkiTensor, reduce_cmd: Any = reduce_cmd.reset_reduce, reduce_res: NkiTensor | None = None,
+                 reduce_op: Op = maximum, range_start: Any = 0, on_false_value: float = -3.4028235e+38,
+                 name: Any = None) -> None:
+    """``dst = on_true_tile where comp_op0(i, bound0) and comp_op1(i, bound1) else on_false_value``
+    (``i`` = range_start + free index, fp32), with a max-reduce into ``reduce_res`` (NeuronCore-v3+)."""
+    if current().target.nc_version < 3:
+        raise _limit("range_select", "target", "needs NeuronCore-v3 or newer")
+    for operand, t in (("dst", dst), ("on_true_tile", on_true_tile), ("bound0", bound0), ("bound1", bound1)):
+        _tile("range_select", operand, t)
+    _same_layout("range_select", dst, on_true_tile, "dst and on_true_tile")
+    if on_true_tile.dtype in dt.INTEGER:
+        raise _limit("range_select", "on_true_tile", f"dtype {on_true_tile.dtype} must be a float dtype")
+    c0 = _op("range_select", comp_op0, ("compare",))
+    c1 = _op("range_select", comp_op1, ("compare",))
+    if _op("range_select", reduce_op).name != "maximum":
+        raise _limit("range_select", "reduce_op", "must be nl.maximum")
+    b0 = _scalar_operand("range_select", "bound0", bound0, on_true_tile.partitions)
+    b1 = _scalar_operand("range_select", "bound1", bound1, on_true_tile.partitions)
+    index = np.float32(_scalar(range_start)) + np.arange(on_true_tile.free_size, dtype=np.float32)[None, :]
+    mask = (_apply(c0, index, b0) != 0) & (_apply(c1, index, b1) != 0)
+    out = np.where(mask, _flat(on_true_tile), np.float32(on_false_value)).astype(np.float32)
+    _write(dst, out)
+    regs = _reduce_regs("vector", on_true_tile.partitions)
+    if reduce_cmd in (_Cmd.reset, _Cmd.reset_reduce):
+        regs[...] = -np.inf
+    if reduce_cmd in (_Cmd.reduce, _Cmd.reset_reduce):
+        regs[...] = np.maximum(regs, values(dst).reshape(dst.partitions, -1).max(axis=1))
+    if reduce_res is not None:
+        _tile("range_select", "reduce_res", reduce_res)
+        _write(reduce_res, regs.reshape(-1, 1))
+    _record("range_select", "vector", [on_true_tile, bound0, bound1], [dst] + ([reduce_res] if reduce_res else []))
+
+
+def nc_n_gather(dst: NkiTensor, data: NkiTensor, indices: NkiTensor, name: Any = None) -> None:
+    """Per partition, ``dst[p, j] = data[p].flatten()[indices[p, j]]`` (GpSimd, SBUF only)."""
+    for operand, t in (("dst", dst), ("data", data), ("indices", indices)):
+        _tile("nc_n_gather", operand, t, (MemoryRegion.sbuf,))
+    if indices.dtype != dt.uint32:
+        raise _limit("nc_n_gather", "indices", f"dtype {indices.dtype} must be uint32")
+    if dst.dtype != data.dtype:
+        raise _limit("nc_n_gather", "dst", f"dtype {dst.dtype} must equal data dtype {data.dtype}")
+    if not dst.partitions == data.partitions == indices.partitions or dst.free_size != indices.free_size:
+        raise _limit("nc_n_gather", "dst/indices", "need the same partitions and elements per partition")
+    idx = indices.data.reshape(indices.partitions, -1).astype(np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= data.free_size):
+        raise _limit("nc_n_gather", "indices", f"values must lie in [0, {data.free_size})")
+    _store(dst, np.take_along_axis(data.data.reshape(data.partitions, -1), idx, axis=1))
+    _record("nc_n_gather", "gpsimd", [data, indices], dst)
+
+
+def nonzero_with_count(dst: NkiTensor, src: NkiTensor, index_offset: int = 0, padding_val: int = -1,
+                       name: Any = None) -> None:
+    """On partitions 0, 16, ..., 112: the indices (+ index_offset) of src's nonzero elements, then
+    ``padding_val``, then their count in the last slot; other partitions of dst are kept."""
+    if current().target.nc_version < 3:
+        raise _limit("nonzero_with_count", "target", "needs NeuronCore-v3 or newer")
+    _tile("nonzero_with_count", "dst", dst, (MemoryRegion.sbuf,))
+    _tile("nonzero_with_count", "src", src, (MemoryRegion.sbuf,))
+    if src.dtype not in (dt.float32, dt.int32) or dst.dtype != dt.int32:
+        raise _limit("nonzero_with_count", "dtypes", "src must be float32 or int32 and dst int32")
+    if dst.partitions != src.partitions or dst.free_size != src.free_size + 1:
+        raise _limit("nonzero_with_count", "dst", f"must be [{src.partitions}, {src.free_size + 1}], got {dst.shape}")
+    rows = _flat(src)
+    out = dst.data.reshape(dst.partitions, -1).copy()
+    for p in range(0, src.partitions, 16):
+        hits = np.flatnonzero(rows[p] != 0)
+        out[p, :] = padding_val
+        out[p, :hits.size] = hits + int(index_offset)
+        out[p, -1] = hits.size
+    _store(dst, out)
+    _record("nonzero_with_count", "gpsimd", [src], dst)
+
+
+def dma_compute(dst: NkiTensor, srcs: Sequence[NkiTensor], reduce_op: Op, scales: Any = None,
+                unique_indices: bool = True, name: Any = None) -> None:
+    """``dst = srcs[0] + srcs[1] + ...`` computed in fp32 by the DMA engines (scatter/gather
+    read-modify-write when a source is an indirect access pattern)."""
+    if _op("dma_compute", reduce_op).name != "add":
+        raise _limit("dma_compute", "reduce_op", "only nl.add is supported")
+    if scales is not None and any(float(x) != 1.0 for x in scales):
+        raise _limit("dma_compute", "scales", "must all be 1.0 (or None)")
+    if not unique_indices:
+        raise _limit("dma_compute", "unique_indices", "must be True (non-unique indices are not supported)")
+    allowed = (MemoryRegion.sbuf, MemoryRegion.hbm, MemoryRegion.shared_hbm, MemoryRegion.private_hbm)
+    _tile("dma_compute", "dst", dst, allowed)
+    for k, src in enumerate(srcs):
+        _tile("dma_compute", f"srcs[{k}]", src, allowed)
+        if math.prod(src.shape) != math.prod(dst.shape):
+            raise _limit("dma_compute", f"srcs[{k}]", f"element count differs from dst: {src.shape} vs {dst.shape}")
+    total = sum(values(src).reshape(dst.data.shape) for src in srcs)
+    _write(dst, total)
+    nbytes = sum(src.nbytes for src in srcs)
+    _record("dma_compute", "dma", list(srcs), dst, bytes=nbytes + dst.nbytes, contiguous=_contiguous_bytes(dst),
+            hbm_read=sum(s.nbytes for s in srcs if not s.buffer.on_chip),
+            hbm_write=dst.nbytes if not dst.buffer.on_chip else 0)
+
+
+def dropout(dst: NkiTensor, data: NkiTensor, prob: Any, name: Any = None) -> None:
+    """Zero each element of ``data`` with probability ``prob`` (scalar or [P, 1]); the program's
+    generator draws the decisions, not the hardware PRNG."""
+    _tile("dropout", "dst", dst)
+    _tile("dropout", "data", data)
+    _same_layout("dropout", dst, data, "dst and data")
+    if dst.dtype != data.dtype:
+        raise _limit("dropout", "dst", f"dtype {dst.dtype} must equal data dtype {data.dtype}")
+    p = _scalar_operand("dropout", "prob", prob, data.partitions)
+    rows = _flat(data)
+    keep = current().rng.random(rows.shape, dtype=np.float32) >= p
+    _write(dst, np.where(keep, rows, 0.0))
+    _record("dropout", "vector", [data, prob], dst)
+
+
+_INT_BITS = (dt.int8, dt.int16, dt.int32, dt.uint8, dt.uint16, dt.uint32)
+
+
+def rng(dst: NkiTensor, engine: Any = engine.unknown, name: Any = None) -> None:
+    """Random bits (the low bits of 32 per element) from the program's generator, not the
+    hardware XORWOW sequence."""
+    eng = _engine("rng", engine, "vector", ("vector", "gpsimd"))
+    _tile("rng", "dst", dst, (MemoryRegion.sbuf,) if eng == "gpsimd" else (MemoryRegion.sbuf, MemoryRegion.psum))
+    if dst.dtype not in _INT_BITS:
+        raise _limit("rng", "dst", f"dtype {dst.dtype} must be an integer type")
+    bits = current().rng.integers(0, 2**32, size=dst.data.shape, dtype=np.uint64)
+    _store(dst, (bits & np.uint64(2 ** (8 * dt.STORAGE[dst.dtype].itemsize) - 1)).astype(dt.STORAGE[dst.dtype]))
+    _record("rng", eng, [], dst, inputs=0)
+
+
+def rand2(dst: NkiTensor, min: Any, max: Any, name: Any = None) -> None:  # noqa: A002
+    """Uniform random values in [min, max) (scalars or [P, 1] tiles) from the program's generator."""
+    _tile("rand2", "dst", dst)
+    lo = _scalar_operand("rand2", "min", min, dst.partitions)
+    hi = _scalar_operand("rand2", "max", max, dst.partitions)
+    u = current().rng.random((dst.partitions, dst.free_size), dtype=np.float32)
+    _write(dst, lo + u * (np.asarray(hi) - np.asarray(lo)))
+    _record("rand2", "vector", [min, max], dst, inputs=0)
+
+
+def set_rng_seed(src_seeds: NkiTensor, name: Any = None) -> None:
+    """Seed the program's generator from a [1, 1] 32-bit tile (same seed, same sequence)."""
+    _tile("set_rng_seed", "src_seeds", src_seeds)
+    if src_seeds.data.size != 1 or dt.itemsize(src_seeds.dtype) != 4:
+        raise _limit("set_rng_seed", "src_seeds", f"must be a [1, 1] 32-bit tile, got {src_seeds!r}")
+    current().rng = np.random.default_rng(int(np.asarray(src_seeds.data).reshape(-1)[0]))
+    current().record(Instruction("set_rng_seed", "vector", (src_seeds.storage_id,), (), 1, 1))
+
+
+def rand_get_state(dst: NkiTensor, engine: Any = engine.unknown, name: Any = None) -> None:
+    raise not_emulated("nisa.rand_get_state", "the engines' XORWOW generator state has no equivalent in the "
+                                              "emulator's generator (seed with nisa.set_rng_seed instead)")
+
+
+def rand_set_state(src_seeds: NkiTensor, engine: Any = engine.unknown, name: Any = None) -> None:
+    raise not_emulated("nisa.rand_set_state", "the engines' XORWOW generator state has no equivalent in the "
+                                              "emulator's generator (seed with nisa.set_rng_seed instead)")
+
+
+def local_gather(dst: NkiTensor, src_buffer: NkiTensor, index: NkiTensor, num_elem_per_idx: int = 1,
+                 num_valid_indices: Any = None, name: Any = None) -> None:
+    raise not_emulated("nisa.local_gather", "the layout of its output across the 16 partitions of each GpSimd "
+                                            "core is not specified by the 0.3.0 API documentation")
+
+
+def sequence_bounds(dst: NkiTensor, segment_ids: NkiTensor, name: Any = None) -> None:
+    raise not_emulated("nisa.sequence_bounds", "whether a segment's end index is inclusive is not specified by "
+                                               "the 0.3.0 API documentation")

@@ -1,24 +1,25 @@
-"""Emulated ``nki.language`` (``nl``): dtypes, buffers, tensor creation, loops, math operators.
-
-Operators such as ``nl.add`` or ``nl.exp`` serve both as the ``op=`` argument of ``nisa``
-instructions and, called directly, as the value-returning convenience API (a new SBUF tile).
-"""
+"""Emulated ``nki.language`` (``nl``): dtypes, buffers, tensor creation, loops, the math
+operators of ``operators`` and the value-returning convenience API (each call a new tile)."""
 
 from __future__ import annotations
 
 import builtins
+import contextlib
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from nkimoe.nki.emulator import dtypes as _dt
+from nkimoe.nki.emulator import isa as _isa
 from nkimoe.nki.emulator.core import (
     DynSlice,
     EmulatorError,
     Instruction,
     MemoryRegion,
+    NKIObject,
     NkiTensor,
     VirtualRegister,
     current,
@@ -43,6 +44,71 @@ from nkimoe.nki.emulator.dtypes import (  # noqa: F401  (re-exported as nl.<dtyp
     uint8,
     uint16,
     uint32,
+)
+from nkimoe.nki.emulator.operators import (  # noqa: F401  (re-exported as nl.<operator>)
+    Op,
+    abs,
+    abs_max,
+    abs_min,
+    add,
+    arctan,
+    average,
+    bitwise_and,
+    bitwise_or,
+    bitwise_xor,
+    bypass,
+    ceil,
+    copy,
+    cos,
+    divide,
+    equal,
+    erf,
+    erf_dx,
+    exp,
+    floor,
+    fmod,
+    gelu,
+    gelu_apprx_sigmoid,
+    gelu_apprx_sigmoid_dx,
+    gelu_apprx_tanh,
+    gelu_dx,
+    greater,
+    greater_equal,
+    invert,
+    left_shift,
+    less,
+    less_equal,
+    log,
+    logical_and,
+    logical_not,
+    logical_or,
+    logical_xor,
+    maximum,
+    minimum,
+    mish,
+    mod,
+    multiply,
+    negative,
+    new_tile,
+    not_equal,
+    power,
+    reciprocal,
+    relu,
+    right_shift,
+    rsqrt,
+    sigmoid,
+    sign,
+    silu,
+    silu_dx,
+    sin,
+    softplus,
+    sqrt,
+    square,
+    subtract,
+    tan,
+    tanh,
+    trunc,
+    values,
 )
 
 sbuf = MemoryRegion.sbuf
@@ -106,155 +172,24 @@ class _TileSize:
 tile_size = _TileSize()
 
 
-# --- operators ----------------------------------------------------------------------------------
-
-
-class Op:
-    """An ALU operator or activation function usable as ``op=`` and callable as ``nl.<name>(...)``."""
-
-    def __init__(self, name: str, fn: Callable[..., np.ndarray], arity: int, kind: str,
-                 reduce: Callable[..., np.ndarray] | None = None, identity: float | None = None) -> None:
-        self.name, self.fn, self.arity, self.kind, self.reduce, self.identity = name, fn, arity, kind, reduce, identity
-
-    def __repr__(self) -> str:
-        return f"nl.{self.name}"
-
-    def __call__(self, x: Any, y: Any = None, dtype: Any = None) -> NkiTensor:
-        inputs = [x] if self.arity == 1 else [x, y]
-        tiles = [t for t in inputs if isinstance(t, NkiTensor)]
-        if not tiles:
-            raise EmulatorError(f"nl.{self.name}: at least one argument must be a tile")
-        vals = [_values(t) if isinstance(t, NkiTensor) else np.float32(t) for t in inputs]
-        result = self.fn(*vals)
-        out_dtype = _dt.normalize(dtype) if dtype is not None else tiles[0].dtype
-        shape = np.broadcast_shapes(*(t.shape for t in tiles))
-        return _new_tile(shape, out_dtype, np.broadcast_to(result, shape), self.name, tiles)
-
-
-def values(t: NkiTensor) -> np.ndarray:
-    """The tensor's values as float32 (integers as float64, x4 types unpacked in the last axis)."""
-    if t.dtype in _dt.INTEGER:
-        return t.data.astype(np.float64)
-    return t.data.astype(np.float32)
-
-
-_values = values
-
-
-def _new_tile(shape: Sequence[int], dtype: str, vals: np.ndarray, name: str, srcs: Sequence[NkiTensor],
-              engine: str = "vector") -> NkiTensor:
-    out = NkiTensor.allocate(shape, dtype, sbuf, name=name)
-    out.data[...] = _dt.cast(vals, dtype)
-    free = out.free_size
-    current().record(Instruction(
-        f"nl.{name}", engine, tuple(s.storage_id for s in srcs), (out.storage_id,), out.partitions, free,
-        len(srcs), all(s.dtype in _dt.SIXTEEN_BIT for s in (*srcs, out))))
-    return out
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-def _gelu(x: np.ndarray) -> np.ndarray:
-    from math import erf
-
-    return 0.5 * x * (1.0 + np.vectorize(erf, otypes=[np.float32])(x / np.sqrt(2.0)))
-
-
-def _gelu_tanh(x: np.ndarray) -> np.ndarray:
-    return 0.5 * x * (1.0 + np.tanh(0.7978845608 * (x + 0.044715 * x**3)))
-
-
-def _binary(name: str, fn: Callable[..., np.ndarray], kind: str = "arith",
-            reduce: Callable[..., np.ndarray] | None = None, identity: float | None = None) -> Op:
-    return Op(name, fn, 2, kind, reduce, identity)
-
-
-def _unary(name: str, fn: Callable[..., np.ndarray], kind: str = "activation") -> Op:
-    return Op(name, fn, 1, kind)
-
-
-def _bits(fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Callable[..., np.ndarray]:
-    return lambda a, b: fn(np.asarray(a).astype(np.int64), np.asarray(b).astype(np.int64))
-
-
-with np.errstate(all="ignore"):
-    add = _binary("add", np.add, reduce=np.add.reduce, identity=0.0)
-    subtract = _binary("subtract", np.subtract, reduce=np.subtract.reduce)
-    multiply = _binary("multiply", np.multiply, reduce=np.multiply.reduce, identity=1.0)
-    divide = _binary("divide", np.divide)
-    maximum = _binary("maximum", np.maximum, reduce=np.maximum.reduce, identity=-np.inf)
-    minimum = _binary("minimum", np.minimum, reduce=np.minimum.reduce, identity=np.inf)
-    power = _binary("power", np.power)
-    abs_max = _binary("abs_max", lambda a, b: np.where(np.abs(a) > np.abs(b), a, b))
-    abs_min = _binary("abs_min", lambda a, b: np.where(np.abs(a) < np.abs(b), a, b))
-    fmod = _binary("fmod", np.fmod)
-    mod = _binary("mod", np.mod)
-    equal = _binary("equal", lambda a, b: (a == b).astype(np.float32), "compare")
-    not_equal = _binary("not_equal", lambda a, b: (a != b).astype(np.float32), "compare")
-    less = _binary("less", lambda a, b: (a < b).astype(np.float32), "compare")
-    less_equal = _binary("less_equal", lambda a, b: (a <= b).astype(np.float32), "compare")
-    greater = _binary("greater", lambda a, b: (a > b).astype(np.float32), "compare")
-    greater_equal = _binary("greater_equal", lambda a, b: (a >= b).astype(np.float32), "compare")
-    logical_and = _binary("logical_and", lambda a, b: np.logical_and(a, b).astype(np.float32), "compare",
-                          np.logical_and.reduce)
-    logical_or = _binary("logical_or", lambda a, b: np.logical_or(a, b).astype(np.float32), "compare",
-                         np.logical_or.reduce)
-    logical_xor = _binary("logical_xor", lambda a, b: np.logical_xor(a, b).astype(np.float32), "compare")
-    bitwise_and = _binary("bitwise_and", _bits(np.bitwise_and), "bitvec", np.bitwise_and.reduce)
-    bitwise_or = _binary("bitwise_or", _bits(np.bitwise_or), "bitvec", np.bitwise_or.reduce)
-    bitwise_xor = _binary("bitwise_xor", _bits(np.bitwise_xor), "bitvec", np.bitwise_xor.reduce)
-    left_shift = _binary("left_shift", _bits(np.left_shift), "bitvec")
-    # ISA: "Arithmetic shift right NOT supported (right_shift = logical)" (nki.api.shared.rst).
-    right_shift = _binary("right_shift", lambda a, b: (np.asarray(a).astype(np.int64) & 0xFFFFFFFF)
-                          >> np.asarray(b).astype(np.int64), "bitvec")
-
-    copy = _unary("copy", lambda x: x)
-    exp = _unary("exp", np.exp)
-    log = _unary("log", np.log)
-    sqrt = _unary("sqrt", np.sqrt)
-    rsqrt = _unary("rsqrt", lambda x: 1.0 / np.sqrt(x))
-    reciprocal = _unary("reciprocal", lambda x: 1.0 / x)
-    square = _unary("square", np.square)
-    abs = _unary("abs", np.abs)  # noqa: A001
-    negative = _unary("negative", np.negative)
-    sign = _unary("sign", np.sign)
-    sin = _unary("sin", np.sin)
-    cos = _unary("cos", np.cos)
-    tan = _unary("tan", np.tan)
-    tanh = _unary("tanh", np.tanh)
-    arctan = _unary("arctan", np.arctan)
-    ceil = _unary("ceil", np.ceil)
-    floor = _unary("floor", np.floor)
-    trunc = _unary("trunc", np.trunc)
-    sigmoid = _unary("sigmoid", _sigmoid)
-    relu = _unary("relu", lambda x: np.maximum(x, 0.0))
-    silu = _unary("silu", lambda x: x * _sigmoid(x))
-    silu_dx = _unary("silu_dx", lambda x: _sigmoid(x) * (1.0 + x * (1.0 - _sigmoid(x))))
-    gelu = _unary("gelu", _gelu)
-    gelu_apprx_tanh = _unary("gelu_apprx_tanh", _gelu_tanh)
-    gelu_apprx_sigmoid = _unary("gelu_apprx_sigmoid", lambda x: x * _sigmoid(1.702 * x))
-    softplus = _unary("softplus", lambda x: np.log1p(np.exp(x)))
-    mish = _unary("mish", lambda x: x * np.tanh(np.log1p(np.exp(x))))
-    erf = _unary("erf", lambda x: np.vectorize(math.erf, otypes=[np.float32])(x))
-    invert = _unary("invert", lambda x: np.invert(np.asarray(x).astype(np.int64)), "bitvec")
-    logical_not = _unary("logical_not", lambda x: np.logical_not(x).astype(np.float32), "compare")
-
-average = Op("average", lambda a, b: (a + b) / 2, 2, "arith", lambda v, axis: np.mean(v, axis=axis))
-bypass = Op("bypass", lambda a, b=None: a, 2, "arith")
-
-
 # --- creation -----------------------------------------------------------------------------------
 
 
 def _default_buffer(buffer: Any) -> MemoryRegion:
-    return MemoryRegion.sbuf if buffer is None else region(buffer)  # 0.2.0 default None meant SBUF
+    if buffer is None:  # NKI 0.2.0's default, meaning SBUF
+        current().refuse_removed("buffer=None", "pass buffer=nl.sbuf (the 0.3.0 default)")
+        return MemoryRegion.sbuf
+    return region(buffer)
+
+
+#: ``nl.tensor``: the type of NKI tensors, as kernels annotate their arguments.
+tensor = NkiTensor
 
 
 def ndarray(shape: Sequence[int], dtype: Any, buffer: Any = sbuf, name: str = "", address: Any = None) -> NkiTensor:
-    """A new tensor; on-chip contents start as NaN (ints: 4), as in the SDK simulator."""
-    return NkiTensor.allocate(shape, dtype, _default_buffer(buffer), name)
+    """A new tensor; on-chip contents start as NaN (ints: 4), as in the SDK simulator.
+    ``address=(partition_offset, free_offset)`` pins an on-chip tensor at that byte offset."""
+    return NkiTensor.allocate(shape, dtype, _default_buffer(buffer), name, address=address)
 
 
 def _filled(shape: Sequence[int], value: float, dtype: Any, buffer: Any, name: str) -> NkiTensor:
@@ -313,18 +248,14 @@ def dynamic_range(start: Any, stop: Any = None, step: int = 1) -> Iterable[Virtu
 
 def load(src: NkiTensor, dtype: Any = None) -> NkiTensor:
     """HBM -> new SBUF tile (a ``dma_copy``)."""
-    from nkimoe.nki.emulator import isa
-
     out = NkiTensor.allocate(src.shape, dtype or src.dtype, sbuf)
-    isa.dma_copy(dst=out, src=src)
+    _isa.dma_copy(dst=out, src=src)
     return out
 
 
 def store(dst: NkiTensor, value: NkiTensor) -> None:
     """SBUF tile -> HBM (a ``dma_copy``)."""
-    from nkimoe.nki.emulator import isa
-
-    isa.dma_copy(dst=dst, src=value)
+    _isa.dma_copy(dst=dst, src=value)
 
 
 def _reduce(op: Op, x: NkiTensor, axis: Any, dtype: Any, keepdims: bool) -> NkiTensor:
@@ -332,10 +263,10 @@ def _reduce(op: Op, x: NkiTensor, axis: Any, dtype: Any, keepdims: bool) -> NkiT
     axes = tuple(a % x.ndim for a in axes)
     if 0 in axes:
         raise EmulatorError(f"nl.{op.name}: reducing the partition axis is not supported; reduce free axes")
-    vals = _values(x)
+    vals = values(x)
     result = op.reduce(vals, axis=axes, keepdims=True) if op.name != "average" else np.mean(vals, axis=axes, keepdims=True)
     shape = result.shape if keepdims else tuple(s for i, s in enumerate(x.shape) if i not in axes) or (x.shape[0], 1)
-    return _new_tile(shape, _dt.normalize(dtype) if dtype else x.dtype, result.reshape(shape), op.name, [x])
+    return new_tile(shape, _dt.normalize(dtype) if dtype else x.dtype, result.reshape(shape), op.name, [x])
 
 
 def sum(x: NkiTensor, axis: Any, dtype: Any = None, keepdims: bool = False) -> NkiTensor:  # noqa: A001
@@ -367,4 +298,163 @@ def program_ndim() -> int:
 
 
 def device_print(print_prefix: str, tensor: NkiTensor) -> None:
-    print(print_prefix, _values(tensor))
+    print(print_prefix, values(tensor))
+
+
+def prod(x: NkiTensor, axis: Any, dtype: Any = None, keepdims: bool = False) -> NkiTensor:
+    return _reduce(multiply, x, axis, dtype, keepdims)
+
+
+def all(x: NkiTensor, axis: Any, dtype: Any = None) -> NkiTensor:  # noqa: A001
+    """Logical AND along free axes ``axis`` (1.0 where every element is nonzero)."""
+    return _reduce(logical_and, x, axis, dtype, False)
+
+
+def var(x: NkiTensor, axis: Any, dtype: Any = None, keepdims: bool = False) -> NkiTensor:
+    """Population variance along free axes ``axis``, in fp32."""
+    axes = tuple(a % x.ndim for a in (axis if isinstance(axis, (tuple, list)) else (axis,)))
+    if 0 in axes:
+        raise EmulatorError("nl.var: reducing the partition axis is not supported; reduce free axes")
+    result = np.var(values(x), axis=axes, keepdims=True)
+    shape = result.shape if keepdims else tuple(s for i, s in enumerate(x.shape) if i not in axes)
+    return new_tile(shape, _dt.normalize(dtype) if dtype else x.dtype, result.reshape(shape), "var", [x])
+
+
+def softmax(x: NkiTensor, axis: Any = -1, dtype: Any = None) -> NkiTensor:
+    """``exp(x - max) / sum(exp(x - max))`` along free axes ``axis``, in fp32."""
+    axes = tuple(a % x.ndim for a in (axis if isinstance(axis, (tuple, list)) else (axis,)))
+    if 0 in axes:
+        raise EmulatorError("nl.softmax: the partition axis cannot be the softmax axis")
+    v = values(x)
+    e = np.exp(v - v.max(axis=axes, keepdims=True))
+    return new_tile(x.shape, _dt.normalize(dtype) if dtype else x.dtype, e / e.sum(axis=axes, keepdims=True),
+                    "softmax", [x])
+
+
+def rms_norm(x: NkiTensor, w: NkiTensor, axis: Any, n: int, epsilon: float = 1e-06, dtype: Any = None,
+             compute_dtype: Any = None) -> NkiTensor:
+    """``x / sqrt(sum(x^2, axis) / n + epsilon) * w`` (fp32 unless ``compute_dtype`` rounds the
+    intermediate sum of squares)."""
+    v = values(x)
+    squares = np.sum(v * v, axis=axis, keepdims=True)
+    if compute_dtype is not None:
+        squares = _dt.cast(squares, _dt.normalize(compute_dtype)).astype(np.float32)
+    out = v / np.sqrt(squares / np.float32(n) + np.float32(epsilon)) * values(w)
+    return new_tile(x.shape, _dt.normalize(dtype) if dtype else x.dtype, out, "rms_norm", [x, w])
+
+
+def where(condition: NkiTensor, x: Any, y: Any, dtype: Any = None) -> NkiTensor:
+    """``x`` where ``condition`` is nonzero, else ``y`` (tiles or scalars, NumPy broadcasting)."""
+    tiles = [t for t in (condition, x, y) if isinstance(t, NkiTensor)]
+    vals = [values(t) if isinstance(t, NkiTensor) else np.float32(t) for t in (condition, x, y)]
+    shape = np.broadcast_shapes(*(t.shape for t in tiles))
+    like = next((t for t in (x, y) if isinstance(t, NkiTensor)), condition)
+    out = np.broadcast_to(np.where(vals[0] != 0, vals[1], vals[2]), shape)
+    return new_tile(shape, _dt.normalize(dtype) if dtype else like.dtype, out, "where", tiles)
+
+
+def broadcast_to(x: NkiTensor, shape: Sequence[int], dtype: Any = None) -> NkiTensor:
+    """``x`` broadcast (NumPy rules, same rank) to ``shape``; ``x`` itself when nothing changes."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != x.ndim or builtins.any(a != b and a != 1 for a, b in zip(x.shape, shape)):
+        raise EmulatorError(f"nl.broadcast_to: cannot broadcast {x.shape} to {shape}; each axis must match or be 1")
+    out_dtype = _dt.normalize(dtype) if dtype else x.dtype
+    if shape == x.shape and out_dtype == x.dtype:
+        return x
+    return new_tile(shape, out_dtype, np.broadcast_to(values(x), shape), "broadcast_to", [x])
+
+
+def expand_dims(x: NkiTensor, axis: int) -> NkiTensor:
+    """A view of ``x`` with a new size-1 axis at ``axis``."""
+    shape = list(x.shape)
+    shape.insert(axis if axis >= 0 else len(shape) + axis + 1, 1)
+    if x.buffer.on_chip and shape[0] != x.shape[0]:
+        raise EmulatorError(f"nl.expand_dims: axis {axis} would move the partition axis of {x!r}")
+    return x.reshape(shape)
+
+
+def transpose(x: NkiTensor, dtype: Any = None) -> NkiTensor:
+    """2-D transpose of partition and free axes (TensorE into PSUM when either side exceeds 32, else VectorE)."""
+    if x.ndim != 2:
+        raise EmulatorError(f"nl.transpose: {x!r} must be 2-D")
+    eng = "tensor" if builtins.max(x.shape) > 32 else "vector"
+    out = NkiTensor.allocate((x.shape[1], x.shape[0]), x.dtype, psum if eng == "tensor" else sbuf, name="transpose")
+    _isa.nc_transpose(out, x, engine=_isa.engine.tensor if eng == "tensor" else _isa.engine.vector)
+    if dtype is None or _dt.normalize(dtype) == x.dtype:
+        return out
+    return copy(out, dtype=dtype)
+
+
+def matmul(x: NkiTensor, y: NkiTensor, transpose_x: bool = False) -> NkiTensor:
+    """``x @ y`` (or ``x.T @ y`` with ``transpose_x``) into a new fp32 PSUM tile."""
+    stationary = x if transpose_x else transpose(x)
+    if stationary.buffer is psum:
+        stationary = copy(stationary)
+    out = NkiTensor.allocate((stationary.shape[1], y.shape[1]), float32, psum, name="matmul")
+    _isa.nc_matmul(out, stationary, y)
+    return out
+
+
+def load_transpose2d(src: NkiTensor, dtype: Any = None) -> NkiTensor:
+    """HBM [A, B] -> new SBUF tile [B, A] (a DMA transpose)."""
+    if src.ndim != 2:
+        raise EmulatorError(f"nl.load_transpose2d: {src!r} must be 2-D")
+    out = NkiTensor.allocate((src.shape[1], src.shape[0]), dtype or src.dtype, sbuf)
+    _isa.dma_transpose(out, src)
+    return out
+
+
+def gather_flattened(data: NkiTensor, indices: NkiTensor, axis: int = 0, dtype: Any = None) -> NkiTensor:
+    """Per partition, ``data``'s flattened free elements at ``indices`` (GpSimd ``nc_n_gather``)."""
+    if axis != 0:
+        raise EmulatorError(f"nl.gather_flattened: axis={axis} is not supported; indices select free elements per partition")
+    out = NkiTensor.allocate(indices.shape, data.dtype, sbuf, name="gather_flattened")
+    _isa.nc_n_gather(out, data, indices)
+    return out if dtype is None or _dt.normalize(dtype) == data.dtype else copy(out, dtype=dtype)
+
+
+def rand(shape: Sequence[int], dtype: Any, buffer: Any = sbuf, name: str = "") -> NkiTensor:
+    """A new tensor of uniform random values in [0, 1) from the program's generator
+    (``nl.random_seed``); the values are not the hardware PRNG's bits."""
+    out = NkiTensor.allocate(shape, dtype, _default_buffer(buffer), name)
+    out.data[...] = _dt.cast(current().rng.random(out.data.shape, dtype=np.float32), out.dtype)
+    current().record(Instruction("nl.rand", "gpsimd", (), (out.storage_id,), out.partitions, out.free_size, 0))
+    return out
+
+
+def random_seed(seed: NkiTensor) -> None:
+    """Seed the generator behind ``nl.rand`` / ``nl.dropout`` from a [1, 1] tile."""
+    current().rng = np.random.default_rng(int(values(seed).reshape(-1)[0]))
+
+
+def dropout(x: NkiTensor, rate: Any, dtype: Any = None) -> NkiTensor:
+    """Zero each element with probability ``rate`` (a scalar or a [P, 1] tile)."""
+    p = values(rate).reshape(-1, *([1] * (x.ndim - 1))) if isinstance(rate, NkiTensor) else np.float32(rate)
+    keep = current().rng.random(x.shape, dtype=np.float32) >= p
+    return new_tile(x.shape, _dt.normalize(dtype) if dtype else x.dtype, np.where(keep, values(x), 0.0), "dropout",
+                    [x] + ([rate] if isinstance(rate, NkiTensor) else []))
+
+
+def shared_constant(constant: Any) -> NkiTensor:
+    """A ``shared_hbm`` tensor holding ``constant`` (an array or the path of a ``.npy`` file)."""
+    array = np.load(constant) if isinstance(constant, (str, Path)) else np.asarray(constant)
+    out = NkiTensor.allocate(array.shape, _dt.from_numpy(array.dtype), shared_hbm, name="shared_constant")
+    out.data[...] = array
+    return out
+
+
+def shared_identity_matrix(n: int, dtype: Any = "uint8", dst: NkiTensor | None = None) -> NkiTensor:
+    """An [n, n] identity tile in SBUF (into ``dst`` when given)."""
+    out = dst if dst is not None else NkiTensor.allocate((n, n), dtype, sbuf, name="identity")
+    if out.shape != (n, n):
+        raise EmulatorError(f"nl.shared_identity_matrix: dst {out!r} must be [{n}, {n}]")
+    out.data[...] = _dt.cast(np.eye(n, dtype=np.float32), out.dtype)
+    current().record(Instruction("nl.shared_identity_matrix", "dma", (), (out.storage_id,), n, n, 0,
+                                 bytes=int(n * n * _dt.itemsize(out.dtype))))
+    return out
+
+
+@contextlib.contextmanager
+def no_reorder() -> Iterator[None]:
+    """``with nl.no_reorder():`` keeps program order, which the emulator always does."""
+    yield

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextvars
 import functools
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -10,6 +12,7 @@ import numpy as np
 
 from nkimoe.nki.emulator import dtypes as dt
 from nkimoe.nki.emulator.core import EmulatorError, MemoryRegion, NkiTensor, Session, _SESSION, default_target
+from nkimoe.nki.emulator.lnc import Deadlock, LncGroup
 
 _LAST: dict[str, Session] = {}
 
@@ -63,53 +66,98 @@ class Kernel:
         return Kernel(self.fn, lnc, **self.options)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        converted: list[Any] = []
         torch_in = False
-        for arg in args:
-            if isinstance(arg, (np.ndarray,)) or type(arg).__module__.startswith("torch"):
+
+        def tensor(arg: Any) -> Any:
+            nonlocal torch_in
+            if isinstance(arg, np.ndarray) or type(arg).__module__.startswith("torch"):
                 array, is_torch = _to_numpy(arg)
                 torch_in |= is_torch
-                converted.append(NkiTensor.wrap(array))
-            else:
-                converted.append(arg)
+                return NkiTensor.wrap(array, MemoryRegion.hbm)  # kernel inputs are nl.hbm tensors
+            return arg
+
+        converted = [tensor(a) for a in args]
+        named = {k: tensor(v) for k, v in kwargs.items()}
         active = _SESSION.get()
         if active is not None:
-            return self._run(active, converted, kwargs, torch_in)
+            return self._run(active, converted, named, torch_in)
         s = Session(default_target())
         token = _SESSION.set(s)
         try:
-            return self._run(s, converted, kwargs, torch_in)
+            return self._run(s, converted, named, torch_in)
         finally:
             _SESSION.reset(token)
             _LAST["session"] = s
 
     def _run(self, s: Session, args: list[Any], kwargs: dict[str, Any], torch_in: bool) -> Any:
-        results = []
-        s.num_programs = self.lnc
-        for program in range(self.lnc):  # LNC=2: the two cores run one after the other
-            s.program_id = program
-            results.append(self.fn(*args, **kwargs))
-        return _convert_outputs(results[-1], torch_in)
+        if "platform_target" in self.options:
+            s.refuse_removed("@nki.jit(platform_target=...)", "set NEURON_PLATFORM_TARGET_OVERRIDE instead")
+        if s.running:  # a kernel called from a kernel runs inline, in its caller's program
+            return self.fn(*args, **kwargs)
+        outer = s.memory
+        s.running = True
+        try:
+            if self.lnc == 1:
+                s.memory = s.fresh_memory()  # a kernel's tiles live within the kernel
+                out = self.fn(*args, **kwargs)
+            else:
+                out = self._run_programs(s, args, kwargs)
+            return _convert_outputs(s, out, torch_in)
+        finally:
+            s.memory, s.running = outer, False
+
+    def _run_programs(self, s: Session, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        """LNC=2: each program is a thread with its own core (trace, SBUF/PSUM, registers);
+        ``shared_hbm`` tensors are shared. The session's trace gets program 0's instructions,
+        then program 1's."""
+        group = LncGroup(self.lnc)
+        programs = [Session(s.target, program_id=p, num_programs=self.lnc, nki_version=s.nki_version, lnc=group,
+                            running=True) for p in range(self.lnc)]
+        results: list[Any] = [None] * self.lnc
+        errors: list[BaseException | None] = [None] * self.lnc
+
+        def run(p: int) -> None:
+            _SESSION.set(programs[p])
+            try:
+                results[p] = self.fn(*args, **kwargs)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                errors[p] = exc
+                group.abort()
+
+        threads = [threading.Thread(target=contextvars.copy_context().run, args=(run, p), name=f"nki-program-{p}")
+                   for p in range(self.lnc)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for p in programs:
+            s.trace.extend(p.trace)
+        failures = [e for e in errors if e is not None]
+        if failures:  # the program that failed first, not the peer it left waiting
+            raise next((e for e in failures if not isinstance(e, Deadlock)), failures[0])
+        return results[0]
 
 
-def _convert_outputs(out: Any, as_torch: bool) -> Any:
+def _convert_outputs(s: Session, out: Any, as_torch: bool) -> Any:
     if isinstance(out, NkiTensor):
         if out.buffer.on_chip:
             raise EmulatorError(f"a kernel returns HBM tensors; {out!r} is on chip")
-        if out.buffer is MemoryRegion.hbm:
-            pass  # NKI 0.2.0 allowed nl.hbm outputs; 0.3.0 wants nl.shared_hbm. Both are accepted.
+        if out.buffer is not MemoryRegion.shared_hbm:
+            s.refuse_removed(f"returning the {out.buffer.value} tensor {out.name or 'unnamed'} from a kernel",
+                             "allocate kernel outputs with buffer=nl.shared_hbm")
         return _from_numpy(out.data, as_torch)
     if isinstance(out, (tuple, list)):
-        return type(out)(_convert_outputs(o, as_torch) for o in out)
+        return type(out)(_convert_outputs(s, o, as_torch) for o in out)
     return out
 
 
-def jit(fn: Callable[..., Any] | None = None, **kwargs: Any) -> Any:
-    """``@nki.jit`` / ``@nki.jit(...)``: options are accepted and ignored (``platform_target`` was a
-    0.2.0 option; the emulated target comes from the session or the environment)."""
-    if fn is None:
+def jit(func: Callable[..., Any] | None = None, mode: str = "auto", **kwargs: Any) -> Any:
+    """``@nki.jit`` / ``@nki.jit(...)``: ``mode`` and other options are accepted and ignored (the
+    emulator has no framework to detect); ``platform_target`` (NKI 0.2.0 only) is refused under
+    0.3.0 when the kernel runs. The emulated target comes from the session or the environment."""
+    if func is None:
         return lambda f: Kernel(f, **kwargs)
-    return Kernel(fn, **kwargs)
+    return Kernel(func, **kwargs)
 
 
 def simulate(kernel: Any) -> Callable[..., Any]:

@@ -1,0 +1,343 @@
+"""LNC=2 as the hardware runs it, the compiler's memory model, per-SDK strictness and the 0.3.0
+instructions the emulator gained (each against a NumPy golden)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nkimoe.nki.emulator import EmulatorError, collectives, isa as nisa, jit, language as nl, session
+
+F32 = np.float32
+
+
+# --- LNC=2 ----------------------------------------------------------------------------------------
+
+
+@jit
+def _halves_kernel(x):  # noqa: ANN001, ANN202
+    """Each program doubles its half of the rows into one shared output."""
+    out = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
+    half = x.shape[0] // nl.num_programs()
+    rows = slice(nl.program_id(0) * half, (nl.program_id(0) + 1) * half)
+    tile = nl.ndarray((half, x.shape[1]), dtype=x.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=tile, src=x[rows, :])
+    nisa.tensor_scalar(dst=tile, data=tile, op0=nl.multiply, operand0=2.0)
+    nisa.dma_copy(dst=out[rows, :], src=tile)
+    return out
+
+
+@pytest.mark.parametrize("target", ["trn2", "trn3"])
+def test_lnc2_programs_write_halves_of_one_shared_output(target: str) -> None:
+    x = np.arange(256 * 8, dtype=F32).reshape(256, 8)
+    with session(target) as s:
+        out = _halves_kernel[2](x)
+    np.testing.assert_array_equal(out, 2 * x)  # exact: doubling is exact in fp32
+    # The trace holds program 0's instructions, then program 1's.
+    assert [i.name for i in s.trace] == ["dma_copy", "tensor_scalar", "dma_copy"] * 2
+
+
+@jit
+def _barrier_kernel(x):  # noqa: ANN001, ANN202
+    """Program 0 writes the shared scratch; after the barrier program 1 reads it."""
+    scratch = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
+    out = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
+    tile = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.sbuf)
+    if nl.program_id(0) == 0:
+        nisa.dma_copy(dst=tile, src=x)
+        nisa.dma_copy(dst=scratch, src=tile)
+    nisa.core_barrier(scratch, (0, 1))
+    if nl.program_id(0) == 1:
+        nisa.dma_copy(dst=tile, src=scratch)
+        nisa.dma_copy(dst=out, src=tile)
+    return out
+
+
+def test_core_barrier_orders_the_programs() -> None:
+    x = np.random.default_rng(0).standard_normal((64, 32)).astype(F32)
+    with session("trn2"):
+        np.testing.assert_array_equal(_barrier_kernel[2](x), x)
+        with pytest.raises(EmulatorError, match="launch it as kernel\\[2\\]"):
+            _barrier_kernel(x)
+
+
+@jit
+def _swap_kernel(x):  # noqa: ANN001, ANN202
+    """Each program sends its half to the other: the output has the halves swapped."""
+    out = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
+    me, half = nl.program_id(0), x.shape[0] // 2
+    mine = nl.ndarray((half, x.shape[1]), dtype=x.dtype, buffer=nl.sbuf)
+    theirs = nl.ndarray((half, x.shape[1]), dtype=x.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=mine, src=x[me * half:(me + 1) * half, :])
+    nisa.sendrecv(src=mine, dst=theirs, send_to_rank=1 - me, recv_from_rank=1 - me, pipe_id=0)
+    nisa.dma_copy(dst=out[me * half:(me + 1) * half, :], src=theirs)
+    return out
+
+
+def test_sendrecv_exchanges_tiles_between_programs() -> None:
+    x = np.random.default_rng(1).standard_normal((128, 16)).astype(F32)
+    with session("trn3"):
+        out = _swap_kernel[2](x)
+    np.testing.assert_array_equal(out, np.concatenate([x[64:], x[:64]]))
+
+
+@jit
+def _private_kernel(x):  # noqa: ANN001, ANN202
+    """Each program stages its own id in private HBM; the shared output shows no crosstalk."""
+    out = nl.ndarray((2, 4), dtype=nl.float32, buffer=nl.shared_hbm)
+    private = nl.ndarray((1, 4), dtype=nl.float32, buffer=nl.private_hbm)
+    me = nl.program_id(0)
+    tile = nl.full((1, 4), float(me + 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=private, src=tile)
+    nisa.core_barrier(out, (0, 1))  # both have written their private copy
+    back = nl.ndarray((1, 4), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=back, src=private)
+    nisa.dma_copy(dst=out[me:me + 1, :], src=back)
+    return out
+
+
+def test_private_hbm_stays_private_under_lnc2() -> None:
+    with session("trn2"):
+        out = _private_kernel[2](np.zeros((1, 1), F32))
+    np.testing.assert_array_equal(out, [[1.0] * 4, [2.0] * 4])
+
+
+@jit
+def _failing_kernel(x):  # noqa: ANN001, ANN202
+    if nl.program_id(0) == 0:
+        raise ValueError("program 0 fails")
+    nisa.core_barrier(nl.ndarray((1, 1), dtype=nl.float32, buffer=nl.shared_hbm), (0, 1))
+
+
+def test_a_failing_program_releases_its_waiting_peer() -> None:
+    with session("trn2"), pytest.raises(ValueError, match="program 0 fails"):
+        _failing_kernel[2](np.zeros((1, 1), F32))
+
+
+# --- memory as the compiler allocates it ----------------------------------------------------------
+
+
+@jit
+def _looped_kernel(x):  # noqa: ANN001, ANN202
+    """Per iteration one 120 KiB SBUF tile: two iterations' tiles exceed trn2's SBUF, one does not."""
+    out = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
+    for i in nl.affine_range(x.shape[0] // 128):
+        tile = nl.ndarray((128, x.shape[1]), dtype=x.dtype, buffer=nl.sbuf, name="row_block")
+        nisa.dma_copy(dst=tile, src=x[i * 128:(i + 1) * 128, :])
+        nisa.dma_copy(dst=out[i * 128:(i + 1) * 128, :], src=tile)
+    return out
+
+
+@jit
+def _hoarding_kernel(x):  # noqa: ANN001, ANN202
+    """The same tiles, all kept live to the end: over capacity."""
+    out = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
+    tiles = []
+    for i in nl.affine_range(x.shape[0] // 128):
+        tile = nl.ndarray((128, x.shape[1]), dtype=x.dtype, buffer=nl.sbuf, name="row_block")
+        nisa.dma_copy(dst=tile, src=x[i * 128:(i + 1) * 128, :])
+        tiles.append(tile)
+    for i, tile in enumerate(tiles):
+        nisa.dma_copy(dst=out[i * 128:(i + 1) * 128, :], src=tile)
+    return out
+
+
+def test_loop_tiles_are_reused_and_real_overflow_is_refused() -> None:
+    x = np.ones((256, 120 * 1024 // 4), F32)  # 120 KiB per partition per tile
+    with session("trn2"):
+        np.testing.assert_array_equal(_looped_kernel(x), x)
+        with pytest.raises(EmulatorError, match=r"live sbuf to 245760 B per partition, over trn2's \d+ B per "
+                                                r"partition; live tiles: row_block \(122880 B, allocated at "
+                                                r"test_runtime_model.py:\d+\)"):
+            _hoarding_kernel(x)
+
+
+def test_pinned_tiles_may_share_bytes_only_when_not_live_together() -> None:
+    with session("trn2"):
+        a = nl.ndarray((128, 512), dtype=nl.float32, buffer=nl.psum, address=(0, 0), name="a")
+        nisa.memset(a, 0.0)
+        b = nl.ndarray((128, 512), dtype=nl.float32, buffer=nl.psum, address=(0, 0), name="b")
+        nisa.memset(b, 1.0)  # a is dead: reusing its bank is what the pin asks for
+        c = nl.ndarray((128, 256), dtype=nl.float32, buffer=nl.psum, address=(0, 1024), name="c")
+        with pytest.raises(EmulatorError, match="b .* is used after c .* was placed over its bytes"):
+            nisa.memset(b, 2.0)
+        assert c.shape == (128, 256)
+        with pytest.raises(EmulatorError, match="ends at byte 18432, past trn2's 16384 B of psum"):
+            nl.ndarray((128, 512), dtype=nl.float32, buffer=nl.psum, address=(0, 16384))
+
+
+# --- per-SDK strictness ---------------------------------------------------------------------------
+
+
+@jit
+def _beta2_kernel(x):  # noqa: ANN001, ANN202
+    """NKI 0.2.0 idioms: a string buffer name, an nl.hbm output, a DMA straight out of PSUM."""
+    out = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.hbm)
+    tile = nl.ndarray(x.shape, dtype=x.dtype, buffer="sbuf")
+    nisa.dma_copy(dst=tile, src=x)
+    acc = nl.ndarray(x.shape, dtype=nl.float32, buffer=nl.psum)
+    nisa.tensor_copy(dst=acc, src=tile)
+    nisa.dma_copy(dst=out, src=acc)
+    return out
+
+
+def test_nki_version_follows_the_target_with_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = np.ones((4, 4), F32)
+    with session("trn2") as s:
+        assert s.nki_version == "0.2.0"
+        np.testing.assert_array_equal(_beta2_kernel(x), x)
+    with session("trn3") as s:
+        assert s.nki_version == "0.3.0"
+        with pytest.raises(EmulatorError, match="the string buffer name 'sbuf' was removed in NKI 0.3.0"):
+            _beta2_kernel(x)
+    with session("trn3", nki_version="0.2.0"):
+        np.testing.assert_array_equal(_beta2_kernel(x), x)
+    monkeypatch.setenv("NKIMOE_NKI_VERSION", "0.3.0")
+    with session("trn2") as s:
+        assert s.nki_version == "0.3.0"
+    monkeypatch.setenv("NKIMOE_NKI_VERSION", "0.9")
+    with pytest.raises(EmulatorError, match="NKIMOE_NKI_VERSION='0.9' is not an emulated NKI; valid: 0.2.0, 0.3.0"):
+        with session("trn2"):
+            pass
+
+
+@pytest.mark.parametrize("idiom,match", [
+    ("hbm_output", "returning the hbm tensor out from a kernel was removed in NKI 0.3.0"),
+    ("psum_dma", "nisa.dma_copy reading PSUM was removed in NKI 0.3.0"),
+    ("buffer_none", "buffer=None was removed in NKI 0.3.0"),
+])
+def test_what_0_3_0_removed_is_refused(idiom: str, match: str) -> None:
+    @jit
+    def kernel(x):  # noqa: ANN001, ANN202
+        out = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.hbm if idiom == "hbm_output" else nl.shared_hbm,
+                         name="out")
+        tile = nl.ndarray(x.shape, dtype=x.dtype, buffer=None if idiom == "buffer_none" else nl.sbuf)
+        nisa.dma_copy(dst=tile, src=x)
+        if idiom == "psum_dma":
+            acc = nl.ndarray(x.shape, dtype=nl.float32, buffer=nl.psum)
+            nisa.tensor_copy(dst=acc, src=tile)
+            nisa.dma_copy(dst=out, src=acc)
+        else:
+            nisa.dma_copy(dst=out, src=tile)
+        return out
+
+    x = np.ones((4, 4), F32)
+    with session("trn2", nki_version="0.3.0"), pytest.raises(EmulatorError, match=match):
+        kernel(x)
+    with session("trn2", nki_version="0.2.0"):
+        np.testing.assert_array_equal(kernel(x), x)
+
+
+# --- 0.3.0 instructions -------------------------------------------------------------------------
+
+
+def _sbuf(values: np.ndarray, dtype: str = nl.float32):  # noqa: ANN202
+    t = nl.ndarray(values.shape, dtype=dtype, buffer=nl.sbuf)
+    t.data[...] = values
+    return t
+
+
+def test_scan_cumulative_and_scalar_reduce_match_numpy() -> None:
+    r = np.random.default_rng(2)
+    a, b = r.standard_normal((4, 16)).astype(F32), r.standard_normal((4, 16)).astype(F32)
+    with session("trn2"):
+        dst = nl.ndarray((4, 16), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_tensor_scan(dst, _sbuf(a), _sbuf(b), 0.5, nl.multiply, nl.add)
+        expected, prev = np.empty_like(a), np.full(4, 0.5, F32)
+        for i in range(16):
+            prev = a[:, i] * prev + b[:, i]
+            expected[:, i] = prev
+        np.testing.assert_allclose(dst.data, expected, rtol=1e-6)  # same fp32 ops in the same order
+        nisa.tensor_scalar_cumulative(dst, _sbuf(a), nl.multiply, nl.add, 2.0)
+        np.testing.assert_allclose(dst.data, np.cumsum(2 * a, axis=1), rtol=1e-5, atol=1e-6)
+        res = nl.ndarray((4, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_scalar_reduce(dst, _sbuf(a), nl.add, 1.0, nl.maximum, res)
+        np.testing.assert_array_equal(res.data[:, 0], (a + 1).max(axis=1))
+
+
+def test_range_select_nonzero_and_gather() -> None:
+    r = np.random.default_rng(3)
+    x = r.standard_normal((2, 8)).astype(F32)
+    with session("trn3"):
+        dst, res = nl.ndarray((2, 8), dtype=nl.float32, buffer=nl.sbuf), nl.ndarray((2, 1), dtype=nl.float32,
+                                                                                      buffer=nl.sbuf)
+        lo, hi = _sbuf(np.array([[2.0], [0.0]], F32)), _sbuf(np.array([[5.0], [3.0]], F32))
+        nisa.range_select(dst, _sbuf(x), nl.greater_equal, nl.less, lo, hi, reduce_res=res, on_false_value=-9.0)
+        idx = np.arange(8)
+        mask = np.stack([(idx >= 2) & (idx < 5), (idx >= 0) & (idx < 3)])
+        np.testing.assert_array_equal(dst.data, np.where(mask, x, -9.0))
+        np.testing.assert_array_equal(res.data[:, 0], np.where(mask, x, -9.0).max(axis=1))
+        flags = np.zeros((16, 8), F32)
+        flags[0, [1, 2, 5]] = 1.0
+        found = nl.ndarray((16, 9), dtype=nl.int32, buffer=nl.sbuf)
+        nisa.nonzero_with_count(found, _sbuf(flags), index_offset=16)
+        assert found.data[0].tolist() == [17, 18, 21, -1, -1, -1, -1, -1, 3]  # the documented example
+        gathered = nl.ndarray((2, 3), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.nc_n_gather(gathered, _sbuf(x), _sbuf(np.array([[7, 0, 3], [1, 1, 6]]), nl.uint32))
+        np.testing.assert_array_equal(gathered.data, [[x[0, 7], x[0, 0], x[0, 3]], [x[1, 1], x[1, 1], x[1, 6]]])
+
+
+def test_language_conveniences_match_numpy() -> None:
+    r = np.random.default_rng(4)
+    x = r.standard_normal((8, 32)).astype(F32)
+    with session("trn3"):
+        t = _sbuf(x)
+        np.testing.assert_allclose(nl.softmax(t, axis=1).data, np.exp(x) / np.exp(x).sum(1, keepdims=True), rtol=1e-5)
+        np.testing.assert_array_equal(nl.broadcast_to(_sbuf(x[:, :1]), (8, 32)).data, np.broadcast_to(x[:, :1], (8, 32)))
+        np.testing.assert_array_equal(nl.where(nl.greater(t, 0.0), t, 0.0).data, np.maximum(x, 0))
+        ident = nl.shared_identity_matrix(8, dtype=nl.float32)
+        product = nl.matmul(ident, t, transpose_x=True)
+        assert product.buffer is nl.psum
+        np.testing.assert_array_equal(product.data, x)  # identity matmul is exact in fp32
+        np.testing.assert_allclose(nl.var(t, axis=1).data, x.var(axis=1), rtol=1e-5)
+
+
+def test_collectives_run_one_rank_and_refuse_others() -> None:
+    x = np.arange(8, dtype=F32).reshape(2, 4)
+    with session("trn2"):
+        src, dst = _sbuf(x), nl.ndarray((2, 4), dtype=nl.float32, buffer=nl.sbuf)
+        collectives.all_reduce([src], [dst], collectives.ReplicaGroup([[0]]), nl.add)
+        np.testing.assert_array_equal(dst.data, x)
+        with pytest.raises(EmulatorError, match="all_gather is not emulated: replica group \\[0, 1\\] spans ranks"):
+            collectives.all_gather([src], [dst], collectives.ReplicaGroup([[0, 1]]), 0)
+
+
+def test_unemulated_apis_say_why() -> None:
+    with session("trn3"), pytest.raises(EmulatorError, match="nisa.rand_get_state is not emulated: .*XORWOW"):
+        nisa.rand_get_state(nl.ndarray((1, 6), dtype=nl.uint32, buffer=nl.sbuf))
+
+
+@jit
+def _scatter_rows_kernel(cache, rows, ids):  # noqa: ANN001, ANN202
+    """Indirect scatter of ``rows`` into ``cache`` at row ``ids`` (KV-cache style), skipping ids past the end."""
+    idx = nl.ndarray(ids.shape, dtype=ids.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=idx, src=ids)
+    tile = nl.ndarray(rows.shape, dtype=rows.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=tile, src=rows)
+    width = cache.shape[1]
+    nisa.dma_copy(dst=cache.ap([[width, rows.shape[0]], [1, width]], vector_offset=idx), src=tile,
+                  oob_mode=nisa.oob_mode.skip)
+
+
+@jit
+def _gather_rows_kernel(cache, ids):  # noqa: ANN001, ANN202
+    out = nl.ndarray((ids.shape[0], cache.shape[1]), dtype=cache.dtype, buffer=nl.shared_hbm)
+    idx = nl.ndarray(ids.shape, dtype=ids.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=idx, src=ids)
+    tile = nl.ndarray((ids.shape[0], cache.shape[1]), dtype=cache.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=tile, src=cache.ap([[cache.shape[1], ids.shape[0]], [1, cache.shape[1]]], vector_offset=idx))
+    nisa.dma_copy(dst=out, src=tile)
+    return out
+
+
+def test_indirect_dma_skips_out_of_bounds_rows_only_when_asked() -> None:
+    cache = np.zeros((8, 4), F32)
+    rows = np.arange(12, dtype=F32).reshape(3, 4) + 1
+    ids = np.array([[2], [99], [5]], dtype=np.int32)
+    with session("trn3"):
+        _scatter_rows_kernel(cache, rows, ids)  # written in place, as on hardware
+        expected = np.zeros((8, 4), F32)
+        expected[2], expected[5] = rows[0], rows[2]
+        np.testing.assert_array_equal(cache, expected)
+        with pytest.raises(EmulatorError, match=r"indirect rows \[1\] index past the end .*oob_mode.skip"):
+            _gather_rows_kernel(cache, ids)
