@@ -119,17 +119,19 @@ class Memory:
 
     def __init__(self, target: str, sbuf_capacity: int, psum_capacity: int) -> None:
         self.buffers = {"sbuf": Buffer("sbuf", sbuf_capacity, target), "psum": Buffer("psum", psum_capacity, target)}
-        self.by_storage: dict[int, tuple[Buffer, Tile]] = {}
+        #: storage id -> (buffer, tile, the storage while it exists: a dead one's id may be reused)
+        self.by_storage: dict[int, tuple[Buffer, Tile, weakref.ref[np.ndarray]]] = {}
 
     def allocate(self, owner: np.ndarray, buffer: str, tile: Tile) -> None:
         buf = self.buffers[buffer]
         buf.allocate(tile)
-        key = id(owner)
-        self.by_storage[key] = (buf, tile)
-        weakref.finalize(owner, self.by_storage.pop, key, None)
+        self.by_storage[id(owner)] = (buf, tile, weakref.ref(owner))
 
     def use(self, storage_ids: tuple[int, ...]) -> None:
         for sid in storage_ids:
             entry = self.by_storage.get(sid)
             if entry is not None:
-                entry[0].use(entry[1])
+                if entry[2]() is None:  # that storage is gone; the id now names other data
+                    del self.by_storage[sid]
+                else:
+                    entry[0].use(entry[1])
