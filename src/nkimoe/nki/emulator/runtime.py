@@ -36,10 +36,8 @@ def _to_numpy(value: Any) -> tuple[np.ndarray, bool]:
         if t.dtype == torch.int64:
             raise EmulatorError("torch.int64 has no NKI dtype; convert to int32 before the kernel call")
         return t.numpy(), True
-    if isinstance(value, np.ndarray):
-        if not value.flags.c_contiguous:
-            raise EmulatorError("NumPy kernel arguments must be C-contiguous (np.ascontiguousarray)")
-        return value, False
+    if isinstance(value, np.ndarray):  # a strided array becomes a contiguous copy (HBM tensors are dense)
+        return np.ascontiguousarray(value), False
     raise EmulatorError(f"kernel arguments must be NumPy arrays or torch tensors, got {type(value).__name__}")
 
 

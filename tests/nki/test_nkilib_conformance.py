@@ -1,0 +1,165 @@
+"""Conformance: AWS's nki-library kernels run unchanged in the emulator.
+
+The vendored nki-library (``../shared/vendor/nki-library``) is imported as it is, with ``import
+nki`` resolving to the emulator (``aliases.install_as_nki``). Each case runs one kernel at the
+smallest shapes its own test file lists, with that test's LNC degree (nki-library's
+``CompilerArgs`` default on trn2/trn3 is LNC=2), against the torch reference that test uses,
+under the test's tolerances and nki-library's comparison (``comparators.maxAllClose``, mode
+"max": ``|actual - expected| <= atol + rtol * max|expected|``), on trn2 and trn3 under NKI 0.3.0
+rules. Inputs are drawn as the tests draw them (same distributions, seeds where the test fixes
+one). nki-library's own harness needs the Neuron SDK (``neuron_dtypes``), so it is not run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+from nkimoe.nki.emulator import session
+from nkimoe.nki.emulator.aliases import install_as_nki
+
+LIBRARY = Path(__file__).resolve().parents[2] / ".." / "shared" / "vendor" / "nki-library"
+TESTS = "test/integration/nkilib/core"
+
+pytestmark = pytest.mark.skipif(not (LIBRARY / "src").is_dir(), reason=f"vendored nki-library absent at {LIBRARY}")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One kernel call of nki-library's tests."""
+
+    id: str
+    kernel: str  #: "module:attribute" under nkilib_src.nkilib
+    reference: str  #: the torch reference the test validates against
+    inputs: Callable[[], dict[str, Any]]  #: tensors (NumPy) and scalar arguments
+    source: str  #: the nki-library test file the shapes and tolerances come from
+    lnc: int = 2
+    rtol: float = 1e-5
+    atol: float = 1e-8
+    options: dict[str, Any] = field(default_factory=dict)  #: non-tensor arguments of kernel and reference
+
+
+def _randn(seed: int, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    np.random.seed(seed)
+    return np.random.randn(*shape).astype(dtype)
+
+
+def _rope_inputs(d_head: int, batch: int, heads: int, seq: int) -> Callable[[], dict[str, Any]]:
+    def make() -> dict[str, Any]:  # gaussian_tensor_generator(seed=0), bf16, as generate_kernel_inputs
+        r = np.random.default_rng(0)
+        return {name: r.standard_normal(shape).astype(ml_dtypes.bfloat16) for name, shape in
+                (("x_in", (d_head, batch, heads, seq)), ("cos", (d_head // 2, batch, seq)),
+                 ("sin", (d_head // 2, batch, seq)))}
+    return make
+
+
+def _sparse_routing(tokens: int, experts: int, top_k: int, dtype: Any) -> Callable[[], dict[str, Any]]:
+    def make() -> dict[str, Any]:  # generate_sparse_input of test_find_nonzero_indices.py
+        np.random.seed(0)
+        k = tokens * top_k // experts
+        flat = np.random.permutation(np.concatenate([np.ones(k * experts), np.zeros((tokens - k) * experts)]))
+        x = flat.reshape(experts, tokens).T.astype(dtype)
+        if dtype == np.float32:
+            x[x > 0] = 0.1
+        return {"input_tensor": x}
+    return make
+
+
+CASES = [
+    # cumsum: FAST_TEST_PARAMS; atol 1e-3 (hidden <= 5000), rtol 1e-2 for bf16 else 1e-3.
+    Case("cumsum-1x256-f32", "core.cumsum:cumsum", "core.cumsum.cumsum_torch:cumsum_torch_ref",
+         lambda: {"x": _randn(42, (1, 256), np.float32)}, "cumsum/test_cumsum.py", rtol=1e-3, atol=1e-3),
+    Case("cumsum-64x4x1024-bf16", "core.cumsum:cumsum", "core.cumsum.cumsum_torch:cumsum_torch_ref",
+         lambda: {"x": _randn(42, (64, 4, 1024), ml_dtypes.bfloat16)}, "cumsum/test_cumsum.py", rtol=1e-2,
+         atol=1e-3),
+    Case("cumsum-128x2048-f32", "core.cumsum:cumsum", "core.cumsum.cumsum_torch:cumsum_torch_ref",
+         lambda: {"x": _randn(42, (128, 2048), np.float32)}, "cumsum/test_cumsum.py", rtol=1e-3, atol=1e-3),
+    # cascaded_max: cascaded_max_unit_perms (lnc, batch, seqlen, vocab), rtol = atol = 1e-5.
+    Case("cascaded_max-lnc1-1x1x3168", "core.max.cascaded_max:cascaded_max",
+         "core.max.cascaded_max_torch:cascaded_max_torch_ref",
+         lambda: {"input_tensor": _randn(42, (1, 1, 3168), np.float32)}, "max/test_cascaded_max.py", lnc=1,
+         rtol=1e-5, atol=1e-5),
+    Case("cascaded_max-lnc2-1x1x256", "core.max.cascaded_max:cascaded_max",
+         "core.max.cascaded_max_torch:cascaded_max_torch_ref",
+         lambda: {"input_tensor": _randn(42, (1, 1, 256), np.float32)}, "max/test_cascaded_max.py", lnc=2,
+         rtol=1e-5, atol=1e-5),
+    Case("cascaded_max-lnc2-5x5x4058", "core.max.cascaded_max:cascaded_max",
+         "core.max.cascaded_max_torch:cascaded_max_torch_ref",
+         lambda: {"input_tensor": _randn(42, (5, 5, 4058), np.float32)}, "max/test_cascaded_max.py", lnc=2,
+         rtol=1e-5, atol=1e-5),
+    # RoPE: the smallest test_rope_fast shapes; rtol = bf16 eps (2^-7), atol 1e-3.
+    Case("rope-d64-b1-h1-s16", "core.embeddings.rope:RoPE", "core.embeddings.rope_torch:rope_torch_ref",
+         _rope_inputs(64, 1, 1, 16), "embeddings/test_rope.py", rtol=2**-7, atol=1e-3,
+         options={"lnc_shard": True, "contiguous_layout": True, "relayout_in_sbuf": False}),
+    Case("rope-d128-b8-h8-s128", "core.embeddings.rope:RoPE", "core.embeddings.rope_torch:rope_torch_ref",
+         _rope_inputs(128, 8, 8, 128), "embeddings/test_rope.py", rtol=2**-7, atol=1e-3,
+         options={"lnc_shard": True, "contiguous_layout": False, "relayout_in_sbuf": True}),
+    # find_nonzero_indices: FULL_TEST_PARAMS' smallest row, LNC=2, exact (atol = rtol = 0).
+    Case("find_nonzero_indices-4096x128-int32", "core.subkernels.find_nonzero_indices:find_nonzero_indices",
+         "core.subkernels.find_nonzero_indices_torch:find_nonzero_indices_torch_ref",
+         _sparse_routing(4096, 128, 8, np.int32), "subkernels/test_find_nonzero_indices.py", rtol=0.0, atol=0.0,
+         options={"chunk_size": 4096}),
+    Case("find_nonzero_indices-4096x128-f32", "core.subkernels.find_nonzero_indices:find_nonzero_indices",
+         "core.subkernels.find_nonzero_indices_torch:find_nonzero_indices_torch_ref",
+         _sparse_routing(4096, 128, 8, np.float32), "subkernels/test_find_nonzero_indices.py", rtol=0.0, atol=0.0,
+         options={"chunk_size": 4096}),
+]
+
+
+@pytest.fixture(scope="module")
+def nkilib() -> Iterator[str]:
+    """nki-library importable, with ``import nki`` resolving to the emulator (undone afterwards)."""
+    before = {name: module for name, module in sys.modules.items() if name == "nki" or name.startswith("nki.")}
+    sys.path.insert(0, str(LIBRARY / "src"))
+    install_as_nki()
+    try:
+        yield "nkilib_src.nkilib"
+    finally:
+        sys.path.remove(str(LIBRARY / "src"))
+        for name in [n for n in sys.modules if n == "nki" or n.startswith("nki.") or n.startswith("nkilib_src")]:
+            del sys.modules[name]
+        sys.modules.update(before)
+
+
+def _resolve(package: str, spec: str) -> Any:
+    module, attribute = spec.split(":")
+    return getattr(importlib.import_module(f"{package}.{module}"), attribute)
+
+
+def _as_torch(value: Any) -> Any:
+    """As nki-library's ``torch_ref_wrapper``: low-precision floats reach the reference as fp32."""
+    if not isinstance(value, np.ndarray):
+        return value
+    if value.dtype == ml_dtypes.bfloat16 or value.dtype == np.float16:
+        value = value.astype(np.float32)
+    return torch.from_numpy(value)
+
+
+@pytest.mark.parametrize("target", ["trn2", "trn3"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_nkilib_kernel_matches_its_reference(nkilib: str, case: Case, target: str) -> None:
+    kernel = _resolve(nkilib, case.kernel)
+    reference = _resolve(nkilib, case.reference)
+    inputs = case.inputs()
+    with session(target, nki_version="0.3.0"):
+        actual = (kernel[case.lnc] if case.lnc > 1 else kernel)(**inputs, **case.options)
+    expected = reference(**{k: _as_torch(v) for k, v in inputs.items()}, **case.options)
+    expected = list(expected.values()) if isinstance(expected, dict) else [expected]
+    actual = list(actual) if isinstance(actual, (tuple, list)) else [actual]
+    assert len(actual) == len(expected), f"{case.id}: {len(actual)} outputs, reference has {len(expected)}"
+    for a, e in zip(actual, expected):
+        a = np.asarray(a).astype(np.float32)
+        e = e.float().numpy() if isinstance(e, torch.Tensor) else np.asarray(e, dtype=np.float32)
+        a = a.reshape(e.shape)
+        bound = case.atol + case.rtol * float(np.abs(e).max(initial=0.0))
+        worst = float(np.abs(a - e).max(initial=0.0))
+        assert worst <= bound, f"{case.id} on {target}: max |diff| {worst} over {bound} ({case.source})"
