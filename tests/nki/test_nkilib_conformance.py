@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,78 +40,99 @@ class Case:
     id: str
     kernel: str  #: "module:attribute" under nkilib_src.nkilib
     reference: str  #: the torch reference the test validates against
-    inputs: Callable[[], dict[str, Any]]  #: tensors (NumPy) and scalar arguments
+    #: The kernel's arguments (NumPy tensors and options), given a resolver of "module:attribute" names.
+    inputs: Callable[[Callable[[str], Any]], dict[str, Any]]
     source: str  #: the nki-library test file the shapes and tolerances come from
     lnc: int = 2
     rtol: float = 1e-5
     atol: float = 1e-8
-    options: dict[str, Any] = field(default_factory=dict)  #: non-tensor arguments of kernel and reference
 
 
-def _randn(seed: int, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    np.random.seed(seed)
-    return np.random.randn(*shape).astype(dtype)
-
-
-def _rope_inputs(d_head: int, batch: int, heads: int, seq: int) -> Callable[[], dict[str, Any]]:
-    def make() -> dict[str, Any]:  # gaussian_tensor_generator(seed=0), bf16, as generate_kernel_inputs
-        r = np.random.default_rng(0)
-        return {name: r.standard_normal(shape).astype(ml_dtypes.bfloat16) for name, shape in
-                (("x_in", (d_head, batch, heads, seq)), ("cos", (d_head // 2, batch, seq)),
-                 ("sin", (d_head // 2, batch, seq)))}
+def _randn(seed: int, name: str, shape: tuple[int, ...], dtype: Any) -> Callable[[Callable[[str], Any]], dict]:
+    """``np.random.seed(seed); np.random.randn(*shape)``, as the cumsum and cascaded_max tests draw."""
+    def make(resolve: Callable[[str], Any]) -> dict[str, Any]:
+        np.random.seed(seed)
+        return {name: np.random.randn(*shape).astype(dtype)}
     return make
 
 
-def _sparse_routing(tokens: int, experts: int, top_k: int, dtype: Any) -> Callable[[], dict[str, Any]]:
-    def make() -> dict[str, Any]:  # generate_sparse_input of test_find_nonzero_indices.py
+def _gaussian(seed: int = 0, std: float = 1.0) -> Callable[[tuple[int, ...]], np.ndarray]:
+    """nki-library's ``gaussian_tensor_generator``: successive ``rng.normal`` draws of one generator, bf16."""
+    rng = np.random.default_rng(seed)
+    return lambda shape: (rng.normal(size=shape) * std).astype(ml_dtypes.bfloat16)
+
+
+def _rope(d_head: int, batch: int, heads: int, seq: int, contiguous: bool, relayout: bool) -> Callable[..., dict]:
+    def make(resolve: Callable[[str], Any]) -> dict[str, Any]:  # generate_kernel_inputs of test_rope.py
+        draw = _gaussian()
+        return {"x_in": draw((d_head, batch, heads, seq)), "cos": draw((d_head // 2, batch, seq)),
+                "sin": draw((d_head // 2, batch, seq)), "lnc_shard": True, "contiguous_layout": contiguous,
+                "relayout_in_sbuf": relayout}
+    return make
+
+
+def _sparse_routing(tokens: int, experts: int, top_k: int, dtype: Any) -> Callable[..., dict]:
+    def make(resolve: Callable[[str], Any]) -> dict[str, Any]:  # generate_sparse_input of test_find_nonzero_indices.py
         np.random.seed(0)
         k = tokens * top_k // experts
         flat = np.random.permutation(np.concatenate([np.ones(k * experts), np.zeros((tokens - k) * experts)]))
         x = flat.reshape(experts, tokens).T.astype(dtype)
         if dtype == np.float32:
             x[x > 0] = 0.1
-        return {"input_tensor": x}
+        return {"input_tensor": x, "chunk_size": tokens}
     return make
 
 
+def _output_projection(batch: int, heads: int, seq: int, d_head: int, hidden: int, bias: bool,
+                       transpose_out: bool) -> Callable[..., dict]:
+    def make(resolve: Callable[[str], Any]) -> dict[str, Any]:  # build_output_proj_tkg_input, no quantization
+        draw = _gaussian()
+        return {"attention": draw((d_head, batch, heads, seq)), "weight": draw((d_head * heads, hidden)),
+                "bias": _gaussian(std=100)((1, hidden)) if bias else None,
+                "quantization_type": resolve("core.utils.common_types:QuantizationType").NONE,
+                "weight_scale": None, "input_scale": None, "TRANSPOSE_OUT": transpose_out, "OUT_IN_SB": False}
+    return make
+
+
+CUMSUM = ("core.cumsum:cumsum", "core.cumsum.cumsum_torch:cumsum_torch_ref")
+CASCADED_MAX = ("core.max.cascaded_max:cascaded_max", "core.max.cascaded_max_torch:cascaded_max_torch_ref")
+ROPE = ("core.embeddings.rope:RoPE", "core.embeddings.rope_torch:rope_torch_ref")
+NONZERO = ("core.subkernels.find_nonzero_indices:find_nonzero_indices",
+           "core.subkernels.find_nonzero_indices_torch:find_nonzero_indices_torch_ref")
+OUT_PROJ = ("core.output_projection.output_projection_tkg:output_projection_tkg",
+            "core.output_projection.output_projection_tkg_torch:output_projection_tkg_torch_ref")
+
 CASES = [
     # cumsum: FAST_TEST_PARAMS; atol 1e-3 (hidden <= 5000), rtol 1e-2 for bf16 else 1e-3.
-    Case("cumsum-1x256-f32", "core.cumsum:cumsum", "core.cumsum.cumsum_torch:cumsum_torch_ref",
-         lambda: {"x": _randn(42, (1, 256), np.float32)}, "cumsum/test_cumsum.py", rtol=1e-3, atol=1e-3),
-    Case("cumsum-64x4x1024-bf16", "core.cumsum:cumsum", "core.cumsum.cumsum_torch:cumsum_torch_ref",
-         lambda: {"x": _randn(42, (64, 4, 1024), ml_dtypes.bfloat16)}, "cumsum/test_cumsum.py", rtol=1e-2,
-         atol=1e-3),
-    Case("cumsum-128x2048-f32", "core.cumsum:cumsum", "core.cumsum.cumsum_torch:cumsum_torch_ref",
-         lambda: {"x": _randn(42, (128, 2048), np.float32)}, "cumsum/test_cumsum.py", rtol=1e-3, atol=1e-3),
-    # cascaded_max: cascaded_max_unit_perms (lnc, batch, seqlen, vocab), rtol = atol = 1e-5.
-    Case("cascaded_max-lnc1-1x1x3168", "core.max.cascaded_max:cascaded_max",
-         "core.max.cascaded_max_torch:cascaded_max_torch_ref",
-         lambda: {"input_tensor": _randn(42, (1, 1, 3168), np.float32)}, "max/test_cascaded_max.py", lnc=1,
-         rtol=1e-5, atol=1e-5),
-    Case("cascaded_max-lnc2-1x1x256", "core.max.cascaded_max:cascaded_max",
-         "core.max.cascaded_max_torch:cascaded_max_torch_ref",
-         lambda: {"input_tensor": _randn(42, (1, 1, 256), np.float32)}, "max/test_cascaded_max.py", lnc=2,
-         rtol=1e-5, atol=1e-5),
-    Case("cascaded_max-lnc2-5x5x4058", "core.max.cascaded_max:cascaded_max",
-         "core.max.cascaded_max_torch:cascaded_max_torch_ref",
-         lambda: {"input_tensor": _randn(42, (5, 5, 4058), np.float32)}, "max/test_cascaded_max.py", lnc=2,
-         rtol=1e-5, atol=1e-5),
+    Case("cumsum-1x256-f32", *CUMSUM, _randn(42, "x", (1, 256), np.float32), "cumsum/test_cumsum.py",
+         rtol=1e-3, atol=1e-3),
+    Case("cumsum-64x4x1024-bf16", *CUMSUM, _randn(42, "x", (64, 4, 1024), ml_dtypes.bfloat16),
+         "cumsum/test_cumsum.py", rtol=1e-2, atol=1e-3),
+    Case("cumsum-128x2048-f32", *CUMSUM, _randn(42, "x", (128, 2048), np.float32), "cumsum/test_cumsum.py",
+         rtol=1e-3, atol=1e-3),
+    # cascaded_max: cascaded_max_unit_perms (lnc, batch, seqlen, vocab); rtol = atol = 1e-5.
+    Case("cascaded_max-lnc1-1x1x3168", *CASCADED_MAX, _randn(42, "input_tensor", (1, 1, 3168), np.float32),
+         "max/test_cascaded_max.py", lnc=1, rtol=1e-5, atol=1e-5),
+    Case("cascaded_max-lnc2-1x1x256", *CASCADED_MAX, _randn(42, "input_tensor", (1, 1, 256), np.float32),
+         "max/test_cascaded_max.py", rtol=1e-5, atol=1e-5),
+    Case("cascaded_max-lnc2-5x5x4058", *CASCADED_MAX, _randn(42, "input_tensor", (5, 5, 4058), np.float32),
+         "max/test_cascaded_max.py", rtol=1e-5, atol=1e-5),
     # RoPE: the smallest test_rope_fast shapes; rtol = bf16 eps (2^-7), atol 1e-3.
-    Case("rope-d64-b1-h1-s16", "core.embeddings.rope:RoPE", "core.embeddings.rope_torch:rope_torch_ref",
-         _rope_inputs(64, 1, 1, 16), "embeddings/test_rope.py", rtol=2**-7, atol=1e-3,
-         options={"lnc_shard": True, "contiguous_layout": True, "relayout_in_sbuf": False}),
-    Case("rope-d128-b8-h8-s128", "core.embeddings.rope:RoPE", "core.embeddings.rope_torch:rope_torch_ref",
-         _rope_inputs(128, 8, 8, 128), "embeddings/test_rope.py", rtol=2**-7, atol=1e-3,
-         options={"lnc_shard": True, "contiguous_layout": False, "relayout_in_sbuf": True}),
-    # find_nonzero_indices: FULL_TEST_PARAMS' smallest row, LNC=2, exact (atol = rtol = 0).
-    Case("find_nonzero_indices-4096x128-int32", "core.subkernels.find_nonzero_indices:find_nonzero_indices",
-         "core.subkernels.find_nonzero_indices_torch:find_nonzero_indices_torch_ref",
-         _sparse_routing(4096, 128, 8, np.int32), "subkernels/test_find_nonzero_indices.py", rtol=0.0, atol=0.0,
-         options={"chunk_size": 4096}),
-    Case("find_nonzero_indices-4096x128-f32", "core.subkernels.find_nonzero_indices:find_nonzero_indices",
-         "core.subkernels.find_nonzero_indices_torch:find_nonzero_indices_torch_ref",
-         _sparse_routing(4096, 128, 8, np.float32), "subkernels/test_find_nonzero_indices.py", rtol=0.0, atol=0.0,
-         options={"chunk_size": 4096}),
+    Case("rope-d64-b1-h1-s16", *ROPE, _rope(64, 1, 1, 16, True, False), "embeddings/test_rope.py",
+         rtol=2**-7, atol=1e-3),
+    Case("rope-d128-b8-h8-s128", *ROPE, _rope(128, 8, 8, 128, False, True), "embeddings/test_rope.py",
+         rtol=2**-7, atol=1e-3),
+    # find_nonzero_indices: FULL_TEST_PARAMS' smallest rows, LNC=2, exact (atol = rtol = 0).
+    Case("find_nonzero_indices-4096x128-int32", *NONZERO, _sparse_routing(4096, 128, 8, np.int32),
+         "subkernels/test_find_nonzero_indices.py", rtol=0.0, atol=0.0),
+    Case("find_nonzero_indices-4096x128-f32", *NONZERO, _sparse_routing(4096, 128, 8, np.float32),
+         "subkernels/test_find_nonzero_indices.py", rtol=0.0, atol=0.0),
+    # output_projection_tkg: OUTPUT_PROJ_TKG_TEST_CASES (B, heads, S, d_head, H, bias, transpose_out), no
+    # quantization: rtol 2e-2, atol 1e-5.
+    Case("output_projection_tkg-4x8x4x32-3072-T", *OUT_PROJ, _output_projection(4, 8, 4, 32, 3072, True, True),
+         "output_projection/test_output_proj_tkg.py", rtol=2e-2, atol=1e-5),
+    Case("output_projection_tkg-4x8x4x64-3072", *OUT_PROJ, _output_projection(4, 8, 4, 64, 3072, False, False),
+         "output_projection/test_output_proj_tkg.py", rtol=2e-2, atol=1e-5),
 ]
 
 
@@ -149,10 +170,10 @@ def _as_torch(value: Any) -> Any:
 def test_nkilib_kernel_matches_its_reference(nkilib: str, case: Case, target: str) -> None:
     kernel = _resolve(nkilib, case.kernel)
     reference = _resolve(nkilib, case.reference)
-    inputs = case.inputs()
+    inputs = case.inputs(lambda spec: _resolve(nkilib, spec))
     with session(target, nki_version="0.3.0"):
-        actual = (kernel[case.lnc] if case.lnc > 1 else kernel)(**inputs, **case.options)
-    expected = reference(**{k: _as_torch(v) for k, v in inputs.items()}, **case.options)
+        actual = (kernel[case.lnc] if case.lnc > 1 else kernel)(**inputs)
+    expected = reference(**{k: _as_torch(v) for k, v in inputs.items()})
     expected = list(expected.values()) if isinstance(expected, dict) else [expected]
     actual = list(actual) if isinstance(actual, (tuple, list)) else [actual]
     assert len(actual) == len(expected), f"{case.id}: {len(actual)} outputs, reference has {len(expected)}"

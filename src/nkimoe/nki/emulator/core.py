@@ -268,8 +268,11 @@ class NkiTensor:
         storage_shape = shape + ((4,) if dtype in dt.PACKED_X4 else ())
         if fill is None:  # uninitialised memory shows as NaN (floats) or 4 (integers), as in the SDK simulator
             fill = 4 if dtype in dt.INTEGER else np.nan
-        data = np.full(storage_shape, fill, dtype=np.float32 if dtype not in dt.INTEGER else np.int64)
-        data = dt.cast(data, dtype) if dtype not in dt.INTEGER else data.astype(dt.STORAGE[dtype])
+        if dtype in dt.EXACT_FILL:
+            data = np.full(storage_shape, fill, dtype=dt.STORAGE[dtype])
+        else:
+            data = np.full(storage_shape, fill, dtype=np.float32 if dtype not in dt.INTEGER else np.int64)
+            data = dt.cast(data, dtype) if dtype not in dt.INTEGER else data.astype(dt.STORAGE[dtype])
         if buf is MemoryRegion.shared_hbm and s.lnc is not None:
             return s.lnc.shared_tensor(s.program_id, shape, dtype, name, lambda: cls(data, dtype, buf, name))
         tensor = cls(data, dtype, buf, name)
@@ -288,7 +291,7 @@ class NkiTensor:
     # --- shape ---------------------------------------------------------------------------------
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.data.shape[:-1] if self.dtype in dt.PACKED_X4 else self.data.shape)
+        return self.data.shape[:-1] if self.dtype in dt.PACKED_X4 else self.data.shape
 
     @property
     def ndim(self) -> int:
@@ -296,7 +299,8 @@ class NkiTensor:
 
     @property
     def partitions(self) -> int:
-        return self.shape[0] if self.shape else 1
+        shape = self.shape
+        return shape[0] if shape else 1
 
     @property
     def free_size(self) -> int:
@@ -423,8 +427,9 @@ class NkiTensor:
                                                               [s * item for s in strides[1:]])
             return _Gather(gathered, self, [int(lo) for lo in lows], strides[1:], counts[1:],
                            [int(i) for i in np.flatnonzero(~inside)])
-        if start < 0 or start + span >= flat.size:
-            raise EmulatorError(f"ap() pattern {pattern} at element {start} reaches past the end of {self!r}")
+        if start < 0 or start + span >= flat.size:  # legal to build (kernels guard its use), illegal to access
+            return OutOfBounds(self, f"ap() pattern {pattern} at element {start} reaches past the end of {self!r}",
+                               counts)
         view = np.lib.stride_tricks.as_strided(flat[start:], counts, [s * item for s in strides])
         return self._view(view)
 
@@ -451,6 +456,18 @@ class _Gather(NkiTensor):
             dst = np.lib.stride_tricks.as_strided(flat[lo:], self.counts, [s * flat.itemsize for s in self.strides],
                                                   writeable=True)
             dst[...] = values[i]
+
+
+class OutOfBounds(NkiTensor):
+    """An access pattern that reaches outside its tensor: building one is legal (kernels often
+    build it before a guard that skips its use); any instruction that accesses it is refused."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, origin: NkiTensor, reason: str, counts: list[int]) -> None:
+        super().__init__(np.zeros(counts, dtype=origin.data.dtype), origin.dtype, origin.buffer, origin.name,
+                         origin.storage_id, root=origin.root)
+        self.reason = reason
 
 
 class VirtualRegister:

@@ -46,6 +46,8 @@ PACKED_X4 = frozenset({float8_e5m2_x4, float8_e4m3fn_x4, float4_e2m1fn_x4})
 FP8 = frozenset({float8_e4m3, float8_e4m3fn, float8_e5m2})
 SIXTEEN_BIT = frozenset({bfloat16, float16})
 INTEGER = frozenset({bool_, int8, int16, int32, uint8, uint16, uint32})
+#: Dtypes whose storage holds a NaN fill exactly, so new tensors are filled directly.
+EXACT_FILL = frozenset({float32, bfloat16, float16})
 ALL = frozenset(STORAGE)
 
 _FROM_NUMPY = {
@@ -111,4 +113,4 @@ def cast(values: np.ndarray, dtype: str) -> np.ndarray:
     if dtype in (float8_e4m3fn, float8_e4m3fn_x4, float4_e2m1fn_x4):
         finfo = ml_dtypes.finfo(storage)
         values = np.clip(np.asarray(values, dtype=np.float32), float(finfo.min), float(finfo.max))
-    return np.asarray(values).astype(storage)
+    return np.asarray(values).astype(storage, copy=False)

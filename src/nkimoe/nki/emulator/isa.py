@@ -24,6 +24,7 @@ from nkimoe.nki.emulator.core import (
     MemoryRegion,
     NKIObject,
     NkiTensor,
+    OutOfBounds,
     VirtualRegister,
     _Gather,
     _scalar,
@@ -114,6 +115,8 @@ def _tile(instr: str, operand: str, t: Any, buffers: Sequence[MemoryRegion] = (M
           skip_out_of_bounds: bool = False) -> NkiTensor:
     if not isinstance(t, NkiTensor):
         raise _limit(instr, operand, f"must be a tensor, got {type(t).__name__}")
+    if isinstance(t, OutOfBounds):
+        raise _limit(instr, operand, t.reason)
     if isinstance(t, _Gather) and t.out_of_bounds and not skip_out_of_bounds:
         raise _limit(instr, operand, f"indirect rows {t.out_of_bounds[:8]} index past the end of {t.origin!r} "
                                      "(a DMA with oob_mode=nisa.oob_mode.skip skips such rows)")

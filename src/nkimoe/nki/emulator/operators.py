@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from nkimoe.nki.emulator import dtypes as _dt
-from nkimoe.nki.emulator.core import EmulatorError, Instruction, MemoryRegion, NkiTensor, current
+from nkimoe.nki.emulator.core import EmulatorError, Instruction, MemoryRegion, NkiTensor, OutOfBounds, current
 
 _P = inspect.Parameter
 _UNARY = inspect.Signature([_P("x", _P.POSITIONAL_OR_KEYWORD), _P("dtype", _P.POSITIONAL_OR_KEYWORD, default=None)])
@@ -53,9 +53,11 @@ class Op:
 
 def values(t: NkiTensor) -> np.ndarray:
     """The tensor's values as float32 (integers as float64, x4 types unpacked in the last axis)."""
+    if isinstance(t, OutOfBounds):
+        raise EmulatorError(t.reason)
     if t.dtype in _dt.INTEGER:
         return t.data.astype(np.float64)
-    return t.data.astype(np.float32)
+    return t.data.astype(np.float32, copy=False)
 
 
 def new_tile(shape: Sequence[int], dtype: str, vals: np.ndarray, name: str, srcs: Sequence[NkiTensor],
