@@ -39,7 +39,9 @@ class Case:
 
     id: str
     kernel: str  #: "module:attribute" under nkilib_src.nkilib
-    reference: str  #: the torch reference the test validates against
+    #: The torch reference the test validates against ("module:attribute"), or, where the test
+    #: file defines its golden itself, that golden restated.
+    reference: str | Callable[..., Any]
     #: The kernel's arguments (NumPy tensors and options), given a resolver of "module:attribute" names.
     inputs: Callable[[Callable[[str], Any]], dict[str, Any]]
     source: str  #: the nki-library test file the shapes and tolerances come from
@@ -99,8 +101,31 @@ CASCADED_MAX = ("core.max.cascaded_max:cascaded_max", "core.max.cascaded_max_tor
 ROPE = ("core.embeddings.rope:RoPE", "core.embeddings.rope_torch:rope_torch_ref")
 NONZERO = ("core.subkernels.find_nonzero_indices:find_nonzero_indices",
            "core.subkernels.find_nonzero_indices_torch:find_nonzero_indices_torch_ref")
+NONZERO_WITH_COUNT = "experimental.benchmark.find_nonzero_indices_with_count:find_nonzero_indices_with_count"
 OUT_PROJ = ("core.output_projection.output_projection_tkg:output_projection_tkg",
             "core.output_projection.output_projection_tkg_torch:output_projection_tkg_torch_ref")
+
+def _nonzero_with_count_golden(input_tensor: torch.Tensor) -> np.ndarray:
+    """``golden_output_validator`` of test_find_nonzero_indices_with_count.py: the nonzero indices,
+    padding (-1, the kernel module's PADDING_VALUE) and the count in the last slot."""
+    row = input_tensor.numpy()[0]
+    found = np.nonzero(row)[0]
+    out = np.full((1, row.size + 1), -1, dtype=np.int32)
+    out[0, :found.size] = found
+    out[0, -1] = found.size
+    return out
+
+
+def _sparse_row(tokens: int, fraction: float) -> Callable[..., dict]:
+    def make(resolve: Callable[[str], Any]) -> dict[str, Any]:  # sparse_nonzero_tensor_generator(seed=0), [0, 1)
+        rng = np.random.default_rng(0)
+        row = np.zeros(tokens, np.float32)
+        count = int(tokens * fraction)
+        if count:
+            row[rng.choice(tokens, size=count, replace=False)] = rng.uniform(0.0, 1.0, size=count).astype(np.float32)
+        return {"input_tensor": row.reshape(1, tokens)}
+    return make
+
 
 CASES = [
     # cumsum: FAST_TEST_PARAMS; atol 1e-3 (hidden <= 5000), rtol 1e-2 for bf16 else 1e-3.
@@ -133,6 +158,13 @@ CASES = [
          "output_projection/test_output_proj_tkg.py", rtol=2e-2, atol=1e-5),
     Case("output_projection_tkg-4x8x4x64-3072", *OUT_PROJ, _output_projection(4, 8, 4, 64, 3072, False, False),
          "output_projection/test_output_proj_tkg.py", rtol=2e-2, atol=1e-5),
+    # find_nonzero_indices_with_count (experimental): find_nonzero_indices_perms (T, fraction nonzero), exact.
+    Case("find_nonzero_indices_with_count-32-5/32", NONZERO_WITH_COUNT, _nonzero_with_count_golden,
+         _sparse_row(32, 5 / 32), "../experimental/benchmark/test_find_nonzero_indices_with_count.py",
+         rtol=0.0, atol=0.0),
+    Case("find_nonzero_indices_with_count-2048-1/32", NONZERO_WITH_COUNT, _nonzero_with_count_golden,
+         _sparse_row(2048, 1 / 32), "../experimental/benchmark/test_find_nonzero_indices_with_count.py",
+         rtol=0.0, atol=0.0),
 ]
 
 
@@ -169,7 +201,7 @@ def _as_torch(value: Any) -> Any:
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_nkilib_kernel_matches_its_reference(nkilib: str, case: Case, target: str) -> None:
     kernel = _resolve(nkilib, case.kernel)
-    reference = _resolve(nkilib, case.reference)
+    reference = case.reference if callable(case.reference) else _resolve(nkilib, case.reference)
     inputs = case.inputs(lambda spec: _resolve(nkilib, spec))
     with session(target, nki_version="0.3.0"):
         actual = (kernel[case.lnc] if case.lnc > 1 else kernel)(**inputs)

@@ -347,9 +347,9 @@ class NkiTensor:
             elif isinstance(k, (int, np.integer)):
                 if not -self.shape[axis] <= int(k) < self.shape[axis]:
                     raise EmulatorError(f"index {k} is out of bounds for axis {axis} of size {self.shape[axis]} in {self!r}")
-                if axis == 0 and self.buffer.on_chip:
-                    raise EmulatorError(f"an integer index on the partition axis of {self!r}; slice it (e.g. t[i:i+1])")
-                k = int(k)
+                k = int(k) % self.shape[axis]
+                if axis == 0 and self.buffer.on_chip:  # selects one partition; the partition axis stays
+                    k = slice(k, k + 1)
             else:
                 raise EmulatorError(f"unsupported index {k!r} on {self!r}; use ints, slices or nl.ds")
             out.append(k)
