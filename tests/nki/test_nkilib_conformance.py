@@ -39,9 +39,9 @@ class Case:
 
     id: str
     kernel: str  #: "module:attribute" under nkilib_src.nkilib
-    #: The torch reference the test validates against ("module:attribute"), or, where the test
-    #: file defines its golden itself, that golden restated.
-    reference: str | Callable[..., Any]
+    #: The torch reference the test validates against ("module:attribute"), or a function of the
+    #: resolver giving the golden the test file defines itself (restated here).
+    reference: str | Callable[[Callable[[str], Any]], Callable[..., Any]]
     #: The kernel's arguments (NumPy tensors and options), given a resolver of "module:attribute" names.
     inputs: Callable[[Callable[[str], Any]], dict[str, Any]]
     source: str  #: the nki-library test file the shapes and tolerances come from
@@ -105,6 +105,21 @@ NONZERO_WITH_COUNT = "experimental.benchmark.find_nonzero_indices_with_count:fin
 OUT_PROJ = ("core.output_projection.output_projection_tkg:output_projection_tkg",
             "core.output_projection.output_projection_tkg_torch:output_projection_tkg_torch_ref")
 
+def _elementwise_add(rows: int, cols: int) -> Callable[..., dict]:
+    def make(resolve: Callable[[str], Any]) -> dict[str, Any]:  # generate_kernel_inputs of test_dynamic_elementwise_add.py
+        draw = _gaussian()
+        return {"input_a": draw((rows, cols)), "input_b": draw((rows, cols)),
+                "num_m_tiles": np.array([[rows // 128]], dtype=np.int32)}
+    return make
+
+
+def _elementwise_add_reference(resolve: Callable[[str], Any]) -> Callable[..., Any]:
+    """``golden_elementwise_add``: the torch reference of the two inputs (``num_m_tiles`` is the
+    kernel's run-time tile count, not an operand)."""
+    ref = resolve("experimental.dynamic_shapes.dynamic_elementwise_add_torch:dynamic_elementwise_add_torch_ref")
+    return lambda input_a, input_b, num_m_tiles: ref(input_a, input_b)
+
+
 def _nonzero_with_count_golden(input_tensor: torch.Tensor) -> np.ndarray:
     """``golden_output_validator`` of test_find_nonzero_indices_with_count.py: the nonzero indices,
     padding (-1, the kernel module's PADDING_VALUE) and the count in the last slot."""
@@ -159,12 +174,19 @@ CASES = [
     Case("output_projection_tkg-4x8x4x64-3072", *OUT_PROJ, _output_projection(4, 8, 4, 64, 3072, False, False),
          "output_projection/test_output_proj_tkg.py", rtol=2e-2, atol=1e-5),
     # find_nonzero_indices_with_count (experimental): find_nonzero_indices_perms (T, fraction nonzero), exact.
-    Case("find_nonzero_indices_with_count-32-5/32", NONZERO_WITH_COUNT, _nonzero_with_count_golden,
+    Case("find_nonzero_indices_with_count-32-5/32", NONZERO_WITH_COUNT, lambda resolve: _nonzero_with_count_golden,
          _sparse_row(32, 5 / 32), "../experimental/benchmark/test_find_nonzero_indices_with_count.py",
          rtol=0.0, atol=0.0),
-    Case("find_nonzero_indices_with_count-2048-1/32", NONZERO_WITH_COUNT, _nonzero_with_count_golden,
+    Case("find_nonzero_indices_with_count-2048-1/32", NONZERO_WITH_COUNT, lambda resolve: _nonzero_with_count_golden,
          _sparse_row(2048, 1 / 32), "../experimental/benchmark/test_find_nonzero_indices_with_count.py",
          rtol=0.0, atol=0.0),
+    # dynamic_elementwise_add (experimental, dynamic_range over a register): fast shapes; atol 1e-3, rtol 1e-2.
+    Case("dynamic_elementwise_add-128x512", "experimental.dynamic_shapes:dynamic_elementwise_add",
+         _elementwise_add_reference, _elementwise_add(128, 512),
+         "../experimental/dynamic_shapes/test_dynamic_elementwise_add.py", rtol=1e-2, atol=1e-3),
+    Case("dynamic_elementwise_add-1024x2048", "experimental.dynamic_shapes:dynamic_elementwise_add",
+         _elementwise_add_reference, _elementwise_add(1024, 2048),
+         "../experimental/dynamic_shapes/test_dynamic_elementwise_add.py", rtol=1e-2, atol=1e-3),
 ]
 
 
@@ -201,8 +223,9 @@ def _as_torch(value: Any) -> Any:
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_nkilib_kernel_matches_its_reference(nkilib: str, case: Case, target: str) -> None:
     kernel = _resolve(nkilib, case.kernel)
-    reference = case.reference if callable(case.reference) else _resolve(nkilib, case.reference)
-    inputs = case.inputs(lambda spec: _resolve(nkilib, spec))
+    resolve = lambda spec: _resolve(nkilib, spec)  # noqa: E731
+    reference = case.reference(resolve) if callable(case.reference) else resolve(case.reference)
+    inputs = case.inputs(resolve)
     with session(target, nki_version="0.3.0"):
         actual = (kernel[case.lnc] if case.lnc > 1 else kernel)(**inputs)
     expected = reference(**{k: _as_torch(v) for k, v in inputs.items()})
