@@ -48,7 +48,9 @@ def _own_group(api: str, replica_group: Any) -> None:
                                 "runs one rank")
 
 
-def _copy_each(api: str, srcs: Sequence[NkiTensor], dsts: Sequence[NkiTensor]) -> None:
+def _one_rank(api: str, srcs: Sequence[NkiTensor], dsts: Sequence[NkiTensor], replica_group: Any) -> None:
+    """A collective over rank 0 alone: each dst receives its src."""
+    _own_group(api, replica_group)
     if len(srcs) != len(dsts):
         raise EmulatorError(f"{api}: {len(srcs)} srcs but {len(dsts)} dsts")
     for src, dst in zip(srcs, dsts):
@@ -60,29 +62,25 @@ def _copy_each(api: str, srcs: Sequence[NkiTensor], dsts: Sequence[NkiTensor]) -
 
 def all_reduce(srcs: Sequence[NkiTensor], dsts: Sequence[NkiTensor], replica_group: ReplicaGroup, op: Any) -> None:
     """Reduce across the group's ranks (one rank: a copy)."""
-    _own_group("nki.collectives.all_reduce", replica_group)
-    _copy_each("nki.collectives.all_reduce", srcs, dsts)
+    _one_rank("nki.collectives.all_reduce", srcs, dsts, replica_group)
 
 
 def all_gather(srcs: Sequence[NkiTensor], dsts: Sequence[NkiTensor], replica_group: ReplicaGroup,
                collective_dim: int) -> None:
     """Concatenate the ranks' srcs along ``collective_dim`` (one rank: a copy)."""
-    _own_group("nki.collectives.all_gather", replica_group)
-    _copy_each("nki.collectives.all_gather", srcs, dsts)
+    _one_rank("nki.collectives.all_gather", srcs, dsts, replica_group)
 
 
 def reduce_scatter(srcs: Sequence[NkiTensor], dsts: Sequence[NkiTensor], replica_group: ReplicaGroup,
                    collective_dim: int, op: Any) -> None:
     """Reduce across ranks and give each its slice (one rank: a copy)."""
-    _own_group("nki.collectives.reduce_scatter", replica_group)
-    _copy_each("nki.collectives.reduce_scatter", srcs, dsts)
+    _one_rank("nki.collectives.reduce_scatter", srcs, dsts, replica_group)
 
 
 def all_to_all(srcs: Sequence[NkiTensor], dsts: Sequence[NkiTensor], replica_group: ReplicaGroup,
                collective_dim: int) -> None:
     """Split srcs among the ranks and concatenate what each receives (one rank: a copy)."""
-    _own_group("nki.collectives.all_to_all", replica_group)
-    _copy_each("nki.collectives.all_to_all", srcs, dsts)
+    _one_rank("nki.collectives.all_to_all", srcs, dsts, replica_group)
 
 
 def all_to_all_v(srcs: Sequence[NkiTensor], dsts: Sequence[NkiTensor], replica_group: ReplicaGroup,
@@ -96,7 +94,7 @@ def collective_permute(srcs: Sequence[NkiTensor], dsts: Sequence[NkiTensor], sou
     if any(p != (rank_id(), rank_id()) for p in pairs):
         raise not_emulated("nki.collectives.collective_permute",
                            f"pairs {pairs} name ranks other than {rank_id()}; the emulator runs one rank")
-    _copy_each("nki.collectives.collective_permute", srcs, dsts)
+    _one_rank("nki.collectives.collective_permute", srcs, dsts, ReplicaGroup([[rank_id()]]))
 
 
 def collective_permute_implicit(srcs_by_channel: Any, dsts_by_channel: Any, replica_group: ReplicaGroup,

@@ -133,6 +133,16 @@ def _same_layout(instr: str, a: NkiTensor, b: NkiTensor, names: str) -> None:
         raise _limit(instr, names, f"must have the same partitions and elements per partition: {a.shape} vs {b.shape}")
 
 
+def _two_inputs(instr: str, dst: NkiTensor, first: NkiTensor, second: NkiTensor, names: tuple[str, str]) -> None:
+    """Checks shared by the two-tile VectorE instructions: tiles on chip, one layout, not both in PSUM."""
+    for operand, t in (("dst", dst), (names[0], first), (names[1], second)):
+        _tile(instr, operand, t)
+    _same_layout(instr, first, second, f"{names[0]} and {names[1]}")
+    _same_layout(instr, dst, first, f"dst and {names[0]}")
+    if first.buffer is MemoryRegion.psum and second.buffer is MemoryRegion.psum:
+        raise _limit(instr, "/".join(names), "cannot both be in PSUM")
+
+
 def _flat(t: NkiTensor) -> np.ndarray:
     return values(t).reshape(t.partitions, -1) if t.dtype not in dt.PACKED_X4 else values(t).reshape(t.partitions, -1, 4)
 
@@ -543,12 +553,7 @@ def tensor_tensor(dst: NkiTensor, data1: NkiTensor, data2: NkiTensor, op: Op, en
                   name: Any = None) -> None:
     """``dst = data1 <op> data2`` elementwise (no broadcast), fp32 math."""
     eng = _engine("tensor_tensor", engine, "vector", ("vector", "gpsimd"))
-    for operand, t in (("dst", dst), ("data1", data1), ("data2", data2)):
-        _tile("tensor_tensor", operand, t)
-    _same_layout("tensor_tensor", data1, data2, "data1 and data2")
-    _same_layout("tensor_tensor", dst, data1, "dst and data1")
-    if data1.buffer is MemoryRegion.psum and data2.buffer is MemoryRegion.psum:
-        raise _limit("tensor_tensor", "data1/data2", "cannot both be in PSUM")
+    _two_inputs("tensor_tensor", dst, data1, data2, ("data1", "data2"))
     result = _apply(_op("tensor_tensor", op), _flat(data1), _flat(data2))
     _write(dst, result)
     _record("tensor_tensor", eng, [data1, data2], dst, inputs=2)
@@ -580,12 +585,7 @@ def tensor_scalar(dst: NkiTensor, data: NkiTensor, op0: Op, operand0: Any, rever
 def scalar_tensor_tensor(dst: NkiTensor, data: NkiTensor, op0: Op, operand0: Any, op1: Op, operand1: NkiTensor,
                          reverse0: bool = False, reverse1: bool = False, name: Any = None) -> None:
     """``dst = (data <op0> operand0) <op1> operand1`` with operand1 a full tile (VectorE)."""
-    for operand, t in (("dst", dst), ("data", data), ("operand1", operand1)):
-        _tile("scalar_tensor_tensor", operand, t)
-    _same_layout("scalar_tensor_tensor", dst, data, "dst and data")
-    _same_layout("scalar_tensor_tensor", operand1, data, "operand1 and data")
-    if data.buffer is MemoryRegion.psum and operand1.buffer is MemoryRegion.psum:
-        raise _limit("scalar_tensor_tensor", "data/operand1", "cannot both be in PSUM")
+    _two_inputs("scalar_tensor_tensor", dst, data, operand1, ("data", "operand1"))
     a = _scalar_operand("scalar_tensor_tensor", "operand0", operand0, data.partitions)
     vals = _flat(data)
     vals = _apply(_op("scalar_tensor_tensor", op0, ("arith",)), a, vals) if reverse0 else _apply(op0, vals, a)
@@ -1025,12 +1025,7 @@ def _initial(instr: str, value: Any, partitions: int) -> np.ndarray:
 def tensor_tensor_scan(dst: NkiTensor, data0: NkiTensor, data1: NkiTensor, initial: Any, op0: Op, op1: Op,
                        reverse0: bool = False, reverse1: bool = False, name: Any = None) -> None:
     """Per partition: ``r[i] = op1(op0(data0[i], r[i-1]), data1[i])`` with ``r[-1] = initial`` (fp32)."""
-    for operand, t in (("dst", dst), ("data0", data0), ("data1", data1)):
-        _tile("tensor_tensor_scan", operand, t)
-    _same_layout("tensor_tensor_scan", data0, data1, "data0 and data1")
-    _same_layout("tensor_tensor_scan", dst, data0, "dst and data0")
-    if data0.buffer is MemoryRegion.psum and data1.buffer is MemoryRegion.psum:
-        raise _limit("tensor_tensor_scan", "data0/data1", "cannot both be in PSUM")
+    _two_inputs("tensor_tensor_scan", dst, data0, data1, ("data0", "data1"))
     f0, f1 = _op("tensor_tensor_scan", op0, ("arith",)), _op("tensor_tensor_scan", op1, ("arith",))
     a, b = _flat(data0), _flat(data1)
     out = np.empty_like(a, dtype=np.float32)
