@@ -234,12 +234,17 @@ class NkiTensor:
     Axis 0 of an on-chip tensor is the partition axis (at most 128).
     """
 
-    __slots__ = ("data", "dtype", "buffer", "name", "storage_id", "mm_written", "root", "__weakref__")
+    __slots__ = ("data", "dtype", "buffer", "name", "storage_id", "mm_written", "root", "shape", "partitions",
+                 "free_size", "__weakref__")
 
     def __init__(self, data: np.ndarray, dtype: str, buffer: MemoryRegion, name: str = "",
                  storage_id: int | None = None, mm_written: np.ndarray | None = None,
                  root: np.ndarray | None = None) -> None:
         self.data = data
+        #: The tensor's shape (x4 packed dtypes hide their trailing axis of 4), fixed for the view's life.
+        self.shape: tuple[int, ...] = data.shape[:-1] if dtype in dt.PACKED_X4 else data.shape
+        self.partitions: int = self.shape[0] if self.shape else 1
+        self.free_size: int = math.prod(self.shape[1:])
         self.dtype = dtype
         self.buffer = buffer
         self.name = name
@@ -290,21 +295,8 @@ class NkiTensor:
 
     # --- shape ---------------------------------------------------------------------------------
     @property
-    def shape(self) -> tuple[int, ...]:
-        return self.data.shape[:-1] if self.dtype in dt.PACKED_X4 else self.data.shape
-
-    @property
     def ndim(self) -> int:
         return len(self.shape)
-
-    @property
-    def partitions(self) -> int:
-        shape = self.shape
-        return shape[0] if shape else 1
-
-    @property
-    def free_size(self) -> int:
-        return math.prod(self.shape[1:])
 
     def partition_offset_bytes(self) -> int:
         """Byte offset of this view's first element within its partition of the allocation."""

@@ -347,20 +347,27 @@ _PE_DTYPES = frozenset({dt.float8_e4m3, dt.float8_e5m2, dt.float8_e4m3fn, dt.bfl
 
 
 def _accumulate(instr: str, dst: NkiTensor, result: np.ndarray, accumulate: Any) -> None:
-    written = dst.mm_written
+    """Write ``result`` into PSUM ``dst``, added to what is there where accumulation applies:
+    everywhere (True), nowhere (False), or (None) where a matmul wrote since allocation."""
+    written = dst.mm_written.reshape(dst.partitions, -1)
+    add: bool | np.ndarray
     if accumulate is None:
-        acc_mask = written.reshape(dst.partitions, -1)
-    elif accumulate:
-        if not written.all():
+        add = written if written.any() else False
+        if add is not False and add.all():
+            add = True
+    else:
+        add = bool(accumulate)
+        if add and not written.all():
             raise _limit(instr, "dst", "accumulate=True on a PSUM location no matmul has written since allocation "
                                        "(undefined behaviour on hardware); start the group with accumulate=False")
-        acc_mask = np.ones((dst.partitions, dst.free_size), dtype=bool)
+    if add is True:
+        total = values(dst).reshape(dst.partitions, -1) + result
+    elif add is False:
+        total = result
     else:
-        acc_mask = np.zeros((dst.partitions, dst.free_size), dtype=bool)
-    prior = values(dst).reshape(dst.partitions, -1)
-    total = np.where(acc_mask, prior + result, result).astype(np.float32)
-    _write(dst, total, matmul=True)
-    written[...] = True
+        total = np.where(add, values(dst).reshape(dst.partitions, -1) + result, result)
+    _write(dst, np.asarray(total, dtype=np.float32), matmul=True)
+    dst.mm_written[...] = True
 
 
 def _psum_dst(instr: str, dst: NkiTensor, moving_free: int, transpose: bool) -> None:
