@@ -35,8 +35,10 @@ BUNDLE_PACKAGE = "_nkimoe_bundle"
 #: The package's modules the bundle carries (variant modules are added per registry).
 CORE_MODULES: tuple[str, ...] = (
     "nkimoe", "nkimoe.targets", "nkimoe.ops", "nkimoe.registry", "nkimoe.shapes",
-    "nkimoe.nki", "nkimoe.nki.emulator", "nkimoe.nki.emulator.dtypes", "nkimoe.nki.emulator.core",
-    "nkimoe.nki.emulator.language", "nkimoe.nki.emulator.isa", "nkimoe.nki.emulator.runtime",
+    "nkimoe.nki", "nkimoe.nki.emulator", "nkimoe.nki.emulator.dtypes", "nkimoe.nki.emulator.memory",
+    "nkimoe.nki.emulator.core", "nkimoe.nki.emulator.operators", "nkimoe.nki.emulator.isa",
+    "nkimoe.nki.emulator.language", "nkimoe.nki.emulator.collectives", "nkimoe.nki.emulator.typing",
+    "nkimoe.nki.emulator.lnc", "nkimoe.nki.emulator.runtime", "nkimoe.nki.emulator.aliases",
     "nkimoe.variants", "nkimoe.variants.tiles", "nkimoe.model", "nkimoe.neuron",
 )
 

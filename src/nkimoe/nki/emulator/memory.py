@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_PACKAGE = __name__.rsplit(".", 1)[0]  #: the emulator package, whose frames an allocation site skips
 
 
 class CapacityError(RuntimeError):
@@ -55,7 +55,7 @@ class Tile:
 def allocation_site() -> str:
     """``file:line`` of the innermost caller outside the emulator package."""
     frame = sys._getframe(1)
-    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == _PACKAGE:
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(_PACKAGE + "."):
         frame = frame.f_back
     if frame is None:
         return "?"
