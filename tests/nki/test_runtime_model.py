@@ -341,3 +341,18 @@ def test_indirect_dma_skips_out_of_bounds_rows_only_when_asked() -> None:
         np.testing.assert_array_equal(cache, expected)
         with pytest.raises(EmulatorError, match=r"indirect rows \[1\] index past the end .*oob_mode.skip"):
             _gather_rows_kernel(cache, ids)
+
+
+def test_ap_dtype_reinterprets_the_bytes() -> None:
+    """nki-library's mxfp_load_utils reads bf16 pairs as fp32 words with ``.ap(dtype=nl.float32)``."""
+    import ml_dtypes
+
+    pairs = np.random.default_rng(5).standard_normal((4, 8)).astype(ml_dtypes.bfloat16)
+    with session("trn3"):
+        src = _sbuf(pairs, nl.bfloat16)
+        words = nl.ndarray((4, 4), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=words, src=src.ap([[4, 4], [1, 4]], dtype=nl.float32))
+        np.testing.assert_array_equal(words.data.view(np.uint32), pairs.view(np.uint32))  # the same bits
+        odd = src[:, 1:4]
+        with pytest.raises(EmulatorError, match="do not split into float32 elements"):
+            odd.ap([[4, 4], [1, 1]], dtype=nl.float32)

@@ -388,10 +388,12 @@ class NkiTensor:
         ``offset`` (elements) composes with this view's own storage offset. ``scalar_offset`` (a
         [1, 1] SBUF tensor) adds ``value * stride of self.shape[indirect_dim]`` at run time;
         ``vector_offset`` (an SBUF [P, 1] tensor) does so per row of the pattern's first axis
-        (DMA gather/scatter).
+        (DMA gather/scatter). ``dtype`` reinterprets the storage's bytes as that dtype: the pattern
+        and ``offset`` then count elements of it (e.g. bf16 pairs read as fp32 words).
         """
         if dtype is not None and dt.normalize(dtype) != self.dtype:
-            raise EmulatorError("ap(dtype=...) reinterpretation is not emulated")
+            return _reinterpret(self, dt.normalize(dtype)).ap(pattern, offset, scalar_offset, vector_offset,
+                                                              indirect_dim)
         if scalar_offset is not None and vector_offset is not None:
             raise EmulatorError("ap(): scalar_offset and vector_offset are mutually exclusive")
         if self.dtype in dt.PACKED_X4 or not self.root.flags.c_contiguous:
@@ -424,6 +426,20 @@ class NkiTensor:
                                counts)
         view = np.lib.stride_tricks.as_strided(flat[start:], counts, [s * item for s in strides])
         return self._view(view)
+
+
+def _reinterpret(tensor: NkiTensor, dtype: str) -> NkiTensor:
+    """``tensor``'s storage from its first element on, read as ``dtype`` (a flat view for ``ap``)."""
+    storage = dt.STORAGE[dtype]
+    root = tensor.root
+    if dtype in dt.PACKED_X4 or tensor.dtype in dt.PACKED_X4 or not root.flags.c_contiguous:
+        raise EmulatorError(f"ap(dtype={dtype}) on {tensor!r}: reinterpretation needs dense storage of unpacked dtypes")
+    start = tensor.data.__array_interface__["data"][0] - root.__array_interface__["data"][0]
+    if root.nbytes % storage.itemsize or start % storage.itemsize:
+        raise EmulatorError(f"ap(dtype={dtype}) on {tensor!r}: its bytes do not split into {dtype} elements")
+    flat = root.reshape(-1).view(np.uint8).view(storage)
+    return NkiTensor(flat[start // storage.itemsize:], dtype, tensor.buffer, tensor.name, tensor.storage_id,
+                     root=flat)
 
 
 class _Gather(NkiTensor):
