@@ -241,8 +241,9 @@ def cmd_bench_select(args: argparse.Namespace) -> int:
             block = [{**r, "status": _wrap(r["status"], 50)} for r in shown if (r["op"], r["shape"], r["dtype"]) == problem]
             _emit(block, "table", ["candidate", "time_us", "method", "bound_by", "status", "winner"])
         hidden = len(rows) - len(shown)
-        print(f"\nwrote {len(saved)} entries to {path}"
-              f"{f'; {hidden} ineligible candidates not shown (--all shows them)' if hidden else ''}")
+        if hidden:
+            print(f"\n{hidden} ineligible candidates not shown (--all shows them)")
+        print(f"\nwrote {len(saved)} entries to {path}")
     for op in failed:
         print(f"nkimoe: error: no verified candidate for {op} on {target.name}", file=sys.stderr)
     return 1 if failed else 0

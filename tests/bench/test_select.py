@@ -11,6 +11,7 @@ from pathlib import Path
 
 from nkimoe.bench.cache import BenchCache, CacheFile, entry_key, write_entries
 from nkimoe.bench.select import cache_entries, default_problems, select_problem
+from nkimoe.cli import main
 from nkimoe.ops import OP_NAMES, Problem
 from nkimoe.registry import Registry
 from nkimoe.scoring import coverage
@@ -136,3 +137,17 @@ def test_a_plugin_variant_binds_only_after_passing_verification(registry_with: C
     cache = BenchCache(CacheFile.read(path))
     bound = registry.bind(trn2, {"s": wide}, cache=cache).ops["s"]
     assert bound.variant.name == "ref_rmsnorm" and "wrong_rmsnorm_trn2: plugin 'wrong_plugin'" in bound.reason
+
+
+def test_select_table_shows_eligible_candidates_within_120_columns(capsys, tmp_path: Path) -> None:  # noqa: ANN001
+    argv = ["bench", "select", "--target", "trn2", "--ops", "rmsnorm,router", "--seq-len", "8", "--tokens", "4",
+            "--cache", str(tmp_path / "c.yaml")]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "rmsnorm T=8,H=2048" in err and "router T=1,E=128,K=8" in err  # the bar names the problem
+    assert "ineligible:" not in out and "ineligible candidates not shown (--all shows them)" in out
+    assert max(len(line) for line in out.splitlines() if str(tmp_path) not in line) <= 120
+    assert main([*argv, "--all", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "ineligible: built for trn3, not trn2" in out
+    assert max(len(line) for line in out.splitlines() if str(tmp_path) not in line) <= 120
