@@ -36,7 +36,7 @@ def _registry() -> Registry:
 
 
 def _cache() -> BenchCache:
-    """The benchmark cache, each problem with its files printed as one warning."""
+    """The benchmark cache; each problem met reading its files is printed as a warning."""
     cache = BenchCache.load()
     for problem in cache.problems:
         print(f"nkimoe: warning: {problem}", file=sys.stderr)
@@ -172,10 +172,9 @@ def _shapes(args: argparse.Namespace) -> ModelShapes:
         raise UsageError(f"--config: {exc}") from None
 
 
-def _positive(value: int, flag: str) -> int:
+def _positive(value: int, flag: str) -> None:
     if value < 1:
         raise UsageError(f"{flag} must be a positive integer, got {value}")
-    return value
 
 
 def _wrap(text: str, width: int) -> str:
@@ -238,8 +237,9 @@ def cmd_bench_select(args: argparse.Namespace) -> int:
         print(f"{target.name}, policy {args.policy}: time_us is a cost-model estimate unless method says hardware")
         for problem in dict.fromkeys((r["op"], r["shape"], r["dtype"]) for r in shown):
             print(f"\n{' '.join(problem)}")
-            block = [{**r, "status": _wrap(r["status"], 50)} for r in shown if (r["op"], r["shape"], r["dtype"]) == problem]
-            _emit(block, "table", ["candidate", "time_us", "method", "bound_by", "status", "winner"])
+            block = [r for r in shown if (r["op"], r["shape"], r["dtype"]) == problem]
+            _emit([{**r, "status": _wrap(r["status"], 50)} for r in block], "table",
+                  ["candidate", "time_us", "method", "bound_by", "status", "winner"])
         hidden = len(rows) - len(shown)
         if hidden:
             print(f"\n{hidden} ineligible candidates not shown (--all shows them)")
@@ -258,9 +258,9 @@ def cmd_bench_show(args: argparse.Namespace) -> int:
         for key, entry in source.entries.items():
             if args.target and entry.get("target") != args.target:
                 continue
-            best = next((c for c in entry.get("candidates", []) if c.get("variant") == entry["winner"]), {})
             if entry["winner"] is None:
                 continue  # verification records only: no candidate was verified and timed
+            best = next((c for c in entry.get("candidates", []) if c.get("variant") == entry["winner"]), {})
             rows.append({"source": where, "target": entry.get("target"), "op": entry.get("op"),
                          "shape": entry.get("shape"), "dtype": entry.get("dtype"), "policy": entry.get("policy"),
                          "winner": entry["winner"], "time_us": best.get("time_us"), "method": entry.get("method"),

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from nkimoe.registry import Binding
 from nkimoe.shapes import ModelShapes, call_sites
+from nkimoe.userfiles import read_text
 
 #: Calls of each site per pass: per-layer sites run once per layer, the others once.
 _ONCE = frozenset({"first_norm", "final_norm", "lm_head"})
@@ -118,14 +119,7 @@ def read_results(path: Path) -> list[tuple[int, float, float]]:
     """Rows ``prompt,latency_ms,tok_s`` (header optional) of a measured-results CSV; ValueError
     names the file (and line) when it is missing, not text, malformed or without a row."""
     expected = "expected CSV rows 'prompt,latency_ms,tok_s'"
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise ValueError(f"results file {path} not found; {expected}") from None
-    except OSError as exc:
-        raise ValueError(f"results file {path} cannot be read ({exc.strerror or exc}); {expected}") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"results file {path} is not UTF-8 text; {expected}") from None
+    text = read_text(path, "results file", expected)
     out = []
     try:
         for number, row in enumerate(csv.reader(io.StringIO(text, newline="")), start=1):
@@ -134,7 +128,8 @@ def read_results(path: Path) -> list[tuple[int, float, float]]:
             try:
                 out.append((int(row[0]), float(row[1]), float(row[2])))
             except (ValueError, IndexError):
-                raise ValueError(f"results file {path}, line {number}: {expected}, got {','.join(row)[:80]!r}") from None
+                got = ",".join(row)[:80]
+                raise ValueError(f"results file {path}, line {number}: {expected}, got {got!r}") from None
     except csv.Error as exc:
         raise ValueError(f"results file {path}: {exc}; {expected}") from None
     if not out:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from nkimoe.ops import Problem
+from nkimoe.userfiles import read_text
 
 #: The fields of an HF Qwen3-MoE config.json that decide op shapes.
 REQUIRED_FIELDS: tuple[str, ...] = ("hidden_size", "num_attention_heads", "num_key_value_heads", "num_experts",
@@ -76,14 +77,9 @@ class ModelShapes:
 
 
 def _read_json(path: Path) -> Any:
+    text = read_text(path, "config", "give the path of an HF config.json", ConfigError)
     try:
-        return json.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise ConfigError(f"config {path} not found; give the path of an HF config.json") from None
-    except OSError as exc:
-        raise ConfigError(f"config {path} cannot be read ({exc.strerror or exc})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"config {path} is not UTF-8 text; expected an HF config.json") from None
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"config {path} is not JSON (line {exc.lineno}: {exc.msg})") from None
 

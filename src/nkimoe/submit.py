@@ -35,7 +35,7 @@ BUNDLE_PACKAGE = "_nkimoe_bundle"
 
 #: The package's modules the bundle carries (variant modules are added per registry).
 CORE_MODULES: tuple[str, ...] = (
-    "nkimoe", "nkimoe.targets", "nkimoe.ops", "nkimoe.registry", "nkimoe.shapes",
+    "nkimoe", "nkimoe.targets", "nkimoe.ops", "nkimoe.registry", "nkimoe.userfiles", "nkimoe.shapes",
     "nkimoe.nki", "nkimoe.nki.emulator", "nkimoe.nki.emulator.dtypes", "nkimoe.nki.emulator.core",
     "nkimoe.nki.emulator.language", "nkimoe.nki.emulator.isa", "nkimoe.nki.emulator.runtime",
     "nkimoe.variants", "nkimoe.variants.tiles", "nkimoe.model", "nkimoe.neuron",

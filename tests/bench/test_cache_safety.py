@@ -66,7 +66,8 @@ def test_a_device_at_the_cache_path_is_refused(capsys, monkeypatch) -> None:  # 
 
 
 @pytest.mark.parametrize("where", ["under a file", "under /proc"])
-def test_an_unwritable_cache_path_fails_before_the_run(capsys, monkeypatch, tmp_path: Path, where: str) -> None:  # noqa: ANN001
+def test_an_unwritable_cache_path_fails_before_the_run(capsys, monkeypatch, tmp_path: Path,  # noqa: ANN001
+                                                       where: str) -> None:
     if where == "under a file":
         (tmp_path / "file").write_text("")
         path = tmp_path / "file" / "bench.yaml"
