@@ -96,11 +96,13 @@ def _kind(mode: int) -> str:
     return "of an unknown kind"
 
 
-#: (path, device, inode, mtime, size) -> parsed entries and problem: a file is parsed once per change.
-_PARSED: dict[tuple[str, int, int, int, int], tuple[dict[str, dict[str, Any]], str | None]] = {}
+_Parsed = tuple[dict[str, dict[str, Any]], str | None]
+#: path -> (device, inode, mtime, ctime, size) and the entries and problem parsed from that version:
+#: a file is parsed once per change.
+_PARSED: dict[str, tuple[tuple[int, ...], _Parsed]] = {}
 
 
-def _load_entries(path: Path) -> tuple[dict[str, dict[str, Any]], str | None]:
+def _load_entries(path: Path) -> _Parsed:
     """The valid entries of the file at ``path`` and the one problem met, if any; never raises.
     The returned mapping is shared between readers of an unchanged file: copy before changing it."""
     try:
@@ -111,13 +113,14 @@ def _load_entries(path: Path) -> tuple[dict[str, dict[str, Any]], str | None]:
         return {}, f"benchmark cache {path} is unreadable ({exc.strerror or exc}); ignoring it"
     if not stat.S_ISREG(info.st_mode):
         return {}, f"benchmark cache {path} is {_kind(info.st_mode)}, not a regular file; ignoring it"
-    memo = (str(path), info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size)
-    if memo not in _PARSED:
-        _PARSED[memo] = _parse(path)
-    return _PARSED[memo]
+    version = (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_ctime_ns, info.st_size)
+    known = _PARSED.get(str(path))
+    if known is None or known[0] != version:
+        known = _PARSED[str(path)] = (version, _parse(path))
+    return known[1]
 
 
-def _parse(path: Path) -> tuple[dict[str, dict[str, Any]], str | None]:
+def _parse(path: Path) -> _Parsed:
     try:
         raw = path.read_bytes()
     except OSError as exc:
