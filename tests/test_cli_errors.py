@@ -150,3 +150,9 @@ def test_random_tiny_checkpoint_is_removed_or_kept_where_asked(capsys, tmp_path:
     assert f"random checkpoint kept in {keep}" in capsys.readouterr().out
     assert sorted(p.name for p in keep.iterdir()) == ["config.json", "model.safetensors"]
     _one_line_error(capsys, [*args, "--keep", str(keep)], f"--keep {keep}: give a new or empty directory")
+
+
+def test_a_checkpoint_config_that_is_a_json_list(capsys, tmp_path: Path) -> None:  # noqa: ANN001
+    _file(tmp_path, "config.json", json.dumps([QWEN_FIELDS]))
+    _one_line_error(capsys, ["generate", "--model", str(tmp_path)],
+                    f"{tmp_path / 'config.json'} holds a JSON list, expected an object")
