@@ -37,14 +37,35 @@ def test_variant_declarations_are_validated() -> None:
         Variant(op="rmsnorm", name="x", targets="trn2", kernel=rmsnorm, nki=True, exactness="bitexact")  # type: ignore[arg-type]
 
 
-def test_plugin_variant_binds_on_its_target(registry_with: Callable[..., Registry]) -> None:
+class VerifiedCache:
+    """A cache without winners that records passing verifications of the given (variant, hash) pairs."""
+
+    def __init__(self, *verified: tuple[str, str]) -> None:
+        self.passed = set(verified)
+
+    def winner(self, target, problem, policy):  # noqa: ANN001, ANN201
+        return None
+
+    def verified(self, target, problem, policy, variant, source_hash):  # noqa: ANN001, ANN201
+        return (variant, source_hash) in self.passed
+
+
+def test_plugin_variant_binds_on_its_target_once_verified(registry_with: Callable[..., Registry]) -> None:
     registry = registry_with(trn2_rms=TRN2_PLUGIN)
     assert not registry.problems
-    assert registry.variants["test_rmsnorm_trn2"].plugin == "trn2_rms"
-    binding = registry.bind("trn2", {"decode.norm": Problem.of("rmsnorm", T=1, H=2048)})
+    variant = registry.variants["test_rmsnorm_trn2"]
+    assert variant.plugin == "trn2_rms"
+    sites = {"decode.norm": Problem.of("rmsnorm", T=1, H=2048)}
+    binding = registry.bind("trn2", sites, cache=VerifiedCache(("test_rmsnorm_trn2", variant.source_hash)))
     bound = binding.ops["decode.norm"]
     assert bound.variant.name == "test_rmsnorm_trn2" and bound.decided_by == "priority"
-    assert binding["decode.norm"] is registry.variants["test_rmsnorm_trn2"].kernel
+    assert binding["decode.norm"] is variant.kernel
+    for cache in (None, VerifiedCache(), VerifiedCache(("test_rmsnorm_trn2", "0" * 16))):  # none, other, stale
+        bound = registry.bind("trn2", sites, cache=cache).ops["decode.norm"]
+        assert bound.variant.name == "rmsnorm_tkg_nki" and bound.variant.plugin == "nkimoe.variants.norms"
+        candidates, _ = registry.explain("trn2", sites["decode.norm"], cache=cache)
+        skipped = next(c for c in candidates if c.variant.name == "test_rmsnorm_trn2")
+        assert not skipped.eligible and "no passing verification" in skipped.reason
 
 
 def test_fallback_to_reference_with_reason(registry_with: Callable[..., Registry]) -> None:
@@ -79,10 +100,13 @@ def test_cache_winner_binds_and_stale_hash_falls_back(registry_with: Callable[..
         def winner(self, target, problem, policy):  # noqa: ANN001, ANN201
             return CacheHit("test_rmsnorm_trn2", self.digest, "trn2/rmsnorm/T=1,H=2048", "estimate")
 
+        def verified(self, target, problem, policy, variant, source_hash):  # noqa: ANN001, ANN201
+            return source_hash == self.digest
+
     fresh = registry.bind("trn2", {"s": problem}, cache=Cache(variant.source_hash))
     assert fresh.ops["s"].decided_by == "cache" and "estimate" in fresh.ops["s"].reason
     stale = registry.bind("trn2", {"s": problem}, cache=Cache("0" * 16))
-    assert stale.ops["s"].decided_by == "priority"
+    assert stale.ops["s"].decided_by == "priority" and stale.ops["s"].variant.name == "rmsnorm_tkg_nki"
     assert stale.warnings and "stale source hash" in stale.warnings[0]
 
 

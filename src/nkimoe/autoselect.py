@@ -26,7 +26,7 @@ def bind_model(problems: Mapping[str, Problem], *, env: Mapping[str, str] | None
         registry = get_registry() if env is None else load_registry(env)
     env = os.environ if env is None else env
     detection = detect(env, known=registry.targets)
-    cache = BenchCache.load(env)
+    cache = BenchCache.load(env, targets=(detection.target.family,))  # the shipped table this target reads
     binding = registry.bind(detection.target, problems, policy=default_policy(env), cache=cache)
     notes = [*registry.problems, *cache.problems, *binding.warnings]
     if notes:

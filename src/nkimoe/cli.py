@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,13 +13,14 @@ from typing import Any
 from tabulate import tabulate
 
 from nkimoe import __version__
+from nkimoe.bench.cache import BenchCache, CacheError
 from nkimoe.ops import OP_NAMES, OpError
 from nkimoe.plugins import get_registry
 from nkimoe.bench.trial import run_trial
 from nkimoe.ops import Problem
 from nkimoe.registry import POLICIES, Binding, Candidate, Registry, RegistryError
 from nkimoe.targets import Target
-from nkimoe.shapes import ModelShapes, call_sites
+from nkimoe.shapes import ConfigError, ModelShapes, call_sites
 from nkimoe.targets import TargetError, detect
 
 
@@ -31,6 +33,14 @@ def _registry() -> Registry:
     for problem in registry.problems:
         print(f"nkimoe: warning: {problem}", file=sys.stderr)
     return registry
+
+
+def _cache() -> BenchCache:
+    """The benchmark cache; each problem met reading its files is printed as a warning."""
+    cache = BenchCache.load()
+    for problem in cache.problems:
+        print(f"nkimoe: warning: {problem}", file=sys.stderr)
+    return cache
 
 
 def _emit(rows: list[dict[str, Any]], fmt: str, headers: Sequence[str] | None = None) -> None:
@@ -92,17 +102,15 @@ def cmd_registry_explain(args: argparse.Namespace) -> int:
     registry = _registry()
     op = _check_op(args.op)
     target = registry.target(args.target)
-    shapes = ModelShapes.from_hf_config(args.config) if args.config else ModelShapes()
+    shapes = _shapes(args)
+    shapes.check_positions(args.tokens, "--tokens")
+    shapes.check_positions(args.context, "--context")
     phase = "decode" if args.tokens == 1 else "prefill"
     length = args.context if phase == "decode" else args.tokens
     problems = {p for p in call_sites(shapes, phase, length, args.dtype).values() if p.op == op}
     if not problems:
         raise UsageError(f"op {op!r} has no call site in the {phase} phase; try --tokens 1 or --tokens >1")
-    from nkimoe.bench.cache import BenchCache
-
-    cache = BenchCache.load()
-    for problem_note in cache.problems:
-        print(f"nkimoe: warning: {problem_note}", file=sys.stderr)
+    cache = _cache()
     out = []
     for problem in sorted(problems, key=lambda p: p.dims):
         candidates, bound = registry.explain(target, problem, policy=args.policy, cache=cache)
@@ -144,21 +152,41 @@ def _estimate_columns(candidate: Candidate, problem: Problem, target: Target, wa
     }
 
 
-def _parse_ints(text: str, what: str) -> list[int]:
+def _parse_ints(text: str, what: str, minimum: int = 1) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise UsageError(f"{what} takes comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise UsageError(f"{what} needs positive integers, got {text!r}")
+    if not values or any(v < minimum for v in values):
+        raise UsageError(f"{what} needs integers >= {minimum}, got {text!r}")
     return values
+
+
+def _shapes(args: argparse.Namespace) -> ModelShapes:
+    """The model's shapes from ``--config`` (Qwen3-30B-A3B's without it)."""
+    if not args.config:
+        return ModelShapes()
+    try:
+        return ModelShapes.from_hf_config(args.config)
+    except ConfigError as exc:
+        raise UsageError(f"--config: {exc}") from None
+
+
+def _positive(value: int, flag: str) -> None:
+    if value < 1:
+        raise UsageError(f"{flag} must be a positive integer, got {value}")
+
+
+def _wrap(text: str, width: int) -> str:
+    """``text`` wrapped at word boundaries to lines of ``width`` (a word longer than that stays whole)."""
+    return "\n".join(textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)) or text
 
 
 def cmd_bench_select(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from nkimoe.bench.cache import cache_path, write_entries
-    from nkimoe.bench.select import cache_entries, default_problems, run_select
+    from nkimoe.bench.cache import cache_path, check_writable, write_entries
+    from nkimoe.bench.select import Selection, cache_entries, default_problems, run_select
 
     registry = _registry()
     target = registry.target(args.target)
@@ -166,22 +194,33 @@ def cmd_bench_select(args: argparse.Namespace) -> int:
         raise UsageError(f"bench select needs a Neuron target, not {target.name!r}; valid: "
                          f"{', '.join(sorted(n for n, t in registry.targets.items() if t.is_neuron))}")
     ops = [_check_op(o.strip()) for o in args.ops.split(",")] if args.ops else None
-    shapes = ModelShapes.from_hf_config(args.config) if args.config else ModelShapes()
+    shapes = _shapes(args)
     tokens = _parse_ints(args.tokens, "--tokens") if args.tokens else [128]
-    if args.tp < 1:
-        raise UsageError(f"--tp must be a positive tensor-parallel degree, got {args.tp}")
+    shapes.check_positions(args.seq_len, "--seq-len")
+    for count in tokens:
+        shapes.check_positions(count, "--tokens")
+    _positive(args.tp, "--tp")
     try:
         all_problems = default_problems(shapes, args.seq_len, tokens, args.dtype, args.tp)
     except ValueError as err:
         raise UsageError(f"--tp {args.tp}: {err}") from None
     problems = {p: s for p, s in all_problems.items() if ops is None or p.op in ops}
-    progress = lambda items: tqdm(list(items), desc=f"bench select {target.name}", unit="problem",  # noqa: E731
-                                  file=sys.stderr, disable=args.quiet)
-    selections = run_select(registry, target, problems, args.policy, progress)
     path = Path(args.cache) if args.cache else cache_path()
-    entries = cache_entries(target, selections, args.policy)
-    if entries:
+    check_writable(path)  # before minutes of work, not after
+    saved: list[str] = []
+    bar = tqdm(total=len(problems), desc=f"bench select {target.name}", unit="problem", file=sys.stderr,
+               disable=args.quiet)
+
+    def save(selection: Selection) -> None:  # each problem as it finishes: an interruption keeps them
+        entries = cache_entries(target, [selection], args.policy)
         write_entries(path, entries)
+        saved.extend(entries)
+        bar.update(1)
+
+    with bar:
+        selections = run_select(registry, target, problems, args.policy,
+                                starting=lambda p: bar.set_postfix_str(f"{p.op} {p.signature}", refresh=True),
+                                finished=save)
     rows = []
     for sel in sorted(selections, key=lambda s: (OP_NAMES.index(s.problem.op), s.problem.dims)):
         for c in sel.candidates:
@@ -194,23 +233,24 @@ def cmd_bench_select(args: argparse.Namespace) -> int:
         print(json.dumps({"target": target.name, "policy": args.policy, "cache": str(path), "results": rows,
                           "failed_ops": failed}, indent=2))
     else:
-        for op in dict.fromkeys(r["op"] for r in rows):
-            print(f"\n{op} on {target.name} (policy {args.policy}; time_us is a cost-model estimate unless "
-                  f"method says hardware)")
-            _emit([{**r, "status": r["status"][:70]} for r in rows if r["op"] == op], "table",
-                  ["shape", "candidate", "time_us", "method", "bound_by", "status", "winner"])
-        print(f"\nwrote {len(entries)} entries to {path}")
+        shown = [r for r in rows if args.all or not r["status"].startswith("ineligible")]
+        print(f"{target.name}, policy {args.policy}: time_us is a cost-model estimate unless method says hardware")
+        for problem in dict.fromkeys((r["op"], r["shape"], r["dtype"]) for r in shown):
+            print(f"\n{' '.join(problem)}")
+            block = [r for r in shown if (r["op"], r["shape"], r["dtype"]) == problem]
+            _emit([{**r, "status": _wrap(r["status"], 50)} for r in block], "table",
+                  ["candidate", "time_us", "method", "bound_by", "status", "winner"])
+        hidden = len(rows) - len(shown)
+        if hidden:
+            print(f"\n{hidden} ineligible candidates not shown (--all shows them)")
+        print(f"\nwrote {len(saved)} entries to {path}")
     for op in failed:
         print(f"nkimoe: error: no verified candidate for {op} on {target.name}", file=sys.stderr)
     return 1 if failed else 0
 
 
 def cmd_bench_show(args: argparse.Namespace) -> int:
-    from nkimoe.bench.cache import BenchCache
-
-    cache = BenchCache.load()
-    for problem in cache.problems:
-        print(f"nkimoe: warning: {problem}", file=sys.stderr)
+    cache = _cache()
     if args.target:
         _registry().target(args.target)
     rows = []
@@ -218,6 +258,8 @@ def cmd_bench_show(args: argparse.Namespace) -> int:
         for key, entry in source.entries.items():
             if args.target and entry.get("target") != args.target:
                 continue
+            if entry["winner"] is None:
+                continue  # verification records only: no candidate was verified and timed
             best = next((c for c in entry.get("candidates", []) if c.get("variant") == entry["winner"]), {})
             rows.append({"source": where, "target": entry.get("target"), "op": entry.get("op"),
                          "shape": entry.get("shape"), "dtype": entry.get("dtype"), "policy": entry.get("policy"),
@@ -274,24 +316,34 @@ def _run_generation(directory: Path, prompt: list[int], new_tokens: int, args: a
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from nkimoe.demo import write_random_checkpoint
+
+    if not (args.random_tiny or args.model):
+        raise UsageError("give --model DIR or --random-tiny")
+    _positive(args.new_tokens, "--new-tokens")
+    prompt = _parse_ints(args.prompt_ids, "--prompt-ids", minimum=0) if args.prompt_ids else [1, 2, 3, 4, 5, 6, 7, 8]
+    if not args.random_tiny:
+        return _generate_from(Path(args.model), prompt, args)
+    _positive(args.layers, "--layers")
+    if args.keep:
+        keep = Path(args.keep)
+        if keep.exists() and (not keep.is_dir() or any(keep.iterdir())):
+            raise UsageError(f"--keep {keep}: give a new or empty directory for the checkpoint")
+        write_random_checkpoint(keep, layers=args.layers)
+        print(f"random checkpoint kept in {keep}")
+        return _generate_from(keep, prompt, args)
+    with tempfile.TemporaryDirectory(prefix="nkimoe-demo-") as tmp:  # removed afterwards; --keep DIR keeps it
+        return _generate_from(write_random_checkpoint(Path(tmp), layers=args.layers), prompt, args)
+
+
+def _generate_from(directory: Path, prompt: list[int], args: argparse.Namespace) -> int:
     from nkimoe.model import CheckpointError
 
-    if args.random_tiny:
-        import tempfile
-
-        from nkimoe.demo import write_random_checkpoint
-
-        directory = write_random_checkpoint(Path(tempfile.mkdtemp(prefix="nkimoe-demo-")), layers=args.layers)
-    elif args.model:
-        directory = Path(args.model)
-    else:
-        raise UsageError("give --model DIR or --random-tiny")
-    prompt = _parse_ints(args.prompt_ids, "--prompt-ids") if args.prompt_ids else [1, 2, 3, 4, 5, 6, 7, 8]
     try:
         return _run_generation(directory, prompt, args.new_tokens, args)
-    except CheckpointError as exc:
-        raise UsageError(str(exc)) from None
-    except ValueError as exc:
+    except (CheckpointError, ValueError) as exc:
         raise UsageError(str(exc)) from None
 
 
@@ -302,6 +354,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _targets_arg(registry: Registry, text: str) -> list[str]:
     names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise UsageError(f"--targets needs at least one Neuron target (trn2, trn3), got {text!r}")
     for name in names:
         if not registry.target(name).is_neuron:
             raise UsageError(f"--targets takes Neuron targets (trn2, trn3), got {name!r}")
@@ -309,7 +363,7 @@ def _targets_arg(registry: Registry, text: str) -> list[str]:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from nkimoe.submit import SubmitError, submit
+    from nkimoe.submit import OutputError, SubmitError, submit
 
     registry = _registry()
     targets = _targets_arg(registry, args.targets)
@@ -317,6 +371,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     try:
         out = submit(Path(args.output), targets, registry, root=root, verify=not args.no_verify,
                      progress=lambda msg: print(msg, file=sys.stderr))
+    except OutputError as exc:
+        raise UsageError(str(exc)) from None
     except SubmitError as exc:
         print(f"nkimoe: error: {exc}", file=sys.stderr)
         print(f"nkimoe: nothing was written to {args.output}", file=sys.stderr)
@@ -328,19 +384,20 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _binding_for(registry: Registry, target_name: str, shapes: ModelShapes, seq_len: int) -> Binding:
-    from nkimoe.bench.cache import BenchCache
     from nkimoe.registry import default_policy
 
     target = registry.target(target_name)
     sites = {**call_sites(shapes, "prefill", seq_len), **call_sites(shapes, "decode", seq_len)}
-    return registry.bind(target, sites, policy=default_policy(), cache=BenchCache.load())
+    return registry.bind(target, sites, policy=default_policy(), cache=_cache())
 
 
 def cmd_coverage(args: argparse.Namespace) -> int:
     from nkimoe.scoring import coverage
 
     registry = _registry()
-    shapes = ModelShapes.from_hf_config(args.config) if args.config else ModelShapes()
+    shapes = _shapes(args)
+    shapes.check_positions(args.seq_len, "--seq-len")
+    _positive(args.new_tokens, "--new-tokens")
     target = args.target or detect(known=registry.targets).target.name
     cov = coverage(_binding_for(registry, target, shapes, args.seq_len), shapes, args.seq_len, args.new_tokens)
     rows = [{"phase": r.site.split(".")[0], "site": r.site.split(".", 1)[1], "op": r.op, "variant": r.variant,
@@ -370,8 +427,11 @@ def cmd_score(args: argparse.Namespace) -> int:
     else:
         nki_fraction, source = args.coverage, "--coverage"
     if args.results:
-        measured = read_results(Path(args.results))
-    elif args.prompt is not None and args.latency_ms and args.tok_s:
+        try:
+            measured = read_results(Path(args.results))
+        except ValueError as exc:
+            raise UsageError(f"--results: {exc}") from None
+    elif args.prompt is not None and args.latency_ms is not None and args.tok_s is not None:
         measured = [(args.prompt, args.latency_ms, args.tok_s)]
     else:
         raise UsageError("give --prompt N --latency-ms X --tok-s Y, or --results FILE")
@@ -474,6 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fastest: any verified variant; bitexact: only variants declared and verified bit-exact")
     p.add_argument("--cache", help="cache file to write (default: NKIMOE_CACHE or the user cache directory)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--all", action="store_true", help="also list the candidates ineligible on the target")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.set_defaults(func=cmd_bench_select)
     p = bench_sub.add_parser("show", help="list cached winners (local and shipped)")
@@ -491,6 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="checkpoint directory (config.json + safetensors)")
     p.add_argument("--random-tiny", action="store_true", help="use a fresh random full-width checkpoint instead")
     p.add_argument("--layers", type=int, default=2, help="layers of the --random-tiny checkpoint (default 2)")
+    p.add_argument("--keep", metavar="DIR", help="write the --random-tiny checkpoint to DIR and keep it (default: a "
+                                                 "temporary directory, removed afterwards)")
     p.add_argument("--prompt-ids", help="comma-separated token ids (default 1..8)")
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--quiet", action="store_true", help="do not print each token as it comes")
@@ -502,6 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "tokens/s and the binding.")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--keep", metavar="DIR", help="write the checkpoint to DIR and keep it (default: a temporary "
+                                                 "directory, removed afterwards)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
 
@@ -553,7 +618,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (UsageError, TargetError, RegistryError, OpError) as exc:
+    except (UsageError, TargetError, RegistryError, OpError, CacheError, ConfigError) as exc:
         print(f"nkimoe: error: {exc}", file=sys.stderr)
         return 2
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from nkimoe.ops import rope_cos_sin
-from nkimoe.shapes import ModelShapes, call_sites
+from nkimoe.shapes import ConfigError, ModelShapes, call_sites
 
 log = logging.getLogger("nkimoe")
 
@@ -56,6 +56,8 @@ class ModelConfig:
             raise CheckpointError(f"{path} not found: a checkpoint directory needs config.json") from None
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"cannot read {path}: {exc}") from None
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{path} holds a JSON {type(raw).__name__}, expected an object (an HF config.json)")
         return cls.from_dict(raw, str(path))
 
     @classmethod
@@ -69,8 +71,8 @@ class ModelConfig:
             raise CheckpointError(f"{where}: tied word embeddings are not supported (Qwen3-MoE unties lm_head)")
         try:
             shapes = ModelShapes.from_hf_config(raw)
-        except KeyError as exc:
-            raise CheckpointError(f"{where}: missing field {exc.args[0]!r}") from None
+        except ConfigError as exc:
+            raise CheckpointError(f"{where}: {str(exc).removeprefix('config: ')}") from None
         rope = raw.get("rope_parameters") or {}
         theta = rope.get("rope_theta", raw.get("rope_theta"))
         if theta is None:

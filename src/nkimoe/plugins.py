@@ -137,7 +137,7 @@ def _fail(registry: Registry, info: PluginInfo, reason: str) -> None:
 def load_registry(env: Mapping[str, str] | None = None) -> Registry:
     """Load every plugin into a fresh :class:`Registry`; problems are kept in ``registry.problems``."""
     pm, infos = get_plugin_manager(env)
-    registry = Registry(plugins=infos)
+    registry = Registry(plugins=infos, builtin_plugins=frozenset(DEFAULT_PLUGINS))
     by_name = {info.name: info for info in infos}
     for info in infos:
         if info.status.startswith("failed"):

@@ -2,7 +2,9 @@
 
 ``bind(target, problems)`` resolves each call site once to a plain callable, keeping the reason
 for every choice: a benchmark-cache winner, else the highest-priority eligible variant, else the
-op's torch reference (the fallback on every target).
+op's torch reference (the fallback on every target). A variant from a non-builtin plugin is a
+candidate only where the cache records a passing verification of its current source for that
+problem (builtin variants are verified by the shipped tables and the test suite).
 """
 
 from __future__ import annotations
@@ -132,6 +134,8 @@ class CacheLookup(Protocol):
 
     def winner(self, target: Target, problem: Problem, policy: str) -> CacheHit | None: ...
 
+    def verified(self, target: Target, problem: Problem, policy: str, variant: str, source_hash: str) -> bool: ...
+
 
 @dataclass(frozen=True)
 class CacheHit:
@@ -186,6 +190,8 @@ class Registry:
     variants: dict[str, Variant] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     plugins: list[Any] = field(default_factory=list)
+    #: Plugins whose variants bind without a verification in the cache (the package's own).
+    builtin_plugins: frozenset[str] = frozenset()
 
     # --- contribution ------------------------------------------------------------------------
     def add_target(self, target: Target, plugin: str) -> None:
@@ -274,16 +280,16 @@ class Registry:
     def _bind_one(
         self, site: str, target: Target, problem: Problem, policy: str, cache: CacheLookup | None
     ) -> tuple[BoundOp, str | None]:
-        candidates = self.candidates(target, problem, policy)
+        candidates = self.load_candidates(target, problem, policy, cache)
         eligible = {c.variant.name: c.variant for c in candidates if c.eligible}
         note = None
         hit = cache.winner(target, problem, policy) if cache is not None else None
         if hit is not None:
-            chosen = eligible.get(hit.variant)
-            if chosen is None:
-                note = f"{site}: cached winner {hit.variant!r} ({hit.key}) is unknown or not eligible"
-            elif chosen.source_hash != hit.source_hash:
+            chosen, known = eligible.get(hit.variant), self.variants.get(hit.variant)
+            if known is not None and known.source_hash != hit.source_hash:
                 note = f"{site}: cached winner {hit.variant!r} ({hit.key}) has a stale source hash"
+            elif chosen is None:
+                note = f"{site}: cached winner {hit.variant!r} ({hit.key}) is unknown or not eligible"
             else:
                 reason = f"benchmark cache ({hit.method}) entry {hit.key}"
                 return BoundOp(site, problem, chosen, "cache", reason), None
@@ -297,13 +303,28 @@ class Registry:
         reason = f"no eligible variant on {target.name} ({rejected}); torch reference"
         return BoundOp(site, problem, self.reference(problem.op), "fallback", reason), note
 
+    def load_candidates(
+        self, target: Target, problem: Problem, policy: str, cache: CacheLookup | None
+    ) -> list[Candidate]:
+        """:meth:`candidates` as binding sees them: an eligible variant of a non-builtin plugin stays
+        eligible only where ``cache`` records a passing verification of its current source."""
+        rows = []
+        for c in self.candidates(target, problem, policy):
+            v = c.variant
+            if c.eligible and v.plugin not in self.builtin_plugins and not (
+                    cache is not None and cache.verified(target, problem, policy, v.name, v.source_hash)):
+                c = Candidate(v, False, f"plugin {v.plugin!r}: no passing verification of this source for this "
+                                        f"problem in the benchmark cache (run nkimoe bench select)")
+            rows.append(c)
+        return rows
+
     def explain(
         self, target: Target | str, problem: Problem, *, policy: str = "fastest", cache: CacheLookup | None = None
     ) -> tuple[list[Candidate], BoundOp]:
-        """Every candidate with its eligibility, and the call site it would bind."""
+        """Every candidate with its eligibility at load, and the call site it would bind."""
         target = self.target(target) if isinstance(target, str) else target
         bound, _ = self._bind_one(problem.op, target, problem, policy, cache)
-        return self.candidates(target, problem, policy), bound
+        return self.load_candidates(target, problem, policy, cache), bound
 
 
 def reference_variant(op: str) -> Variant:

@@ -12,12 +12,15 @@ latency p99 in ms and throughput its tokens/s, against that prompt's baseline ro
 from __future__ import annotations
 
 import csv
+import io
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from nkimoe.registry import Binding
 from nkimoe.shapes import ModelShapes, call_sites
+from nkimoe.userfiles import read_text
 
 #: Calls of each site per pass: per-layer sites run once per layer, the others once.
 _ONCE = frozenset({"first_norm", "final_norm", "lm_head"})
@@ -101,8 +104,9 @@ def points(target: str, prompt: int, latency_ms: float, tok_s: float, nki_covera
         raise ValueError(f"no baseline rows for target {target!r}; valid: {', '.join(BASELINES)}")
     if prompt not in rows:
         raise ValueError(f"no baseline row for prompt {prompt} on {target}; public prompts: {sorted(rows)}")
-    if latency_ms <= 0 or tok_s <= 0:
-        raise ValueError(f"latency and throughput must be positive, got {latency_ms} ms and {tok_s} tok/s")
+    if not (math.isfinite(latency_ms) and math.isfinite(tok_s) and latency_ms > 0 and tok_s > 0):
+        raise ValueError(f"latency and throughput must be positive finite numbers, got {latency_ms} ms and "
+                         f"{tok_s} tok/s")
     if not 0.0 <= nki_coverage <= 1.0:
         raise ValueError(f"coverage must be within 0..1, got {nki_coverage}")
     _, _, base_latency, base_tok_s = rows[prompt]
@@ -112,14 +116,22 @@ def points(target: str, prompt: int, latency_ms: float, tok_s: float, nki_covera
 
 
 def read_results(path: Path) -> list[tuple[int, float, float]]:
-    """Rows ``prompt,latency_ms,tok_s`` (header optional) of a measured-results CSV."""
+    """Rows ``prompt,latency_ms,tok_s`` (header optional) of a measured-results CSV; ValueError
+    names the file (and line) when it is missing, not text, malformed or without a row."""
+    expected = "expected CSV rows 'prompt,latency_ms,tok_s'"
+    text = read_text(path, "results file", expected)
     out = []
-    with open(path, newline="") as handle:
-        for number, row in enumerate(csv.reader(handle), start=1):
+    try:
+        for number, row in enumerate(csv.reader(io.StringIO(text, newline="")), start=1):
             if not row or row[0].strip().lower() in ("prompt", "prompt id", "#"):
                 continue
             try:
                 out.append((int(row[0]), float(row[1]), float(row[2])))
             except (ValueError, IndexError):
-                raise ValueError(f"{path}:{number}: expected 'prompt,latency_ms,tok_s', got {row}") from None
+                got = ",".join(row)[:80]
+                raise ValueError(f"results file {path}, line {number}: {expected}, got {got!r}") from None
+    except csv.Error as exc:
+        raise ValueError(f"results file {path}: {exc}; {expected}") from None
+    if not out:
+        raise ValueError(f"results file {path} has no result rows; {expected}")
     return out

@@ -9,6 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from nkimoe.ops import Problem
+from nkimoe.userfiles import read_text
+
+#: The fields of an HF Qwen3-MoE config.json that decide op shapes.
+REQUIRED_FIELDS: tuple[str, ...] = ("hidden_size", "num_attention_heads", "num_key_value_heads", "num_experts",
+                                    "num_experts_per_tok", "moe_intermediate_size", "vocab_size", "num_hidden_layers")
+
+
+class ConfigError(ValueError):
+    """A model config that cannot be read as a Qwen3-MoE config.json: one line naming the file."""
 
 
 @dataclass(frozen=True)
@@ -24,24 +33,55 @@ class ModelShapes:
     moe_intermediate: int = 768
     vocab: int = 151_936
     layers: int = 48
+    max_positions: int = 40_960  #: max_position_embeddings: the longest context the model takes
 
     @classmethod
     def from_hf_config(cls, config: Mapping[str, Any] | str | Path) -> ModelShapes:
-        """Read the dims from an HF ``config.json`` (path or parsed dict) of a Qwen3-MoE model."""
+        """Read the dims from an HF ``config.json`` (path or parsed dict) of a Qwen3-MoE model;
+        :class:`ConfigError` names the file and what is wrong with it."""
+        where = "config" if isinstance(config, Mapping) else f"config {config}"
         if not isinstance(config, Mapping):
-            config = json.loads(Path(config).read_text())
-        hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+            config = _read_json(Path(config))
+        if not isinstance(config, Mapping):
+            raise ConfigError(f"{where} holds a JSON {type(config).__name__}, expected an object "
+                              f"(an HF config.json with {', '.join(REQUIRED_FIELDS)})")
+        if "num_experts" not in config and "num_local_experts" in config:
+            config = {**config, "num_experts": config["num_local_experts"]}
+        missing = [f for f in REQUIRED_FIELDS if f not in config]
+        if missing:
+            raise ConfigError(f"{where}: missing field {missing[0]!r} (a Qwen3-MoE config.json has "
+                              f"{', '.join(REQUIRED_FIELDS)})")
+        optional = {f: config[f] for f in ("head_dim", "max_position_embeddings") if config.get(f) is not None}
+        dims = {**{f: config[f] for f in REQUIRED_FIELDS}, **optional}
+        bad = [f for f, v in dims.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+        if bad:
+            raise ConfigError(f"{where}: {bad[0]} is {dims[bad[0]]!r}, expected a positive integer")
         return cls(
-            hidden=hidden,
-            heads=heads,
-            kv_heads=int(config["num_key_value_heads"]),
-            head_dim=int(config.get("head_dim") or hidden // heads),
-            experts=int(config.get("num_experts") or config["num_local_experts"]),
-            top_k=int(config["num_experts_per_tok"]),
-            moe_intermediate=int(config["moe_intermediate_size"]),
-            vocab=int(config["vocab_size"]),
-            layers=int(config["num_hidden_layers"]),
+            hidden=dims["hidden_size"],
+            heads=dims["num_attention_heads"],
+            kv_heads=dims["num_key_value_heads"],
+            head_dim=dims.get("head_dim", dims["hidden_size"] // dims["num_attention_heads"]),
+            experts=dims["num_experts"],
+            top_k=dims["num_experts_per_tok"],
+            moe_intermediate=dims["moe_intermediate_size"],
+            vocab=dims["vocab_size"],
+            layers=dims["num_hidden_layers"],
+            max_positions=dims.get("max_position_embeddings", cls.max_positions),
         )
+
+    def check_positions(self, positions: int, flag: str) -> None:
+        """Raise :class:`ConfigError` unless ``positions`` (given by ``flag``) is 1..max_positions."""
+        if not 1 <= positions <= self.max_positions:
+            raise ConfigError(f"{flag} {positions}: the model takes 1 to {self.max_positions} positions "
+                              f"(max_position_embeddings)")
+
+
+def _read_json(path: Path) -> Any:
+    text = read_text(path, "config", "give the path of an HF config.json", ConfigError)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config {path} is not JSON (line {exc.lineno}: {exc.msg})") from None
 
 
 #: The contest's global sequence length (aws-neuron/nki-moe README: ``--seq-len 1024``) and a

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import os
 import re
 import subprocess
 import sys
@@ -34,7 +35,7 @@ BUNDLE_PACKAGE = "_nkimoe_bundle"
 
 #: The package's modules the bundle carries (variant modules are added per registry).
 CORE_MODULES: tuple[str, ...] = (
-    "nkimoe", "nkimoe.targets", "nkimoe.ops", "nkimoe.registry", "nkimoe.shapes",
+    "nkimoe", "nkimoe.targets", "nkimoe.ops", "nkimoe.registry", "nkimoe.userfiles", "nkimoe.shapes",
     "nkimoe.nki", "nkimoe.nki.emulator", "nkimoe.nki.emulator.dtypes", "nkimoe.nki.emulator.memory",
     "nkimoe.nki.emulator.core", "nkimoe.nki.emulator.operators", "nkimoe.nki.emulator.isa",
     "nkimoe.nki.emulator.language", "nkimoe.nki.emulator.collectives", "nkimoe.nki.emulator.typing",
@@ -70,7 +71,8 @@ TABLES = {tables!r}
 
 
 def get_registry():
-    registry = Registry()
+    builtin = [name for name in VARIANT_MODULES if name.startswith("{pkg}.")]
+    registry = Registry(builtin_plugins=frozenset([*builtin, "bundle"]))
     for target in BUILTIN_TARGETS:
         registry.add_target(target, "bundle")
     for name in VARIANT_MODULES:
@@ -85,11 +87,21 @@ def get_registry():
 
 
 class Tables:
+    """The selection tables as the registry's cache: a plugin variant is verified where it won."""
+
     problems = []
 
+    @staticmethod
+    def _row(target, problem, policy):
+        return TABLES.get("|".join([target.name, policy, problem.op, problem.signature, problem.dtype]))
+
     def winner(self, target, problem, policy):
-        entry = TABLES.get("|".join([target.name, policy, problem.op, problem.signature, problem.dtype]))
+        entry = self._row(target, problem, policy)
         return None if entry is None else CacheHit(entry[0], entry[1], "bundled " + target.name, entry[2])
+
+    def verified(self, target, problem, policy, variant, source_hash):
+        entry = self._row(target, problem, policy)
+        return entry is not None and entry[:2] == (variant, source_hash)
 
 
 def bind_model(problems, *, env=None, registry=None):
@@ -142,6 +154,10 @@ _IMPORT = re.compile(r"^(\s*)(from|import) nkimoe(?=[.\s])", re.MULTILINE)
 
 class SubmitError(RuntimeError):
     """The bundle could not be built or did not reproduce the package path."""
+
+
+class OutputError(SubmitError):
+    """The output path cannot take the bundle (a directory, not writable, a write that failed)."""
 
 
 def _rename(source: str) -> str:
@@ -258,6 +274,18 @@ def verify_bundle(bundle: Path, targets: Iterable[str], cache_env: Mapping[str, 
                     raise SubmitError(f"the bundle {what} than the package on {target}")
 
 
+def check_output(output: Path) -> None:
+    """Raise :class:`OutputError` unless a file can be written at ``output``."""
+    if output.is_dir():
+        raise OutputError(f"-o {output} is a directory; give a file path such as {output / 'qwen.py'}")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(prefix=output.name + ".", suffix=".probe", dir=output.parent):
+            pass
+    except OSError as exc:
+        raise OutputError(f"-o {output}: cannot write there ({exc.strerror or exc})") from None
+
+
 def submit(output: Path, targets: Sequence[str], registry: Registry, *, root: Path, verify: bool = True,
            progress: Callable[[str], None] = print) -> Path:
     """Build, verify and write the bundle; nothing is written when any step fails."""
@@ -266,6 +294,7 @@ def submit(output: Path, targets: Sequence[str], registry: Registry, *, root: Pa
     qwen_file = root / "qwen.py"
     if not qwen_file.exists():
         raise SubmitError(f"{qwen_file} not found: run submit from the nkimoe repository")
+    check_output(output)  # before minutes of verification
     cache = BenchCache.load(targets=targets)
     text = build_bundle(registry, cache, targets, qwen_file.read_text())
     with tempfile.TemporaryDirectory(prefix="nkimoe-submit-") as tmp:
@@ -273,8 +302,15 @@ def submit(output: Path, targets: Sequence[str], registry: Registry, *, root: Pa
         candidate.write_text(text)
         if verify:
             verify_bundle(candidate, targets, {"NKIMOE_CACHE": str(cache_path())}, progress)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        partial = output.with_name(output.name + ".partial")
-        partial.write_text(text)
-        partial.replace(output)
+    partial = None
+    try:  # a file of our own next to the output, renamed over it only once complete
+        fd, partial = tempfile.mkstemp(prefix=output.name + ".", suffix=".partial", dir=output.parent)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.chmod(partial, 0o644)
+        os.replace(partial, output)
+    except OSError as exc:
+        if partial is not None:
+            Path(partial).unlink(missing_ok=True)
+        raise OutputError(f"-o {output}: cannot write the bundle ({exc.strerror or exc})") from None
     return output

@@ -70,7 +70,7 @@ def test_corrupt_or_truncated_file_warns_and_binds(tmp_path: Path, content: str)
         binding, _ = bind_model(SITES, env=_env(path, NKIMOE_TARGET="trn2"), registry=REGISTRY)
     assert binding.ops["decode.final_norm"].variant.name == "rmsnorm_tkg_nki"
     write_entries(path, {entry_key(TRN2, PROBLEM, "fastest"): _entry(TRN2, "rmsnorm_nki_trn2")})
-    assert (tmp_path / "bench.yaml.corrupt").read_text() == content  # set aside, not lost
+    assert (tmp_path / "bench.yaml.corrupt-1").read_text() == content  # set aside, not lost
     assert CacheFile.read(path).entries
 
 

@@ -9,10 +9,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from nkimoe.bench.select import default_problems, select_problem
+from nkimoe.bench.cache import BenchCache, CacheFile, entry_key, write_entries
+from nkimoe.bench.select import cache_entries, default_problems, select_problem
+from nkimoe.cli import main
 from nkimoe.ops import OP_NAMES, Problem
 from nkimoe.registry import Registry
-from nkimoe.shapes import ModelShapes
+from nkimoe.scoring import coverage
+from nkimoe.shapes import ModelShapes, call_sites
 
 WRONG_PLUGIN = """
 from nkimoe.hookspecs import hookimpl
@@ -41,8 +44,8 @@ def register_variants(register):
 def test_wrong_variant_is_rejected_and_never_wins(registry_with: Callable[..., Registry]) -> None:
     registry = registry_with(wrong_plugin=WRONG_PLUGIN)
     problem = Problem.of("rmsnorm", T=1, H=2048)
-    # Priority alone would bind it:
-    assert registry.bind("trn2", {"s": problem}).ops["s"].variant.name == "wrong_rmsnorm_trn2"
+    # Priority alone would rank it first:
+    assert registry.for_op("rmsnorm")[0].name == "wrong_rmsnorm_trn2"
     result = select_problem(registry, registry.targets["trn2"], problem, ["s"], "fastest")
     wrong = next(c for c in result.candidates if c.variant == "wrong_rmsnorm_trn2")
     assert wrong.status.startswith("rejected: output 0: |diff|")
@@ -104,3 +107,47 @@ def test_cli_select_rejects_cpu_and_unknown_ops(tmp_path: Path) -> None:
     out = _cli("bench", "select", "--target", "trn2", "--tp", "3", cache=tmp_path / "c.yaml")
     assert out.returncode == 2 and "--tp 3: heads=32, vocab=151936, kv_heads=4 do not split over tp_degree=3" in out.stderr
     assert not (tmp_path / "c.yaml").exists()
+
+
+def test_a_plugin_variant_binds_only_after_passing_verification(registry_with: Callable[..., Registry],
+                                                                tmp_path: Path) -> None:
+    registry = registry_with(wrong_plugin=WRONG_PLUGIN)
+    trn2 = registry.targets["trn2"]
+    path = tmp_path / "bench.yaml"
+    cache = BenchCache(CacheFile.read(path))  # no shipped tables: priority decides where nothing is cached
+    sites = {**call_sites(ModelShapes(), "prefill", 128), **call_sites(ModelShapes(), "decode", 128)}
+    rows = coverage(registry.bind(trn2, sites, cache=cache), ModelShapes(), 128, 1)
+    bound = {r.variant for r in (*rows.prefill, *rows.decode) if r.op == "rmsnorm"}
+    assert bound and all(registry.variants[v].plugin == "nkimoe.variants.norms" for v in bound)
+    candidates, _ = registry.explain(trn2, Problem.of("rmsnorm", T=1, H=2048), cache=cache)
+    wrong = next(c for c in candidates if c.variant.name == "wrong_rmsnorm_trn2")
+    assert not wrong.eligible and "plugin 'wrong_plugin': no passing verification" in wrong.reason
+
+    # Too wide for the builtin kernels: the plugin's is the only candidate, fails, and nothing wins;
+    # at the model's width it fails and a builtin wins. Both verdicts are recorded.
+    wide, narrow = Problem.of("rmsnorm", T=1, H=100_000), Problem.of("rmsnorm", T=1, H=2048)
+    selections = [select_problem(registry, trn2, p, ["s"], "fastest") for p in (wide, narrow)]
+    entries = cache_entries(trn2, selections, "fastest")
+    write_entries(path, entries)
+    for problem, winner in ((wide, None), (narrow, selections[1].winner)):
+        entry = entries[entry_key(trn2, problem, "fastest")]
+        assert entry["winner"] == winner
+        record = next(c for c in entry["candidates"] if c["variant"] == "wrong_rmsnorm_trn2")
+        assert record["status"].startswith("rejected") and record["source_hash"]
+    cache = BenchCache(CacheFile.read(path))
+    bound = registry.bind(trn2, {"s": wide}, cache=cache).ops["s"]
+    assert bound.variant.name == "ref_rmsnorm" and "wrong_rmsnorm_trn2: plugin 'wrong_plugin'" in bound.reason
+
+
+def test_select_table_shows_eligible_candidates_within_120_columns(capsys, tmp_path: Path) -> None:  # noqa: ANN001
+    argv = ["bench", "select", "--target", "trn2", "--ops", "rmsnorm,router", "--seq-len", "8", "--tokens", "4",
+            "--cache", str(tmp_path / "c.yaml")]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "rmsnorm T=8,H=2048" in err and "router T=1,E=128,K=8" in err  # the bar names the problem
+    assert "ineligible:" not in out and "ineligible candidates not shown (--all shows them)" in out
+    assert max(len(line) for line in out.splitlines() if str(tmp_path) not in line) <= 120
+    assert main([*argv, "--all", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "ineligible: built for trn3, not trn2" in out
+    assert max(len(line) for line in out.splitlines() if str(tmp_path) not in line) <= 120

@@ -111,17 +111,27 @@ def select_problem(registry: Registry, target: Target, problem: Problem, sites: 
     return result
 
 
-def run_select(registry: Registry, target: Target, problems: Mapping[Problem, list[str]], policy: str,
-               progress: Callable[[Iterable[Any]], Iterable[Any]] = iter) -> list[Selection]:
-    return [select_problem(registry, target, p, sites, policy) for p, sites in progress(problems.items())]
+def run_select(registry: Registry, target: Target, problems: Mapping[Problem, list[str]], policy: str, *,
+               starting: Callable[[Problem], None] | None = None,
+               finished: Callable[[Selection], None] | None = None) -> list[Selection]:
+    """Select every problem in turn; ``starting`` hears of each problem before it runs and
+    ``finished`` gets each selection as soon as it is made (to save it, or show progress)."""
+    selections = []
+    for problem, sites in problems.items():
+        if starting is not None:
+            starting(problem)
+        selection = select_problem(registry, target, problem, sites, policy)
+        if finished is not None:
+            finished(selection)
+        selections.append(selection)
+    return selections
 
 
 def cache_entries(target: Target, selections: Iterable[Selection], policy: str) -> dict[str, dict[str, Any]]:
-    """Cache entries for every problem that has a verified, timed winner."""
+    """Cache entries for every selection: the winner (None when no candidate was verified and timed)
+    and the verification verdict of every candidate that ran, winner or not."""
     entries = {}
     for s in selections:
-        if s.winner is None:
-            continue
         candidates = [
             {"variant": c.variant, "status": c.status, "time_us": None if c.time_us is None else round(c.time_us, 3),
              "spread_us": None if c.spread_us is None else round(c.spread_us, 3), "method": c.method,
