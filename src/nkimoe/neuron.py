@@ -104,6 +104,10 @@ class Kernels:
             self._bound[problem] = hit
         return hit
 
+    def clear(self) -> None:
+        """Forget every binding: the next use binds afresh for the target detected then."""
+        self._bound.clear()
+
     def problems(self) -> list[Problem]:
         """The problems bound so far."""
         return list(self._bound)
@@ -403,6 +407,12 @@ if NEURON_AVAILABLE:  # pragma: no cover - needs the Neuron SDK
             check_neuron_config(self.neuron_config)
             self.neuron_config.k_cache_transposed = True
 
+    def _score_scale(attention: Any) -> float:
+        """The factor on q.k: 2.29's attention has ``softmax_scale`` (the divisor); the releases before it
+        divide by sqrt(head_dim) in place (modules/attention/attention_base.py)."""
+        divisor = getattr(attention, "softmax_scale", None)
+        return 1.0 / (math.sqrt(attention.head_dim) if divisor is None else divisor)
+
     class NeuronQwen3MoEAttention(_nxdi.NeuronQwen3MoEAttention):
         """NxDI's attention with nkimoe's q/k norms, projections, RoPE, prefill and decode."""
 
@@ -425,7 +435,7 @@ if NEURON_AVAILABLE:  # pragma: no cover - needs the Neuron SDK
             return Q, K, cos_cache, sin_cache
 
         def perform_prefill(self, Q, K, V, q_len, bsz, attention_mask):
-            return prefill_attention(self.kernels, Q, K, V, 1.0 / self.softmax_scale), FlashAttentionStrategy.NONE
+            return prefill_attention(self.kernels, Q, K, V, _score_scale(self)), FlashAttentionStrategy.NONE
 
         def compute_for_token_gen(self, Q, K, V, position_ids, past_key_value, attention_mask, active_mask,
                                   is_prefix_caching=False):
@@ -433,7 +443,7 @@ if NEURON_AVAILABLE:  # pragma: no cover - needs the Neuron SDK
                 return super().compute_for_token_gen(Q, K, V, position_ids, past_key_value, attention_mask,
                                                      active_mask, is_prefix_caching)
             return decode_attention(self.kernels, Q, K, V, past_key_value[0], past_key_value[1], position_ids,
-                                    1.0 / self.softmax_scale, self.k_cache_transposed)
+                                    _score_scale(self), self.k_cache_transposed)
 
     class ExpertWeights(BaseParallelLinear):
         """All experts' weights for this rank's slice of the intermediate axis, stored in the bound
