@@ -72,6 +72,30 @@ def full_width(nxdi_python: Path, checkpoints: dict[str, Path], tmp_path_factory
                              tmp_path_factory.mktemp("work"), vendor_root(ROOT))
 
 
+@pytest.fixture(scope="module", params=SDK_VERSIONS)
+def sharded(request: pytest.FixtureRequest, nxdi_python: Path, checkpoints: dict[str, Path],
+            tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """shard_checkpoint() of the full-width layer at the harness defaults, per SDK release."""
+    return runner.run_shard_check(nxdi_python, request.param, checkpoints["full"], ROOT / "qwen.py", ("cpu", "trn3"),
+                                  tmp_path_factory.mktemp("work"), vendor_root(ROOT))
+
+
+def test_shard_checkpoint_at_harness_defaults(sharded: dict[str, Any]) -> None:
+    """TP 4, bf16, the model built on the meta device first (as load() does): every rank holds its
+    slice of every expert (intermediate 128 / 4 = 32 columns) and the whole router gate, in the
+    layouts of the variants bound on each target (identity for the references on cpu)."""
+    assert set(sharded["targets"]) == {"cpu", "trn3"}
+    for target, entry in sharded["targets"].items():
+        assert (entry["tp"], entry["dtype"], len(entry["ranks"])) == (4, "torch.bfloat16", 4)
+        for shards in entry["ranks"]:
+            layout = shards["layers.0.mlp.experts.down_proj"]["layout"]
+            reference_shape = (128, 2048, 32)
+            assert shards["layers.0.mlp.experts.down_proj"]["shape"] == [reference_shape[a] for a in layout]
+            if target == "cpu":
+                assert layout == [0, 1, 2]
+    assert runner.shard_differences(sharded) == []
+
+
 def test_every_model_generates_hf_tokens_and_nxdi_logits(tiny: dict[str, Any]) -> None:
     expected = {"nxdi", "hf"} | {f"{name}:{t}" for name in ("qwen.py", "qwen_with_nki.py") for t in TARGETS}
     assert set(tiny["runs"]) == expected

@@ -393,7 +393,8 @@ if NEURON_AVAILABLE:  # pragma: no cover - needs the Neuron SDK
         inter = config.moe_intermediate_size - getattr(config, "moe_intermediate_pad_size", 0)
         return config.num_experts, inter, config.neuron_config.tp_degree
 
-    def _layouts(config: Any) -> tuple[Layout, dict[str, Layout]]:
+    def model_layouts(config: Any) -> tuple[Layout, dict[str, Layout]]:
+        """Storage layouts of the router gate and the expert weights for ``config`` (decode-bound variants)."""
         experts, inter, tp = _moe_dims(config)
         return decode_layouts(KERNELS, config.neuron_config.torch_dtype, _decode_tokens(config), config.hidden_size,
                               intermediate_per_rank(inter, tp), experts, config.num_experts_per_tok)
@@ -458,11 +459,13 @@ if NEURON_AVAILABLE:  # pragma: no cover - needs the Neuron SDK
             split = {"w_gate_up": (1, 2), "w_down": (2, 1)}
             for arg, name in (("w_gate_up", "gate_up_proj"), ("w_down", "down_proj")):
                 layout = layouts[arg]
-                param = nn.Parameter(torch.empty(permuted_shape(shapes[arg], layout), dtype=dtype), requires_grad=False)
+                # Registered first, then given NxD's attributes, as NxD's layers do: NxD's meta-device build
+                # (init_on_device) re-creates a Parameter at registration with its __dict__ as arguments.
+                setattr(self, name, nn.Parameter(torch.empty(permuted_shape(shapes[arg], layout), dtype=dtype),
+                                                 requires_grad=False))
                 axis, stride = split[arg]
-                set_tensor_model_parallel_attributes(param, is_parallel=True, dim=layout.index(axis), stride=stride,
-                                                     num_partitions=tp)
-                setattr(self, name, param)
+                set_tensor_model_parallel_attributes(getattr(self, name), is_parallel=True, dim=layout.index(axis),
+                                                     stride=stride, num_partitions=tp)
 
     class RouterGate(nn.Module):
         """The router gate's weight [E, H], replicated on every rank, stored in ``layout``."""
@@ -477,7 +480,7 @@ if NEURON_AVAILABLE:  # pragma: no cover - needs the Neuron SDK
 
         def __init__(self, config: Any) -> None:
             super().__init__()
-            self.gate_layout, self.expert_layouts = _layouts(config)
+            self.gate_layout, self.expert_layouts = model_layouts(config)
             self.gate = RouterGate(config.num_experts, config.hidden_size, self.gate_layout, config.neuron_config.torch_dtype)
             self.experts = ExpertWeights(config, self.expert_layouts)
             self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
@@ -530,7 +533,7 @@ if NEURON_AVAILABLE:  # pragma: no cover - needs the Neuron SDK
         sd = neuron_state_dict
         tp = config.neuron_config.tp_degree
         sd["rank_util.rank"] = torch.arange(0, tp, dtype=torch.int32)
-        gate_layout, expert_layouts = _layouts(config)
+        gate_layout, expert_layouts = model_layouts(config)
         experts = config.num_experts
         for layer in range(config.num_hidden_layers):
             p = f"layers.{layer}."

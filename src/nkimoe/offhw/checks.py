@@ -220,10 +220,71 @@ def run(sdk: str, vendor: Path, work: Path, model_dir: Path, qwen_files: list[Pa
     return results
 
 
+def shard(sdk: str, vendor: Path, work: Path, model_dir: Path, qwen_file: Path, targets: list[str]) -> dict[str, Any]:
+    """``shard_checkpoint()`` at the harness defaults (TP 4, bf16, ``save_sharded_checkpoint`` off: what
+    ``load()`` does, building the model on the meta device first) for ``qwen_file`` on each target.
+    Reports every rank's expert, router-gate and q-projection shards: shape, and whether the shard
+    equals the slice of the HF weights in the layout the bound variants want."""
+    import inspect
+
+    import torch
+    from safetensors.torch import load_file
+
+    from nkimoe.offhw import environment
+
+    environment.enter(sdk, vendor)
+    harness = vendor / "nki-moe"
+    sys.path.insert(0, str(harness))
+    main = load_module("main", harness / "main.py")
+    module = load_module(f"qwen_{qwen_file.stem}", qwen_file)
+    neuron = inspect.getmodule(module.NeuronQwen3MoeForCausalLM)
+    hf = load_file(str(model_dir / "model.safetensors"))
+    results: dict[str, Any] = {"sdk": sdk, "targets": {}}
+    for target in targets:
+        os.environ["NKIMOE_TARGET"] = target
+        neuron.KERNELS.clear()
+        args = harness_args(main, model_dir, work, "w0005", 16, [])
+        neuron_config = module.NeuronQwen3MoeForCausalLM.get_neuron_config_cls()(
+            **{k: v for k, v in vars(args).items() if v is not None}, blockwise_matmul_config={"use_torch_block_wise": True})
+        config = module.NeuronQwen3MoeForCausalLM.get_config_cls()(
+            neuron_config, load_config=main.load_pretrained_config(str(model_dir)))
+        model = module.NeuronQwen3MoeForCausalLM(str(model_dir), config)
+        ranks = model.get_builder().shard_checkpoint()
+        tp = config.neuron_config.tp_degree
+        gate_up, down = neuron.stack_experts({k.removeprefix("model."): v for k, v in hf.items()}, "layers.0.mlp.",
+                                             config.num_experts, tp)
+        report = []
+        for rank, shards in enumerate(ranks):
+            ip = gate_up.shape[1] // 2 // tp
+            want = {
+                "layers.0.mlp.experts.gate_up_proj": torch.cat([gate_up[:, rank * ip:(rank + 1) * ip],
+                                                               gate_up[:, gate_up.shape[1] // 2 + rank * ip:][:, :ip]], 1),
+                "layers.0.mlp.experts.down_proj": down[:, :, rank * ip:(rank + 1) * ip],
+                "layers.0.mlp.gate.weight": hf["model.layers.0.mlp.gate.weight"],
+            }
+            entry = {}
+            for name, reference in want.items():
+                layout = model_layouts(neuron, config)[name]
+                got = shards[name]
+                entry[name] = {"shape": list(got.shape), "layout": list(layout), "dtype": str(got.dtype),
+                               "equal": bool(torch.equal(got, reference.to(got.dtype).permute(layout).contiguous()))}
+            report.append(entry)
+        results["targets"][target] = {"tp": tp, "dtype": str(config.neuron_config.torch_dtype), "ranks": report}
+    return results
+
+
+def model_layouts(neuron: Any, config: Any) -> dict[str, tuple[int, ...]]:
+    """Storage layout of each checked weight, as the bound decode variants want it."""
+    gate_layout, expert_layouts = neuron.model_layouts(config)
+    return {"layers.0.mlp.experts.gate_up_proj": expert_layouts["w_gate_up"],
+            "layers.0.mlp.experts.down_proj": expert_layouts["w_down"], "layers.0.mlp.gate.weight": gate_layout}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nkimoe.offhw.checks")
     parser.add_argument("--write-checkpoints", type=Path, help="write the tiny and full-width checkpoints and exit")
     parser.add_argument("--sdk")
+    parser.add_argument("--shard", action="store_true", help="check shard_checkpoint() at the harness defaults")
     parser.add_argument("--vendor", type=Path)
     parser.add_argument("--work", type=Path)
     parser.add_argument("--model", type=Path)
@@ -235,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     if ns.write_checkpoints:
         write_tiny_checkpoint(ns.write_checkpoints / "tiny")
         write_full_width_checkpoint(ns.write_checkpoints / "full")
+        return 0
+    if ns.shard:
+        print("NKIMOE-RESULT " + json.dumps(shard(ns.sdk, ns.vendor, ns.work, ns.model, ns.qwen[0], ns.targets.split(","))))
         return 0
     results = run(ns.sdk, ns.vendor, ns.work, ns.model, ns.qwen, ns.targets.split(","), ns.seq_len, ns.harness_arg)
     print("NKIMOE-RESULT " + json.dumps(results))

@@ -60,6 +60,24 @@ def run_checks(python: Path, sdk: str, model: Path, qwen_files: Sequence[Path], 
     return json.loads(line.removeprefix("NKIMOE-RESULT "))
 
 
+def run_shard_check(python: Path, sdk: str, model: Path, qwen_file: Path, targets: Sequence[str], work: Path,
+                    vendor: Path | None = None, timeout: float = 1800) -> dict[str, Any]:
+    """``shard_checkpoint()`` at the harness defaults (TP 4, bf16) for ``qwen_file`` on each target."""
+    args = ["--shard", "--sdk", sdk, "--vendor", str(vendor or vendor_root()), "--work", str(work), "--model",
+            str(model), "--qwen", str(qwen_file), "--targets", ",".join(targets)]
+    out = _run(python, args, timeout)
+    line = next(line for line in reversed(out.splitlines()) if line.startswith("NKIMOE-RESULT "))
+    return json.loads(line.removeprefix("NKIMOE-RESULT "))
+
+
+def shard_differences(result: dict[str, Any]) -> list[str]:
+    """Shards that are not the rank's slice of the HF weights in the bound variants' layout."""
+    return [f"SDK {result['sdk']}, {target}, rank {rank}: {name} {shard['shape']} is not its slice in layout "
+            f"{shard['layout']}"
+            for target, entry in result["targets"].items() for rank, shards in enumerate(entry["ranks"])
+            for name, shard in shards.items() if not shard["equal"]]
+
+
 def within_tol_map(actual: list[list[float]], expected: list[list[float]],
                    tol_map: Sequence[tuple[int | None, Sequence[float]]]) -> list[str]:
     """The harness's ``tol_map`` (top-k -> (atol, rtol); None: every logit) applied to each step's

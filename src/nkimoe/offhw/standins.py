@@ -290,3 +290,6 @@ _declare('neuronxcc.nki.nccl')
 _declare('nki.isa')
 _declare('nkilib.core.attention')
 _declare('nkilib.core.attention.attention_cte')
+_declare("torch_neuronx", __version__=(
+    "2.9.0", "NxD's ModelBuilder checks the major version (neuronx_distributed/trace/model_builder.py); the contest "
+    "SDK's torch-neuronx follows torch 2.9"))
