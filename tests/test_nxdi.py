@@ -129,3 +129,23 @@ def test_within_tol_map_catches_a_deviation() -> None:
     assert runner.within_tol_map([[1.0, 2.0, 3.0]], expected, [(None, (1e-5, 0.05))]) == []
     assert runner.within_tol_map([[1.0, 2.0, 3.5]], expected, [(None, (1e-5, 0.05))]) != []
     assert runner.within_tol_map([[1.5, 2.0, 3.0]], expected, [(1, (1e-5, 0.05))]) == []
+
+
+@pytest.fixture(scope="module")
+def tiny_229(nxdi_python: Path, checkpoints: dict[str, Path], bundle_file: Path,
+             tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return runner.run_checks(nxdi_python, "2.29", checkpoints["tiny"], [ROOT / "qwen.py"], ("trn3",),
+                             tmp_path_factory.mktemp("work"), vendor_root(ROOT))
+
+
+def test_tensor_parallel_2_over_torchrun_matches_tp_1(nxdi_python: Path, checkpoints: dict[str, Path],
+                                                     tiny_229: dict[str, Any],
+                                                     tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Two ranks (gloo) split heads and the expert intermediate axis and all-reduce their partial sums:
+    the tokens are TP 1's, the logits within the harness's tolerances of TP 1's (fp32; only the
+    order of the partial sums differs)."""
+    tp2 = runner.run_tensor_parallel(nxdi_python, "2.29", checkpoints["tiny"], ROOT / "qwen.py", "trn3",
+                                     tmp_path_factory.mktemp("work"), vendor=vendor_root(ROOT))
+    one, two = tiny_229["runs"]["qwen.py:trn3"], tp2["runs"]["qwen.py:trn3"]
+    assert two["tokens"] == one["tokens"]
+    assert runner.within_tol_map(two["logits"], one["logits"], tiny_229["tol_map"]) == []

@@ -182,9 +182,10 @@ def hf_greedy(model_dir: Path, prompt_ids: list[int], new: int, dtype: str) -> d
 
 
 def run(sdk: str, vendor: Path, work: Path, model_dir: Path, qwen_files: list[Path], targets: list[str],
-        seq_len: int, extra: list[str]) -> dict[str, Any]:
+        seq_len: int, extra: list[str], references: bool = True) -> dict[str, Any]:
     """The checkpoint ``model_dir`` through NxDI's own Qwen3-MoE, through each ``qwen_files`` module on each
-    target, and through HF transformers; greedy tokens and per-step logits of each."""
+    target, and (with ``references``) through HF transformers; greedy tokens and per-step logits of
+    each. Without ``references`` the run is one build (under ``torchrun`` a process group serves one)."""
     import inspect
 
     from nkimoe.offhw import environment
@@ -209,13 +210,16 @@ def run(sdk: str, vendor: Path, work: Path, model_dir: Path, qwen_files: list[Pa
         runs["dtype"] = str(model.config.neuron_config.torch_dtype).removeprefix("torch.")
         release_parallel_state()
 
-    build(main.baseline_qwen.NeuronQwen3MoeForCausalLM, "nxdi")
+    if references:
+        build(main.baseline_qwen.NeuronQwen3MoeForCausalLM, "nxdi")
     for path, module in zip(qwen_files, modules):
         for target in targets:
             os.environ["NKIMOE_TARGET"] = target
             inspect.getmodule(module.NeuronQwen3MoeForCausalLM).KERNELS.clear()
             build(module.NeuronQwen3MoeForCausalLM, f"{path.name}:{target}")
-    runs["hf"] = hf_greedy(model_dir, list(PROMPT_IDS), seq_len - len(PROMPT_IDS), runs.pop("dtype"))
+    dtype = runs.pop("dtype")
+    if references:
+        runs["hf"] = hf_greedy(model_dir, list(PROMPT_IDS), seq_len - len(PROMPT_IDS), dtype)
     results["runs"] = runs
     return results
 
@@ -292,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", default="cpu")
     parser.add_argument("--seq-len", type=int, default=16)
     parser.add_argument("--harness-arg", action="append", default=[])
+    parser.add_argument("--no-references", action="store_true", help="neither NxDI's own model nor HF transformers")
     ns = parser.parse_args(argv)
     if ns.write_checkpoints:
         write_tiny_checkpoint(ns.write_checkpoints / "tiny")
@@ -300,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     if ns.shard:
         print("NKIMOE-RESULT " + json.dumps(shard(ns.sdk, ns.vendor, ns.work, ns.model, ns.qwen[0], ns.targets.split(","))))
         return 0
-    results = run(ns.sdk, ns.vendor, ns.work, ns.model, ns.qwen, ns.targets.split(","), ns.seq_len, ns.harness_arg)
+    results = run(ns.sdk, ns.vendor, ns.work, ns.model, ns.qwen, ns.targets.split(","), ns.seq_len, ns.harness_arg,
+                  not ns.no_references)
     print("NKIMOE-RESULT " + json.dumps(results))
     return 0
 

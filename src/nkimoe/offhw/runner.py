@@ -32,10 +32,10 @@ def nxdi_python(root: Path = ROOT) -> Path | None:
     return candidate if candidate.exists() else None
 
 
-def _run(python: Path, args: Sequence[str], timeout: float) -> str:
+def _run(python: Path, args: Sequence[str], timeout: float, module: str | None = "nkimoe.offhw.checks") -> str:
     env = {**os.environ, "PJRT_DEVICE": "CPU"}
     env.pop("NKIMOE_TARGET", None)
-    run = subprocess.run([str(python), "-m", "nkimoe.offhw.checks", *args], capture_output=True, text=True,
+    run = subprocess.run([str(python), *(["-m", module] if module else []), *args], capture_output=True, text=True,
                          timeout=timeout, env=env, cwd=str(ROOT))
     if run.returncode != 0:
         raise NxdiCheckError(f"the NxDI checks failed ({' '.join(args[:2])}):\n{run.stderr[-4000:]}")
@@ -57,6 +57,18 @@ def run_checks(python: Path, sdk: str, model: Path, qwen_files: Sequence[Path], 
         args += ["--qwen", str(path)]
     out = _run(python, args, timeout)
     line = next(line for line in reversed(out.splitlines()) if line.startswith("NKIMOE-RESULT "))
+    return json.loads(line.removeprefix("NKIMOE-RESULT "))
+
+
+def run_tensor_parallel(python: Path, sdk: str, model: Path, qwen_file: Path, target: str, work: Path, tp: int = 2,
+                        vendor: Path | None = None, timeout: float = 1800) -> dict[str, Any]:
+    """``qwen_file`` on ``target`` at TP ``tp`` under ``torchrun`` (gloo, one process per rank); rank 0's run."""
+    args = ["-m", "torch.distributed.run", f"--nproc_per_node={tp}", "-m", "nkimoe.offhw.checks", "--sdk", sdk,
+            "--vendor", str(vendor or vendor_root()), "--work", str(work), "--model", str(model), "--qwen",
+            str(qwen_file), "--targets", target, "--no-references",
+            *(f"--harness-arg={a}" for a in CPU_HARNESS_ARGS), f"--harness-arg=--tp-degree={tp}"]
+    out = _run(python, args, timeout, module=None)
+    line = next(line for line in out.splitlines() if line.startswith("NKIMOE-RESULT "))
     return json.loads(line.removeprefix("NKIMOE-RESULT "))
 
 
