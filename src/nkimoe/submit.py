@@ -37,7 +37,8 @@ CORE_MODULES: tuple[str, ...] = (
     "nkimoe", "nkimoe.targets", "nkimoe.ops", "nkimoe.registry", "nkimoe.shapes",
     "nkimoe.nki", "nkimoe.nki.emulator", "nkimoe.nki.emulator.dtypes", "nkimoe.nki.emulator.core",
     "nkimoe.nki.emulator.language", "nkimoe.nki.emulator.isa", "nkimoe.nki.emulator.runtime",
-    "nkimoe.variants", "nkimoe.variants.tiles", "nkimoe.model", "nkimoe.neuron",
+    "nkimoe.variants", "nkimoe.variants.tiles", "nkimoe.model", "nkimoe.neuron", "nkimoe.neuron.seams",
+    "nkimoe.neuron.nxdi",
 )
 
 #: Stand-in for nkimoe.hookspecs: variants are registered statically, so the marker does nothing.
@@ -180,7 +181,8 @@ def build_bundle(registry: Registry, cache: BenchCache, targets: Sequence[str], 
     sources: dict[str, str] = {}
     for name in (*CORE_MODULES, *modules):
         sources[_bundle_name(name)] = _rename(_module_source(name))
-    packages = {_bundle_name(n) for n in ("nkimoe", "nkimoe.nki", "nkimoe.nki.emulator", "nkimoe.variants")}
+    packages = {_bundle_name(n) for n in ("nkimoe", "nkimoe.nki", "nkimoe.nki.emulator", "nkimoe.variants",
+                                          "nkimoe.neuron")}
     for name in modules:  # parent packages of plugin modules
         parts = name.split(".")
         for i in range(1, len(parts)):
