@@ -21,7 +21,7 @@ from nkimoe.bench.cache import BenchCache
 from nkimoe.offhw import runner
 from nkimoe.offhw.environment import SDK_VERSIONS, vendor_root
 from nkimoe.plugins import load_registry
-from nkimoe.submit import build_bundle
+from nkimoe.submit import build_bundle, verify_through_nxdi
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ("cpu", "trn2", "trn3")
@@ -149,3 +149,10 @@ def test_tensor_parallel_2_over_torchrun_matches_tp_1(nxdi_python: Path, checkpo
     one, two = tiny_229["runs"]["qwen.py:trn3"], tp2["runs"]["qwen.py:trn3"]
     assert two["tokens"] == one["tokens"]
     assert runner.within_tol_map(two["logits"], one["logits"], tiny_229["tol_map"]) == []
+
+
+def test_submit_check_through_nxdi(nxdi_python: Path, bundle_file: Path) -> None:
+    """The check ``nkimoe submit`` runs before writing where the NxDI environment exists."""
+    messages: list[str] = []
+    verify_through_nxdi(bundle_file, ["trn3"], ROOT, ("2.29",), messages.append)
+    assert messages == ["checking the bundle through NxDI 2.29 on CPU ..."]

@@ -258,9 +258,39 @@ def verify_bundle(bundle: Path, targets: Iterable[str], cache_env: Mapping[str, 
                     raise SubmitError(f"the bundle {what} than the package on {target}")
 
 
+def verify_through_nxdi(bundle: Path, targets: Sequence[str], root: Path, sdks: Sequence[str],
+                        progress: Callable[[str], None] = print) -> None:
+    """Where the NxDI environment exists (``nkimoe.offhw``: the vendored NxD / NxDI sources and the
+    ``[nxdi]`` interpreter), raise SubmitError unless the bundle, loaded by the contest harness's own
+    config path on each SDK release in ``sdks``, generates HF transformers' tokens with logits within
+    the harness's tolerances of NxDI's own Qwen3-MoE, on cpu and each target."""
+    from nkimoe.offhw import runner
+    from nkimoe.offhw.environment import vendor_root
+
+    python, vendor = runner.nxdi_python(root), vendor_root(root)
+    if not sdks or python is None or not (vendor / "nki-moe" / "main.py").exists():
+        return
+    with tempfile.TemporaryDirectory(prefix="nkimoe-nxdi-") as tmp:
+        harness_file = Path(tmp) / "qwen_with_nki.py"
+        harness_file.write_text(bundle.read_text())
+        checkpoint = runner.write_checkpoints(python, Path(tmp) / "ckpt")["tiny"]
+        for sdk in sdks:
+            progress(f"checking the bundle through NxDI {sdk} on CPU ...")
+            try:
+                result = runner.run_checks(python, sdk, checkpoint, [harness_file], ("cpu", *targets), Path(tmp), vendor)
+            except runner.NxdiCheckError as error:
+                raise SubmitError(str(error)) from error
+            problems = runner.differences(result)
+            if problems:
+                raise SubmitError("the bundle fails the NxDI check: " + "; ".join(problems))
+
+
 def submit(output: Path, targets: Sequence[str], registry: Registry, *, root: Path, verify: bool = True,
-           progress: Callable[[str], None] = print) -> Path:
-    """Build, verify and write the bundle; nothing is written when any step fails."""
+           progress: Callable[[str], None] = print, nxdi_sdks: Sequence[str] | None = None) -> Path:
+    """Build, verify (also through NxDI on ``nxdi_sdks``, default every vendored SDK release, where
+    that environment exists) and write the bundle; nothing is written when any step fails."""
+    from nkimoe.offhw.environment import SDK_VERSIONS
+
     from nkimoe.bench.cache import cache_path
 
     qwen_file = root / "qwen.py"
@@ -273,6 +303,7 @@ def submit(output: Path, targets: Sequence[str], registry: Registry, *, root: Pa
         candidate.write_text(text)
         if verify:
             verify_bundle(candidate, targets, {"NKIMOE_CACHE": str(cache_path())}, progress)
+            verify_through_nxdi(candidate, targets, root, SDK_VERSIONS if nxdi_sdks is None else nxdi_sdks, progress)
         output.parent.mkdir(parents=True, exist_ok=True)
         partial = output.with_name(output.name + ".partial")
         partial.write_text(text)

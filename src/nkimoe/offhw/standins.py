@@ -209,74 +209,207 @@ _declare("neuronxcc.nki._pre_prod_kernels", ExpertAffinityScaleMode=(ExpertAffin
          ActFnType=(ActFnType, _BLOCKWISE_OLD), RouterActFnType=(RouterActFnType, _BLOCKWISE_OLD))
 
 
-# Imported by NxD / NxDI at module level on the CPU path (SDK 2.27, 2.28, 2.29); never computed there.
-_IMPORTED = "imported at module level by {}"
-_closed('libneuronxla', _IMPORTED.format('neuronx_distributed/trace/model_builder.py'), 'neuron_xla_compile')
-_closed('neuronxcc.nki._pre_prod_kernels', _IMPORTED.format('neuronx_distributed_inference/models/llama/modeling_llama.py'), 'NormType')
-_closed('neuronxcc.nki._pre_prod_kernels.topk.topk', _IMPORTED.format('neuronx_distributed/operators/topk.py'), 'topk')
-_closed('neuronxcc.nki._pre_prod_kernels.util.kernel_helpers', _IMPORTED.format('neuronx_distributed_inference/modules/kvcache/utils.py'), 'get_program_sharding_info')
-_closed('neuronxcc.nki._pre_prod_kernels.util.kernel_helpers', _IMPORTED.format('neuronx_distributed_inference/utils/distributed.py'), 'get_verified_program_sharding_info')
-_closed('neuronxcc.nki._private.private_api', _IMPORTED.format('neuronx_distributed/kernels/find_nonzero_indices.py'), 'inline_asm_bytes')
-_closed('neuronxcc.nki._private.private_api', _IMPORTED.format('neuronx_distributed/kernels/indexed_flatten.py'), 'sendrecv')
+# Names NxD / NxDI import at module level on the CPU path of SDK 2.27-2.29 and never compute with there:
+# (module, the upstream files importing it, the names, what kind of closed object).
+_IMPORTED_AT_MODULE_LEVEL: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
+    ('libneuronxla',
+     'neuronx_distributed/trace/model_builder.py',
+     ('neuron_xla_compile',), 'closed'),
+    ('neuronxcc.nki._pre_prod_kernels',
+     'neuronx_distributed_inference/models/llama/modeling_llama.py',
+     ('NormType',), 'closed'),
+    ('neuronxcc.nki._pre_prod_kernels.topk.topk',
+     'neuronx_distributed/operators/topk.py',
+     ('topk',), 'closed'),
+    ('neuronxcc.nki._pre_prod_kernels.util.kernel_helpers',
+     'neuronx_distributed_inference/modules/kvcache/utils.py',
+     ('get_program_sharding_info',), 'closed'),
+    ('neuronxcc.nki._pre_prod_kernels.util.kernel_helpers',
+     'neuronx_distributed_inference/utils/distributed.py',
+     ('get_verified_program_sharding_info',), 'closed'),
+    ('neuronxcc.nki._private.private_api',
+     'neuronx_distributed/kernels/find_nonzero_indices.py',
+     ('inline_asm_bytes',), 'closed'),
+    ('neuronxcc.nki._private.private_api',
+     'neuronx_distributed/kernels/indexed_flatten.py',
+     ('sendrecv',), 'closed'),
+    ('neuronxcc.nki._private_kernels.cumsum',
+     'neuronx_distributed_inference/modules/generation/sampling.py',
+     ('cumsum',), 'closed'),
+    ('neuronxcc.nki._private_kernels.mlp',
+     'neuronx_distributed_inference/models/llama/modeling_llama.py',
+     ('mlp_fused_add_isa_kernel', 'mlp_isa_kernel', 'quant_mlp_fused_add_isa_kernel', 'quant_mlp_isa_kernel'), 'closed'),
+    ('neuronxcc.nki._private_kernels.prefix_caching_attention',
+     'neuronx_distributed_inference/modules/attention/attention_base.py',
+     ('prefix_caching_attention_fwd_isa_kernel',), 'closed'),
+    ('neuronxcc.nki._private_kernels.qkv',
+     'neuronx_distributed_inference/modules/attention/gqa.py',
+     ('rmsnorm_qkv_isa_fused_add_kernel', 'rmsnorm_qkv_isa_kernel'), 'closed'),
+    ('neuronxcc.nki._private_kernels.rmsnorm',
+     'neuronx_distributed_inference/models/llama/modeling_llama.py',
+     ('rmsnorm_quant_isa_kernel',), 'closed'),
+    ('neuronxcc.nki.compiler',
+     'neuronx_distributed_inference/modules/attention/attention_base.py',
+     ('enable_stack_allocator',), 'closed'),
+    ('neuronxcc.nki.compiler',
+     'neuronx_distributed/modules/moe/moe_fused_tkg_mx.py',
+     ('skip_middle_end_transformations',), 'decorator'),
+    ('neuronxcc.nki.compiler.backends.neuron.dimensions',
+     'neuronx_distributed/parallel_layers/mappings.py',
+     ('CCPipeline',), 'closed'),
+    ('neuronxcc.nki.compiler.backends.neuron.dimensions',
+     'neuronx_distributed/modules/moe/blockwise.py',
+     ('VNC',), 'closed'),
+    ('neuronxcc.nki.isa.constants',
+     'neuronx_distributed_inference/modules/chunked_prefill/paged_cache.py',
+     ('oob_mode',), 'closed'),
+    ('neuronxcc.nki.kernels.attention',
+     'neuronx_distributed/kernels/flash_attn.py',
+     ('FlashConfig',), 'closed'),
+    ('neuronxcc.nki.kernels.attention',
+     'neuronx_distributed_inference/models/qwen3_moe/modeling_qwen3_moe.py',
+     ('attention_isa_kernel',), 'closed'),
+    ('neuronxcc.nki.kernels.cumsum',
+     'neuronx_distributed_inference/modules/custom_calls.py',
+     ('cumsum',), 'closed'),
+    ('neuronxcc.nki.language',
+     'neuronx_distributed/modules/moe/moe_fused_tkg_mx.py',
+     ('bfloat16',), 'closed'),
+    ('neuronxcc.nki.language',
+     'neuronx_distributed/kernels/find_nonzero_indices.py',
+     ('int32',), 'closed'),
+    ('neuronxcc.nki.language',
+     'neuronx_distributed/modules/moe/moe_fused_tkg.py',
+     ('nc', 'ndarray'), 'closed'),
+    ('neuronxcc.nki.language',
+     'neuronx_distributed_inference/modules/chunked_prefill/flash_pa_with_schedule.py, neuronx_distributed_inference/modules/sliding_window/attention.py',
+     ('par_dim',), 'closed'),
+    ('neuronxcc.nki.language.tile_size',
+     'neuronx_distributed_inference/modules/sliding_window/attention.py',
+     ('gemm_moving_fmax',), 'closed'),
+    ('neuronxcc.nki.language.tile_size',
+     'neuronx_distributed_inference/models/gpt_oss/mx_layout_transform.py, neuronx_distributed_inference/modules/chunked_prefill/utils.py',
+     ('pmax',), 'closed'),
+    ('neuronxcc.nki.language.tile_size',
+     'neuronx_distributed_inference/modules/chunked_prefill/utils.py',
+     ('psum_fmax',), 'closed'),
+    ('neuronxcc.nki.typing',
+     'neuronx_distributed_inference/modules/kvcache/utils.py',
+     ('mutable',), 'closed'),
+    ('neuronxcc.nki.typing',
+     'neuronx_distributed/kernels/find_nonzero_indices.py, neuronx_distributed_inference/modules/kvcache/utils.py',
+     ('tensor',), 'annotation'),
+    ('nki',
+     'neuronx_distributed/modules/moe/moe_fused_tkg_mx.py',
+     ('jit',), 'decorator'),
+    ('nki.language',
+     'neuronx_distributed/modules/moe/moe_fused_tkg_mx.py',
+     ('bfloat16', 'ndarray'), 'closed'),
+    ('nkilib.core.cumsum.cumsum',
+     'neuronx_distributed_inference/modules/custom_calls.py',
+     ('cumsum',), 'closed'),
+    ('nkilib.core.max.cascaded_max',
+     'neuronx_distributed/operators/argmax.py',
+     ('cascaded_max',), 'closed'),
+    ('nkilib.core.mlp.mlp',
+     'neuronx_distributed_inference/models/llama/modeling_llama.py',
+     ('mlp',), 'closed'),
+    ('nkilib.core.output_projection.output_projection_cte',
+     'neuronx_distributed_inference/modules/attention/gqa.py',
+     ('output_projection_cte',), 'closed'),
+    ('nkilib.core.qkv.qkv',
+     'neuronx_distributed_inference/modules/attention/gqa.py',
+     ('qkv',), 'closed'),
+    ('nkilib.core.rmsnorm.rmsnorm_quant',
+     'neuronx_distributed_inference/models/llama/modeling_llama.py',
+     ('RmsNormQuantKernelArgs', 'rmsnorm_quant_kernel'), 'closed'),
+    ('nkilib.core.subkernels.find_nonzero_indices',
+     'neuronx_distributed/modules/moe/expert_mlps_v2.py',
+     ('find_nonzero_indices',), 'closed'),
+    ('nkilib.core.subkernels.indexed_flatten',
+     'neuronx_distributed/modules/moe/expert_mlps_v2.py',
+     ('indexed_flatten',), 'closed'),
+    ('nkilib.core.topk',
+     'neuronx_distributed/operators/topk.py',
+     ('topk',), 'closed'),
+    ('nkilib.core.utils.common_types',
+     'neuronx_distributed_inference/modules/attention/gqa.py',
+     ('NormType', 'QKVOutputLayout'), 'closed'),
+    ('nkilib.core.utils.common_types',
+     'neuronx_distributed_inference/modules/attention/attention_base.py',
+     ('QuantizationType',), 'closed'),
+    ('nkilib.core.utils.kernel_helpers',
+     'neuronx_distributed_inference/modules/kvcache/utils.py',
+     ('get_verified_program_sharding_info',), 'closed'),
+    ('nkilib.core.utils.kernel_helpers',
+     'neuronx_distributed_inference/utils/distributed.py',
+     ('kernel_assert',), 'closed'),
+    ('nkilib.experimental.transformer.attention_block_tkg',
+     'neuronx_distributed_inference/modules/attention/attention_base.py',
+     ('attention_block_tkg',), 'closed'),
+    ('torch_neuronx',
+     'neuronx_distributed/trace/model_builder.py',
+     ('BucketModelConfig',), 'closed'),
+    ('torch_neuronx.experimental.profiler.v2_x.custom_op_name',
+     'neuronx_distributed/trace/model_builder.py',
+     ('hlo_debug',), 'closed'),
+    ('torch_neuronx.proto.metaneff_pb2',
+     'neuronx_distributed/trace/functions.py',
+     ('MetaNeff',), 'closed'),
+    ('torch_neuronx.pyhlo',
+     'neuronx_distributed/trace/hlo_utils.py',
+     ('xla_data_pb2',), 'closed'),
+    ('torch_neuronx.pyhlo.hlo_pb2',
+     'neuronx_distributed/trace/hlo_utils.py',
+     ('HloComputationProto', 'HloInstructionProto'), 'closed'),
+    ('torch_neuronx.pyhlo.hlo_pb2',
+     'neuronx_distributed/trace/model_builder_utils.py',
+     ('HloModuleProto',), 'closed'),
+    ('torch_neuronx.testing.validation',
+     'neuronx_distributed_inference/utils/accuracy.py',
+     ('AllCloseSummary', 'custom_allclose', 'logit_validation', 'neuron_allclose'), 'closed'),
+    ('torch_neuronx.utils.utils',
+     'neuronx_distributed/trace/model_builder.py',
+     ('SUPPORTED_TYPES', 'get_platform_target'), 'closed'),
+    ('torch_neuronx.xla_impl.base',
+     'neuronx_distributed/modules/moe/blockwise.py',
+     ('xla_call',), 'closed'),
+    ('torch_neuronx.xla_impl.bucket_trace',
+     'neuronx_distributed/trace/trace.py',
+     ('create_bucket_model',), 'closed'),
+    ('torch_neuronx.xla_impl.custom_call_targets',
+     'neuronx_distributed_inference/models/layer_boundary_marker.py',
+     ('AwsNeuronModuleMarkerEndForward', 'AwsNeuronModuleMarkerStartForward'), 'closed'),
+    ('torch_neuronx.xla_impl.ops',
+     'neuronx_distributed/operators/argmax.py',
+     ('Argmax',), 'closed'),
+    ('torch_neuronx.xla_impl.ops',
+     'neuronx_distributed_inference/modules/kvcache/kv_cache_manager.py',
+     ('ConcatenateOp',), 'closed'),
+    ('torch_neuronx.xla_impl.ops',
+     'neuronx_distributed_inference/modules/custom_calls.py',
+     ('RmsNorm',), 'closed'),
+    ('torch_neuronx.xla_impl.ops',
+     'neuronx_distributed/operators/topk.py',
+     ('TopK',), 'closed'),
+    ('torch_neuronx.xla_impl.ops',
+     'neuronx_distributed_inference/modules/generation/sampling.py, neuronx_distributed_inference/modules/kvcache/utils.py',
+     ('xla_hlo_call',), 'decorator'),
+    ('torch_neuronx.xla_impl.torchscript',
+     'neuronx_distributed/trace/trace.py',
+     ('replace_weights',), 'closed'),
+    ('torch_neuronx.xla_impl.trace',
+     'neuronx_distributed/trace/model_builder.py',
+     ('HloArtifacts', 'NeffArtifacts', 'generate_neff', 'get_torch_dtype'), 'closed'),
+    ('torch_neuronx.xla_impl.trace',
+     'neuronx_distributed/trace/hlo_utils.py',
+     ('XLA_DTYPE_TO_METANEFF_DTYPE', 'get_hlo_computation_by_id', 'get_hlo_root_instruction', 'hlo_entry_computation'), 'closed'),
+)
+for _module, _where, _names, _kind in _IMPORTED_AT_MODULE_LEVEL:
+    _closed(_module, f"imported at module level by {_where}", *_names, decorator=_kind == "decorator",
+            annotation=_kind == "annotation")
 _declare("neuronxcc.nki._private_kernels.collectives", CollectivesConfig=(
     CollectivesConfig, "NxD's initialize_model_parallel (neuronx_distributed/parallel_layers/parallel_state.py)"))
-_closed('neuronxcc.nki._private_kernels.cumsum', _IMPORTED.format('neuronx_distributed_inference/modules/generation/sampling.py'), 'cumsum')
-_closed('neuronxcc.nki._private_kernels.mlp', _IMPORTED.format('neuronx_distributed_inference/models/llama/modeling_llama.py'), 'mlp_fused_add_isa_kernel', 'mlp_isa_kernel', 'quant_mlp_fused_add_isa_kernel', 'quant_mlp_isa_kernel')
-_closed('neuronxcc.nki._private_kernels.prefix_caching_attention', _IMPORTED.format('neuronx_distributed_inference/modules/attention/attention_base.py'), 'prefix_caching_attention_fwd_isa_kernel')
-_closed('neuronxcc.nki._private_kernels.qkv', _IMPORTED.format('neuronx_distributed_inference/modules/attention/gqa.py'), 'rmsnorm_qkv_isa_fused_add_kernel', 'rmsnorm_qkv_isa_kernel')
-_closed('neuronxcc.nki._private_kernels.rmsnorm', _IMPORTED.format('neuronx_distributed_inference/models/llama/modeling_llama.py'), 'rmsnorm_quant_isa_kernel')
-_closed('neuronxcc.nki.compiler', _IMPORTED.format('neuronx_distributed_inference/modules/attention/attention_base.py'), 'enable_stack_allocator')
-_closed('neuronxcc.nki.compiler', _IMPORTED.format('neuronx_distributed/modules/moe/moe_fused_tkg_mx.py'), 'skip_middle_end_transformations', decorator=True)
-_closed('neuronxcc.nki.compiler.backends.neuron.dimensions', _IMPORTED.format('neuronx_distributed/parallel_layers/mappings.py'), 'CCPipeline')
-_closed('neuronxcc.nki.compiler.backends.neuron.dimensions', _IMPORTED.format('neuronx_distributed/modules/moe/blockwise.py'), 'VNC')
-_closed('neuronxcc.nki.isa.constants', _IMPORTED.format('neuronx_distributed_inference/modules/chunked_prefill/paged_cache.py'), 'oob_mode')
-_closed('neuronxcc.nki.kernels.attention', _IMPORTED.format('neuronx_distributed/kernels/flash_attn.py'), 'FlashConfig')
-_closed('neuronxcc.nki.kernels.attention', _IMPORTED.format('neuronx_distributed_inference/models/qwen3_moe/modeling_qwen3_moe.py'), 'attention_isa_kernel')
-_closed('neuronxcc.nki.kernels.cumsum', _IMPORTED.format('neuronx_distributed_inference/modules/custom_calls.py'), 'cumsum')
-_closed('neuronxcc.nki.language', _IMPORTED.format('neuronx_distributed/modules/moe/moe_fused_tkg_mx.py'), 'bfloat16')
-_closed('neuronxcc.nki.language', _IMPORTED.format('neuronx_distributed/kernels/find_nonzero_indices.py'), 'int32')
-_closed('neuronxcc.nki.language', _IMPORTED.format('neuronx_distributed/modules/moe/moe_fused_tkg.py'), 'nc', 'ndarray')
-_closed('neuronxcc.nki.language', _IMPORTED.format('neuronx_distributed_inference/modules/chunked_prefill/flash_pa_with_schedule.py, neuronx_distributed_inference/modules/sliding_window/attention.py'), 'par_dim')
-_closed('neuronxcc.nki.language.tile_size', _IMPORTED.format('neuronx_distributed_inference/modules/sliding_window/attention.py'), 'gemm_moving_fmax')
-_closed('neuronxcc.nki.language.tile_size', _IMPORTED.format('neuronx_distributed_inference/models/gpt_oss/mx_layout_transform.py, neuronx_distributed_inference/modules/chunked_prefill/utils.py'), 'pmax')
-_closed('neuronxcc.nki.language.tile_size', _IMPORTED.format('neuronx_distributed_inference/modules/chunked_prefill/utils.py'), 'psum_fmax')
-_closed('neuronxcc.nki.typing', _IMPORTED.format('neuronx_distributed_inference/modules/kvcache/utils.py'), 'mutable')
-_closed('neuronxcc.nki.typing', _IMPORTED.format('neuronx_distributed/kernels/find_nonzero_indices.py, neuronx_distributed_inference/modules/kvcache/utils.py'), 'tensor', annotation=True)
-_closed('nki', _IMPORTED.format('neuronx_distributed/modules/moe/moe_fused_tkg_mx.py'), 'jit', decorator=True)
-_closed('nki.language', _IMPORTED.format('neuronx_distributed/modules/moe/moe_fused_tkg_mx.py'), 'bfloat16', 'ndarray')
-_closed('nkilib.core.cumsum.cumsum', _IMPORTED.format('neuronx_distributed_inference/modules/custom_calls.py'), 'cumsum')
-_closed('nkilib.core.max.cascaded_max', _IMPORTED.format('neuronx_distributed/operators/argmax.py'), 'cascaded_max')
-_closed('nkilib.core.mlp.mlp', _IMPORTED.format('neuronx_distributed_inference/models/llama/modeling_llama.py'), 'mlp')
-_closed('nkilib.core.output_projection.output_projection_cte', _IMPORTED.format('neuronx_distributed_inference/modules/attention/gqa.py'), 'output_projection_cte')
-_closed('nkilib.core.qkv.qkv', _IMPORTED.format('neuronx_distributed_inference/modules/attention/gqa.py'), 'qkv')
-_closed('nkilib.core.rmsnorm.rmsnorm_quant', _IMPORTED.format('neuronx_distributed_inference/models/llama/modeling_llama.py'), 'RmsNormQuantKernelArgs', 'rmsnorm_quant_kernel')
-_closed('nkilib.core.subkernels.find_nonzero_indices', _IMPORTED.format('neuronx_distributed/modules/moe/expert_mlps_v2.py'), 'find_nonzero_indices')
-_closed('nkilib.core.subkernels.indexed_flatten', _IMPORTED.format('neuronx_distributed/modules/moe/expert_mlps_v2.py'), 'indexed_flatten')
-_closed('nkilib.core.topk', _IMPORTED.format('neuronx_distributed/operators/topk.py'), 'topk')
-_closed('nkilib.core.utils.common_types', _IMPORTED.format('neuronx_distributed_inference/modules/attention/gqa.py'), 'NormType', 'QKVOutputLayout')
-_closed('nkilib.core.utils.common_types', _IMPORTED.format('neuronx_distributed_inference/modules/attention/attention_base.py'), 'QuantizationType')
-_closed('nkilib.core.utils.kernel_helpers', _IMPORTED.format('neuronx_distributed_inference/modules/kvcache/utils.py'), 'get_verified_program_sharding_info')
-_closed('nkilib.core.utils.kernel_helpers', _IMPORTED.format('neuronx_distributed_inference/utils/distributed.py'), 'kernel_assert')
-_closed('nkilib.experimental.transformer.attention_block_tkg', _IMPORTED.format('neuronx_distributed_inference/modules/attention/attention_base.py'), 'attention_block_tkg')
-_closed('torch_neuronx', _IMPORTED.format('neuronx_distributed/trace/model_builder.py'), 'BucketModelConfig')
-_closed('torch_neuronx.experimental.profiler.v2_x.custom_op_name', _IMPORTED.format('neuronx_distributed/trace/model_builder.py'), 'hlo_debug')
-_closed('torch_neuronx.proto.metaneff_pb2', _IMPORTED.format('neuronx_distributed/trace/functions.py'), 'MetaNeff')
-_closed('torch_neuronx.pyhlo', _IMPORTED.format('neuronx_distributed/trace/hlo_utils.py'), 'xla_data_pb2')
-_closed('torch_neuronx.pyhlo.hlo_pb2', _IMPORTED.format('neuronx_distributed/trace/hlo_utils.py'), 'HloComputationProto', 'HloInstructionProto')
-_closed('torch_neuronx.pyhlo.hlo_pb2', _IMPORTED.format('neuronx_distributed/trace/model_builder_utils.py'), 'HloModuleProto')
-_closed('torch_neuronx.testing.validation', _IMPORTED.format('neuronx_distributed_inference/utils/accuracy.py'), 'AllCloseSummary', 'custom_allclose', 'logit_validation', 'neuron_allclose')
-_closed('torch_neuronx.utils.utils', _IMPORTED.format('neuronx_distributed/trace/model_builder.py'), 'SUPPORTED_TYPES', 'get_platform_target')
-_closed('torch_neuronx.xla_impl.base', _IMPORTED.format('neuronx_distributed/modules/moe/blockwise.py'), 'xla_call')
-_closed('torch_neuronx.xla_impl.bucket_trace', _IMPORTED.format('neuronx_distributed/trace/trace.py'), 'create_bucket_model')
-_closed('torch_neuronx.xla_impl.custom_call_targets', _IMPORTED.format('neuronx_distributed_inference/models/layer_boundary_marker.py'), 'AwsNeuronModuleMarkerEndForward', 'AwsNeuronModuleMarkerStartForward')
-_closed('torch_neuronx.xla_impl.ops', _IMPORTED.format('neuronx_distributed/operators/argmax.py'), 'Argmax')
-_closed('torch_neuronx.xla_impl.ops', _IMPORTED.format('neuronx_distributed_inference/modules/kvcache/kv_cache_manager.py'), 'ConcatenateOp')
-_closed('torch_neuronx.xla_impl.ops', _IMPORTED.format('neuronx_distributed_inference/modules/custom_calls.py'), 'RmsNorm')
-_closed('torch_neuronx.xla_impl.ops', _IMPORTED.format('neuronx_distributed/operators/topk.py'), 'TopK')
-_closed('torch_neuronx.xla_impl.ops', _IMPORTED.format('neuronx_distributed_inference/modules/generation/sampling.py, neuronx_distributed_inference/modules/kvcache/utils.py'), 'xla_hlo_call', decorator=True)
-_closed('torch_neuronx.xla_impl.torchscript', _IMPORTED.format('neuronx_distributed/trace/trace.py'), 'replace_weights')
-_closed('torch_neuronx.xla_impl.trace', _IMPORTED.format('neuronx_distributed/trace/model_builder.py'), 'HloArtifacts', 'NeffArtifacts', 'generate_neff', 'get_torch_dtype')
-_closed('torch_neuronx.xla_impl.trace', _IMPORTED.format('neuronx_distributed/trace/hlo_utils.py'), 'XLA_DTYPE_TO_METANEFF_DTYPE', 'get_hlo_computation_by_id', 'get_hlo_root_instruction', 'hlo_entry_computation')
 _declare("torch_neuronx.xla_impl.base", xla_hlo_call=(
     _xla_hlo_call, "NxDI's layer-boundary markers (models/layer_boundary_marker.py), which nkimoe's decoder layer uses"))
 _declare("neuronxcc.nki._private_kernels.blockwise_mm", BlockShardStrategy=(
