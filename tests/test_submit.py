@@ -36,7 +36,7 @@ def register_variants(register):
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One verified bundle: submit() raises unless it reproduces the package on cpu, trn2 and trn3."""
     out = tmp_path_factory.mktemp("dist") / "qwen.py"
-    submit(out, ["trn2", "trn3"], load_registry({}), root=ROOT, progress=lambda _: None)
+    submit(out, ["trn2", "trn3"], load_registry({}), root=ROOT, progress=lambda _: None, nxdi_sdks=())
     return out
 
 
@@ -68,5 +68,5 @@ def test_broken_variant_fails_submit_and_writes_nothing(registry_with: Callable[
     assert "broken_rmsnorm" in registry.variants and not registry.problems
     out = tmp_path / "dist" / "qwen.py"
     with pytest.raises(SubmitError, match=r"(?s)failed on cpu in an isolated interpreter.*No module named 'broken_helper'"):
-        submit(out, ["trn2"], registry, root=ROOT, progress=lambda _: None)
+        submit(out, ["trn2"], registry, root=ROOT, progress=lambda _: None, nxdi_sdks=())
     assert not out.exists() and not out.with_name("qwen.py.partial").exists()

@@ -40,7 +40,8 @@ CORE_MODULES: tuple[str, ...] = (
     "nkimoe.nki.emulator.core", "nkimoe.nki.emulator.operators", "nkimoe.nki.emulator.isa",
     "nkimoe.nki.emulator.language", "nkimoe.nki.emulator.collectives", "nkimoe.nki.emulator.typing",
     "nkimoe.nki.emulator.lnc", "nkimoe.nki.emulator.runtime", "nkimoe.nki.emulator.aliases",
-    "nkimoe.variants", "nkimoe.variants.tiles", "nkimoe.model", "nkimoe.neuron",
+    "nkimoe.variants", "nkimoe.variants.tiles", "nkimoe.model", "nkimoe.neuron", "nkimoe.neuron.seams",
+    "nkimoe.neuron.nxdi",
 )
 
 #: Stand-in for nkimoe.hookspecs: variants are registered statically, so the marker does nothing.
@@ -198,7 +199,8 @@ def build_bundle(registry: Registry, cache: BenchCache, targets: Sequence[str], 
     sources: dict[str, str] = {}
     for name in (*CORE_MODULES, *modules):
         sources[_bundle_name(name)] = _rename(_module_source(name))
-    packages = {_bundle_name(n) for n in ("nkimoe", "nkimoe.nki", "nkimoe.nki.emulator", "nkimoe.variants")}
+    packages = {_bundle_name(n) for n in ("nkimoe", "nkimoe.nki", "nkimoe.nki.emulator", "nkimoe.variants",
+                                          "nkimoe.neuron")}
     for name in modules:  # parent packages of plugin modules
         parts = name.split(".")
         for i in range(1, len(parts)):
@@ -286,9 +288,39 @@ def check_output(output: Path) -> None:
         raise OutputError(f"-o {output}: cannot write there ({exc.strerror or exc})") from None
 
 
+def verify_through_nxdi(bundle: Path, targets: Sequence[str], root: Path, sdks: Sequence[str],
+                        progress: Callable[[str], None] = print) -> None:
+    """Where the NxDI environment exists (``nkimoe.offhw``: the vendored NxD / NxDI sources and the
+    ``[nxdi]`` interpreter), raise SubmitError unless the bundle, loaded by the contest harness's own
+    config path on each SDK release in ``sdks``, generates HF transformers' tokens with logits within
+    the harness's tolerances of NxDI's own Qwen3-MoE, on cpu and each target."""
+    from nkimoe.offhw import runner
+    from nkimoe.offhw.environment import vendor_root
+
+    python, vendor = runner.nxdi_python(root), vendor_root(root)
+    if not sdks or python is None or not (vendor / "nki-moe" / "main.py").exists():
+        return
+    with tempfile.TemporaryDirectory(prefix="nkimoe-nxdi-") as tmp:
+        harness_file = Path(tmp) / "qwen_with_nki.py"
+        harness_file.write_text(bundle.read_text())
+        checkpoint = runner.write_checkpoints(python, Path(tmp) / "ckpt")["tiny"]
+        for sdk in sdks:
+            progress(f"checking the bundle through NxDI {sdk} on CPU ...")
+            try:
+                result = runner.run_checks(python, sdk, checkpoint, [harness_file], ("cpu", *targets), Path(tmp), vendor)
+            except runner.NxdiCheckError as error:
+                raise SubmitError(str(error)) from error
+            problems = runner.differences(result)
+            if problems:
+                raise SubmitError("the bundle fails the NxDI check: " + "; ".join(problems))
+
+
 def submit(output: Path, targets: Sequence[str], registry: Registry, *, root: Path, verify: bool = True,
-           progress: Callable[[str], None] = print) -> Path:
-    """Build, verify and write the bundle; nothing is written when any step fails."""
+           progress: Callable[[str], None] = print, nxdi_sdks: Sequence[str] | None = None) -> Path:
+    """Build, verify (also through NxDI on ``nxdi_sdks``, default every vendored SDK release, where
+    that environment exists) and write the bundle; nothing is written when any step fails."""
+    from nkimoe.offhw.environment import SDK_VERSIONS
+
     from nkimoe.bench.cache import cache_path
 
     qwen_file = root / "qwen.py"
@@ -302,6 +334,7 @@ def submit(output: Path, targets: Sequence[str], registry: Registry, *, root: Pa
         candidate.write_text(text)
         if verify:
             verify_bundle(candidate, targets, {"NKIMOE_CACHE": str(cache_path())}, progress)
+            verify_through_nxdi(candidate, targets, root, SDK_VERSIONS if nxdi_sdks is None else nxdi_sdks, progress)
     partial = None
     try:  # a file of our own next to the output, renamed over it only once complete
         fd, partial = tempfile.mkstemp(prefix=output.name + ".", suffix=".partial", dir=output.parent)

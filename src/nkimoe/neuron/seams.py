@@ -1,0 +1,315 @@
+"""The Neuron path's per-rank computations: plain functions of NxDI-layout tensors, each op through
+its bound variant, testable anywhere (no NxDI needed). ``nkimoe.neuron.nxdi`` wires them into NxDI's
+classes at its seams."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from nkimoe.autoselect import bind_model
+from nkimoe.ops import Problem, get_op
+from nkimoe.registry import BoundOp
+from nkimoe.shapes import intermediate_per_rank
+
+log = logging.getLogger("nkimoe.neuron")
+
+
+class NeuronWiringError(ValueError):
+    """An NxDI configuration or a variant layout that the Neuron path cannot wire."""
+
+
+_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+Layout = tuple[int, ...]  #: an axis permutation applied to the reference layout of a weight
+
+
+# --- binding ------------------------------------------------------------------------------------
+
+
+class Kernels:
+    """Binds op problems for the detected target on first use and logs each binding once."""
+
+    def __init__(self) -> None:
+        self._bound: dict[Problem, BoundOp] = {}
+
+    def bound(self, op: str, dtype: torch.dtype, **dims: int) -> BoundOp:
+        if dtype not in _DTYPE_NAMES:
+            raise NeuronWiringError(f"{op}: dtype {dtype} has no variants; valid: {', '.join(_DTYPE_NAMES.values())}")
+        problem = Problem.of(op, _DTYPE_NAMES[dtype], **dims)
+        hit = self._bound.get(problem)
+        if hit is None:
+            binding, detection = bind_model({str(problem): problem})
+            hit = binding.ops[str(problem)]
+            log.info("nkimoe %s: %s -> %s (%s: %s)", detection.target.name, problem, hit.variant.name,
+                     hit.decided_by, hit.reason)
+            self._bound[problem] = hit
+        return hit
+
+    def clear(self) -> None:
+        """Forget every binding: the next use binds afresh for the target detected then."""
+        self._bound.clear()
+
+    def problems(self) -> list[Problem]:
+        """The problems bound so far."""
+        return list(self._bound)
+
+
+def axis_permutation(convert: Callable[[torch.Tensor], Any], ndim: int) -> Layout | None:
+    """The axis permutation that ``convert`` (a variant's ``prepare``) applies, or None if it does
+    something else. Found by converting a probe tensor with distinct sizes and values."""
+    sizes = (2, 3, 5, 7)[:ndim]
+    probe = torch.arange(math.prod(sizes)).reshape(sizes)
+    out = convert(probe)
+    for perm in itertools.permutations(range(ndim)):
+        if tuple(out.shape) == tuple(sizes[p] for p in perm) and torch.equal(out, probe.permute(perm)):
+            return perm
+    return None
+
+
+def variant_layout(bound: BoundOp, arg: str, ndim: int) -> Layout | None:
+    """The layout the bound variant wants for weight ``arg``: identity when it prepares nothing."""
+    convert = bound.variant.prepare.get(arg)
+    return tuple(range(ndim)) if convert is None else axis_permutation(convert, ndim)
+
+
+def permuted_shape(shape: Sequence[int], layout: Layout) -> tuple[int, ...]:
+    return tuple(shape[a] for a in layout)
+
+
+def kernel_tensor(value: Any) -> Any:
+    """A tensor as NxDI 2.29 hands it to an NKI kernel (``attention_base.perform_prefill``, ``gqa.py``): a
+    Parameter's ``.data``, and a plain ``torch.Tensor`` in place of a tensor subclass (a tracing
+    placeholder); anything else unchanged."""
+    if isinstance(value, nn.Parameter):
+        value = value.data
+    if isinstance(value, torch.Tensor) and type(value) is not torch.Tensor:
+        value = value.as_subclass(torch.Tensor)
+    return value
+
+
+def launch(bound: BoundOp, *args: Any) -> Any:
+    """Run the bound variant on ``args`` given as NxDI gives kernels their tensors (``kernel_tensor``)."""
+    return bound.fn(*(kernel_tensor(a) for a in args))
+
+
+def call_bound(bound: BoundOp, args: Sequence[Any], stored: Mapping[str, Layout]) -> Any:
+    """Call the bound variant on ``args`` whose weights (by argument name) are stored permuted by
+    ``stored``; a weight stored in another layout than the variant's is re-laid-out for the call."""
+    names = get_op(bound.problem.op).arg_names
+    ready = []
+    for name, arg in zip(names, args):
+        if name in stored:
+            have = stored[name]
+            want = variant_layout(bound, name, arg.dim())
+            if want != have:
+                reference = arg.permute(tuple(have.index(a) for a in range(arg.dim())))
+                convert = bound.variant.prepare.get(name)
+                arg = reference if convert is None else convert(reference)
+            arg = arg.contiguous()
+        ready.append(arg)
+    return launch(bound, *ready)
+
+
+# --- per-rank computations (plain tensors; NxDI layouts) -----------------------------------------
+
+
+def linear_rows(kernels: Kernels, x: torch.Tensor, weight: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """``x @ W^T`` over the last axis of ``x`` with the bound ``linear`` variant; ``weight`` is
+    W [N, K] stored permuted by ``layout``."""
+    k = x.shape[-1]
+    n = weight.shape[layout.index(0)]
+    rows = x.reshape(-1, k)
+    bound = kernels.bound("linear", x.dtype, T=rows.shape[0], K=k, N=n)
+    return call_bound(bound, (rows, weight), {"w": layout}).reshape(*x.shape[:-1], n)
+
+
+def rms_norm(kernels: Kernels, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1])
+    bound = kernels.bound("rmsnorm", x.dtype, T=rows.shape[0], H=rows.shape[1])
+    return launch(bound, rows, weight.to(x.dtype), eps).reshape(x.shape)
+
+
+def add_rms_norm(kernels: Kernels, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x + residual, rmsnorm(x + residual))`` with the bound ``add_rmsnorm`` variant."""
+    rows, res = x.reshape(-1, x.shape[-1]), residual.reshape(-1, x.shape[-1])
+    bound = kernels.bound("add_rmsnorm", x.dtype, T=rows.shape[0], H=rows.shape[1])
+    summed, normed = launch(bound, rows, res, weight.to(x.dtype), eps)
+    return summed.reshape(x.shape), normed.reshape(x.shape)
+
+
+def _heads_last(t: torch.Tensor) -> torch.Tensor:
+    """[H, S, D] (one batch row of NxDI's BHSD) -> [S, H, D], the op contracts' layout."""
+    return t.transpose(0, 1).contiguous()
+
+
+def rotary(kernels: Kernels, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+           sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE of q [B, Hq, S, D] and k [B, Hkv, S, D] with cos, sin [B, S, D] (NxDI's layouts)."""
+    b, hq, s, d = q.shape
+    bound = kernels.bound("rope", q.dtype, T=s, Hq=hq, Hkv=k.shape[1], D=d)
+    pairs = [launch(bound, _heads_last(q[i]), _heads_last(k[i]), cos[i].to(q.dtype), sin[i].to(q.dtype)) for i in range(b)]
+    return (torch.stack([qi.transpose(0, 1) for qi, _ in pairs]), torch.stack([ki.transpose(0, 1) for _, ki in pairs]))
+
+
+def prefill_attention(kernels: Kernels, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of q [B, Hq, S, D] over k, v [B, Hkv, S, D]; returns [B, Hq, S, D].
+
+    NxDI pads prompts on the right, so causal masking alone keeps every real query off padding."""
+    b, hq, s, d = q.shape
+    bound = kernels.bound("attention_prefill", q.dtype, S=s, Hq=hq, Hkv=k.shape[1], D=d)
+    return torch.stack([launch(bound, _heads_last(q[i]), _heads_last(k[i]), _heads_last(v[i]), scale).transpose(0, 1)
+                        for i in range(b)])
+
+
+def _masked_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: torch.Tensor,
+                   scale: float) -> torch.Tensor:
+    """The ``attention_decode`` reference with the cache length as a mask over every position,
+    which a traced graph can take at run time (reference variants slice by a Python int)."""
+    groups = q.shape[1] // k_cache.shape[0]
+    keys = k_cache.transpose(1, 2).repeat_interleave(groups, dim=0)
+    values = v_cache.repeat_interleave(groups, dim=0)
+    scores = (q.transpose(0, 1) @ keys.transpose(1, 2)) * scale
+    live = torch.arange(k_cache.shape[2], device=k_cache.device) < length.reshape(())
+    scores = scores.masked_fill(~live, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return (probs @ values).transpose(0, 1)
+
+
+def decode_attention(kernels: Kernels, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                     k_prior: torch.Tensor, v_prior: torch.Tensor, position: torch.Tensor, scale: float,
+                     k_transposed: bool) -> torch.Tensor:
+    """One new token per sequence over its KV cache, NxDI's token-generation inputs.
+
+    q [B, Hq, 1, D]; k_new, v_new [B, Hkv, 1, D]; k_prior [B, Hkv, D, L] when ``k_transposed``
+    (NxDI's ``k_cache_transposed``, the ``attention_decode`` layout) else [B, Hkv, L, D];
+    v_prior [B, Hkv, L, D]; position [B, 1], the new token's index. The caches do not hold the new
+    token yet (NxDI writes it after the layer), so it is written into a copy at ``position`` and
+    the variant reads ``position + 1`` entries. Returns [B, Hq, 1, D].
+    """
+    b, hq, _, d = q.shape
+    hkv, lmax = k_new.shape[1], v_prior.shape[2]
+    bound = kernels.bound("attention_decode", q.dtype, L=lmax, Hq=hq, Hkv=hkv, D=d)
+    outs = []
+    for i in range(b):
+        k_cache = k_prior[i] if k_transposed else k_prior[i].transpose(1, 2)
+        where = position[i].reshape(1, 1, 1).to(torch.int64)
+        k_cache = k_cache.scatter(2, where.expand(hkv, d, 1), k_new[i].transpose(1, 2))
+        v_cache = v_prior[i].scatter(1, where.expand(hkv, 1, d), v_new[i])
+        length = (position[i].reshape(1, 1) + 1).to(torch.int32)
+        query = _heads_last(q[i])
+        if bound.variant.nki:
+            out = launch(bound, query, k_cache.contiguous(), v_cache.contiguous(), length, scale)
+        else:
+            out = _masked_decode(query, k_cache, v_cache, length, scale)
+        outs.append(out.transpose(0, 1))
+    return torch.stack(outs)
+
+
+def stack_experts(state_dict: Mapping[str, torch.Tensor], prefix: str, experts: int, tp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF's per-expert weights of one layer as the full (all-rank) expert tensors NxD shards.
+
+    Returns ``gate_up [E, 2I, H]``: every expert's gate rows, then its up rows (HF's
+    ``gate_up_proj``), so that sharding axis 1 with stride 2 (NxD's ``create_local_weight``) hands
+    rank r ``[gate_r; up_r]``, the ``w_gate_up`` layout of its slice; and ``down [E, H, I]``, rank
+    r's slice contiguous along axis 2.
+    """
+    intermediate_per_rank(state_dict[f"{prefix}experts.0.gate_proj.weight"].shape[0], tp)  # checks the split
+    names = ("gate_proj", "up_proj", "down_proj")
+    gate, up, down = (torch.stack([state_dict[f"{prefix}experts.{e}.{name}.weight"] for e in range(experts)])
+                      for name in names)
+    return torch.cat([gate, up], dim=1), down
+
+
+def moe_partial(kernels: Kernels, x: torch.Tensor, gate: torch.Tensor, gate_layout: Layout, gate_up: torch.Tensor,
+                down: torch.Tensor, expert_layouts: Mapping[str, Layout], top_k: int, norm_topk_prob: bool) -> torch.Tensor:
+    """One rank's share of the sparse MoE block: router gate, router and the experts' slice of
+    the intermediate axis this rank holds. x [B, S, H]; gate [E, H] stored by ``gate_layout``;
+    gate_up, down this rank's expert weights stored by ``expert_layouts``. Summing the ranks'
+    results (NxD's all-reduce) gives the block's output."""
+    rows = x.reshape(-1, x.shape[-1])
+    logits = linear_rows(kernels, rows, gate, gate_layout)
+    router = kernels.bound("router", x.dtype, T=rows.shape[0], E=logits.shape[1], K=top_k)
+    weights, ids = launch(router, logits, top_k, norm_topk_prob)
+    h_axis = expert_layouts["w_down"].index(1)
+    i_axis = expert_layouts["w_down"].index(2)
+    experts = kernels.bound("expert_mlp", x.dtype, T=rows.shape[0], H=down.shape[h_axis], I=down.shape[i_axis],
+                            E=down.shape[expert_layouts["w_down"].index(0)], K=top_k)
+    out = call_bound(experts, (rows, weights, ids, gate_up, down), expert_layouts)
+    return out.reshape(x.shape)
+
+
+def decode_layouts(kernels: Kernels, dtype: torch.dtype, tokens: int, hidden: int, inter_local: int, experts: int,
+                   top_k: int) -> tuple[Layout, dict[str, Layout]]:
+    """Storage layouts of the router gate and the expert weights: those of the variants bound for
+    decode (the phase the contest's latency is made of); prefill variants that want another
+    layout get their weights re-laid-out per call."""
+    gate = kernels.bound("linear", dtype, T=tokens, K=hidden, N=experts)
+    expert = kernels.bound("expert_mlp", dtype, T=tokens, H=hidden, I=inter_local, E=experts, K=top_k)
+    layouts = {"w_gate_up": variant_layout(expert, "w_gate_up", 3), "w_down": variant_layout(expert, "w_down", 3)}
+    gate_layout = variant_layout(gate, "w", 2)
+    return gate_layout or (0, 1), {k: v or (0, 1, 2) for k, v in layouts.items()}
+
+
+#: NxDI features whose code paths bypass the seams above (or shard differently), by flag.
+_UNSUPPORTED_FLAGS = {
+    "sequence_parallel_enabled": "sequence parallelism (the linear seam computes whole sequences)",
+    "flash_decoding_enabled": "flash decoding (KV split by sequence across ranks)",
+    "qkv_kernel_enabled": "NxDI's fused QKV kernel (replaces the norm and projection seams)",
+    "qkv_nki_kernel_enabled": "NxDI's QKV NKI kernel (replaces the projection seam)",
+    "attn_block_tkg_nki_kernel_enabled": "NxDI's attention-block decode kernel (replaces the attention seams)",
+    "moe_fused_nki_kernel_enabled": "NxDI's fused MoE kernel (nkimoe runs its own MoE block)",
+    "is_prefix_caching": "prefix caching",
+    "is_chunked_prefill": "chunked prefill",
+}
+
+
+def check_neuron_config(neuron_config: Any) -> None:
+    """Raise ``NeuronWiringError`` naming every NxDI setting the Neuron path cannot honour."""
+    problems = [f"{flag}=True: {why}" for flag, why in _UNSUPPORTED_FLAGS.items() if getattr(neuron_config, flag, False)]
+    for name in ("cp_degree", "attention_dp_degree", "moe_ep_degree"):
+        value = getattr(neuron_config, name, 1) or 1
+        if value > 1:
+            problems.append(f"{name}={value}: nkimoe shards attention and experts over tensor parallelism only")
+    if problems:
+        raise NeuronWiringError("nkimoe's Neuron path cannot use: " + "; ".join(problems)
+                                + ". Leave these at their defaults (the contest harness does).")
+
+
+class BoundRMSNorm(nn.Module):
+    """RMSNorm whose computation is the bound ``rmsnorm`` variant (an NKI kernel on Trainium)."""
+
+    def __init__(self, size: int, eps: float, kernels: Kernels) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.variance_epsilon = eps
+        self.kernels = kernels
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return rms_norm(self.kernels, hidden_states, self.weight, self.variance_epsilon)
+
+
+class LocalMatmul:
+    """Stands in for a parallel linear layer's ``_forward_impl`` (its local matmul; NxD's layer
+    still does the collectives), computing it with the bound ``linear`` variant."""
+
+    def __init__(self, kernels: Kernels, layout: Layout) -> None:
+        self.kernels, self.layout = kernels, layout
+
+    def __call__(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 sequence_parallel_enabled: bool = False, **_: Any) -> torch.Tensor:
+        if sequence_parallel_enabled:
+            raise NeuronWiringError("sequence_parallel_enabled=True: the linear seam computes whole sequences")
+        out = linear_rows(self.kernels, input, weight, self.layout)
+        return out if bias is None else out + bias
+
+
+#: One binding table for the whole model (every layer's call sites share their problems).
+KERNELS = Kernels()

@@ -1,0 +1,158 @@
+"""The contest path through the real NxDI and NxD sources on CPU, for SDK 2.27, 2.28 and 2.29.
+
+Each SDK release runs in one subprocess of the NxDI interpreter (torch 2.9, torch-xla 2.9,
+transformers 4.57: the ``[nxdi]`` extra, ``.venv-nxdi`` or ``NKIMOE_NXDI_PYTHON``), which imports
+the vendored contest harness ``nki-moe/main.py`` and builds every model through its
+``parse_args()`` defaults and ``prepare_inference()`` (plus ``--on-cpu``, TP 1, fp32; ``to_cpu()``
+for ``load()``): NxDI's own Qwen3-MoE, the root ``qwen.py`` and the file ``nkimoe submit`` writes,
+each on cpu references and on emulated trn2 and trn3 kernels. Greedy tokens must equal HF
+transformers' and logits must lie within the harness's ``tol_map`` of NxDI's own model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nkimoe.bench.cache import BenchCache
+from nkimoe.offhw import runner
+from nkimoe.offhw.environment import SDK_VERSIONS, vendor_root
+from nkimoe.plugins import load_registry
+from nkimoe.submit import build_bundle, verify_through_nxdi
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = ("cpu", "trn2", "trn3")
+
+
+@pytest.fixture(scope="session")
+def nxdi_python() -> Path:
+    vendor = vendor_root(ROOT)
+    if not (vendor / "nki-moe" / "main.py").exists():
+        pytest.skip(f"the vendored upstream sources are absent ({vendor})")
+    python = runner.nxdi_python(ROOT)
+    if python is None:
+        message = ("no NxDI environment: create .venv-nxdi with `pip install -e .[nxdi]` (see README) or set "
+                   "NKIMOE_NXDI_PYTHON")
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return python
+
+
+@pytest.fixture(scope="session")
+def checkpoints(nxdi_python: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return runner.write_checkpoints(nxdi_python, tmp_path_factory.mktemp("nxdi-checkpoints"))
+
+
+@pytest.fixture(scope="session")
+def bundle_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The file ``nkimoe submit`` writes (its verification is tests/test_submit.py's subject)."""
+    targets = ["trn2", "trn3"]
+    text = build_bundle(load_registry({}), BenchCache.load(targets=targets), targets, (ROOT / "qwen.py").read_text())
+    path = tmp_path_factory.mktemp("dist") / "qwen_with_nki.py"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module", params=SDK_VERSIONS)
+def tiny(request: pytest.FixtureRequest, nxdi_python: Path, checkpoints: dict[str, Path], bundle_file: Path,
+         tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One subprocess per SDK release: the tiny checkpoint through every model and target."""
+    return runner.run_checks(nxdi_python, request.param, checkpoints["tiny"], [ROOT / "qwen.py", bundle_file],
+                             TARGETS, tmp_path_factory.mktemp("work"), vendor_root(ROOT))
+
+
+@pytest.fixture(scope="module")
+def full_width(nxdi_python: Path, checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One full-width layer (hidden 2048, 128 experts, top-8) through qwen.py on SDK 2.29."""
+    return runner.run_checks(nxdi_python, "2.29", checkpoints["full"], [ROOT / "qwen.py"], TARGETS,
+                             tmp_path_factory.mktemp("work"), vendor_root(ROOT))
+
+
+@pytest.fixture(scope="module", params=SDK_VERSIONS)
+def sharded(request: pytest.FixtureRequest, nxdi_python: Path, checkpoints: dict[str, Path],
+            tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """shard_checkpoint() of the full-width layer at the harness defaults, per SDK release."""
+    return runner.run_shard_check(nxdi_python, request.param, checkpoints["full"], ROOT / "qwen.py", ("cpu", "trn3"),
+                                  tmp_path_factory.mktemp("work"), vendor_root(ROOT))
+
+
+def test_shard_checkpoint_at_harness_defaults(sharded: dict[str, Any]) -> None:
+    """TP 4, bf16, the model built on the meta device first (as load() does): every rank holds its
+    slice of every expert (intermediate 128 / 4 = 32 columns) and the whole router gate, in the
+    layouts of the variants bound on each target (identity for the references on cpu)."""
+    assert set(sharded["targets"]) == {"cpu", "trn3"}
+    for target, entry in sharded["targets"].items():
+        assert (entry["tp"], entry["dtype"], len(entry["ranks"])) == (4, "torch.bfloat16", 4)
+        for shards in entry["ranks"]:
+            layout = shards["layers.0.mlp.experts.down_proj"]["layout"]
+            reference_shape = (128, 2048, 32)
+            assert shards["layers.0.mlp.experts.down_proj"]["shape"] == [reference_shape[a] for a in layout]
+            if target == "cpu":
+                assert layout == [0, 1, 2]
+    assert runner.shard_differences(sharded) == []
+
+
+def test_every_model_generates_hf_tokens_and_nxdi_logits(tiny: dict[str, Any]) -> None:
+    expected = {"nxdi", "hf"} | {f"{name}:{t}" for name in ("qwen.py", "qwen_with_nki.py") for t in TARGETS}
+    assert set(tiny["runs"]) == expected
+    assert runner.differences(tiny) == []
+
+
+def test_tokens_are_not_degenerate(tiny: dict[str, Any]) -> None:
+    """The comparison means something: the random model does not repeat one token."""
+    assert len(set(tiny["runs"]["hf"]["tokens"])) > 2
+
+
+def test_release_gaps_found_by_feature(tiny: dict[str, Any]) -> None:
+    """2.27 and 2.28 lack two pieces of their own CPU generation path (NxDI's model fails without
+    them too); 2.29 has both, so nothing is filled in there."""
+    if tiny["sdk"] == "2.29":
+        assert tiny["filled_in"] == []
+    else:
+        assert len(tiny["filled_in"]) == 2
+
+
+def test_full_width_layer(full_width: dict[str, Any]) -> None:
+    assert runner.differences(full_width) == []
+
+
+def test_tol_map_is_the_harness_one(tiny: dict[str, Any]) -> None:
+    assert [k for k, _ in tiny["tol_map"]] == [None, 1000, 50, 5]
+
+
+def test_within_tol_map_catches_a_deviation() -> None:
+    expected = [[1.0, 2.0, 3.0]]
+    assert runner.within_tol_map([[1.0, 2.0, 3.0]], expected, [(None, (1e-5, 0.05))]) == []
+    assert runner.within_tol_map([[1.0, 2.0, 3.5]], expected, [(None, (1e-5, 0.05))]) != []
+    assert runner.within_tol_map([[1.5, 2.0, 3.0]], expected, [(1, (1e-5, 0.05))]) == []
+
+
+@pytest.fixture(scope="module")
+def tiny_229(nxdi_python: Path, checkpoints: dict[str, Path], bundle_file: Path,
+             tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return runner.run_checks(nxdi_python, "2.29", checkpoints["tiny"], [ROOT / "qwen.py"], ("trn3",),
+                             tmp_path_factory.mktemp("work"), vendor_root(ROOT))
+
+
+def test_tensor_parallel_2_over_torchrun_matches_tp_1(nxdi_python: Path, checkpoints: dict[str, Path],
+                                                     tiny_229: dict[str, Any],
+                                                     tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Two ranks (gloo) split heads and the expert intermediate axis and all-reduce their partial sums:
+    the tokens are TP 1's, the logits within the harness's tolerances of TP 1's (fp32; only the
+    order of the partial sums differs)."""
+    tp2 = runner.run_tensor_parallel(nxdi_python, "2.29", checkpoints["tiny"], ROOT / "qwen.py", "trn3",
+                                     tmp_path_factory.mktemp("work"), vendor=vendor_root(ROOT))
+    one, two = tiny_229["runs"]["qwen.py:trn3"], tp2["runs"]["qwen.py:trn3"]
+    assert two["tokens"] == one["tokens"]
+    assert runner.within_tol_map(two["logits"], one["logits"], tiny_229["tol_map"]) == []
+
+
+def test_submit_check_through_nxdi(nxdi_python: Path, bundle_file: Path) -> None:
+    """The check ``nkimoe submit`` runs before writing where the NxDI environment exists."""
+    messages: list[str] = []
+    verify_through_nxdi(bundle_file, ["trn3"], ROOT, ("2.29",), messages.append)
+    assert messages == ["checking the bundle through NxDI 2.29 on CPU ..."]
