@@ -1,5 +1,6 @@
 """Attention variants in the emulator against the reference and HF transformers' eager Qwen3-MoE
-attention, at prefill lengths 1, 100, 512, 1024 and decode cache lengths 1, 100, 4096."""
+attention, at prefill lengths 1, 100, 512, 1024 and decode cache lengths 1, 100, 4096 (one-pass
+and split-K), and split-K at one TP 4 rank's heads with ragged buckets."""
 
 from __future__ import annotations
 
@@ -48,33 +49,62 @@ def test_prefill_matches_reference_and_hf(target: str, seq: int) -> None:
         assert ok, f"vs {name}: {detail}"
 
 
-@pytest.mark.parametrize("target", ["trn2", "trn3"])
-@pytest.mark.parametrize("length", [1, 100, 4096])
-def test_decode_matches_reference_and_hf(target: str, length: int) -> None:
+def _decode_case(variant: str, target: str, length: int, bucket: int, hq: int = HQ, hkv: int = HKV) -> None:
+    """``variant`` on ``target`` over the first ``length`` positions of a ``bucket``-long cache, against
+    the reference and HF eager attention."""
     g = torch.Generator().manual_seed(length)
-    bucket = -(-length // 512) * 512 + 512  # a cache bucket longer than the valid length
-    q = _rand((1, HQ, D), g)
-    k_cache, v_cache = _rand((HKV, bucket, D), g), _rand((HKV, bucket, D), g)
+    q = _rand((1, hq, D), g)
+    k_cache, v_cache = _rand((hkv, bucket, D), g), _rand((hkv, bucket, D), g)
     k_t_cache = k_cache.transpose(1, 2).contiguous()
     with session(target):
-        actual = REGISTRY.variants[f"attention_tkg_{target}"].kernel(q, k_t_cache, v_cache, length, SCALE)
+        actual = REGISTRY.variants[f"{variant}_{target}"].kernel(q, k_t_cache, v_cache, length, SCALE)
     reference = attention_decode(q, k_t_cache, v_cache, length, SCALE)
-    hf_out = hf_eager(q, k_cache[:, :length].transpose(0, 1), v_cache[:, :length].transpose(0, 1), False)
+    module = types.SimpleNamespace(num_key_value_groups=hq // hkv, training=False)
+    hf_out = hf.eager_attention_forward(module, q.transpose(0, 1)[None], k_cache[None, :, :length],
+                                        v_cache[None, :, :length], None, scaling=SCALE)[0][0]
     atol, rtol = ATTENTION_TOLERANCE["bfloat16"]
     for name, expected in (("reference", reference), ("HF eager", hf_out)):
         ok, detail = compare(actual, expected, atol, rtol)
         assert ok, f"vs {name}: {detail}"
 
 
-def test_positions_past_length_do_not_leak() -> None:
+@pytest.mark.parametrize("variant", ["attention_tkg", "attention_tkg_split"])
+@pytest.mark.parametrize("target", ["trn2", "trn3"])
+@pytest.mark.parametrize("length", [1, 100, 4096])
+def test_decode_matches_reference_and_hf(variant: str, target: str, length: int) -> None:
+    _decode_case(variant, target, length, -(-length // 512) * 512 + 512)  # a bucket longer than the valid length
+
+
+#: One TP 4 rank's heads (8 query heads, 1 KV head): split-K's chunking at a bucket of one key,
+#: buckets that leave a short last chunk (1000 = 15 x 63 + 55; 17 = 8 x 2 + 1), the contest's
+#: context, and the longest bucket split-K takes on Trn2.
+@pytest.mark.parametrize("target", ["trn2", "trn3"])
+@pytest.mark.parametrize("length,bucket", [(1, 1), (17, 17), (999, 1000), (1024, 1024), (5000, 8192)])
+def test_split_decode_at_a_tp4_rank(target: str, length: int, bucket: int) -> None:
+    _decode_case("attention_tkg_split", target, length, bucket, hq=8, hkv=1)
+
+
+def test_split_decode_states_its_range() -> None:
+    """Chunks of up to 512 keys (one PSUM bank of fp32 scores) on Trn2, 1024 (wide moving tiles) on Trn3."""
+    for target, longest in (("trn2", 8192), ("trn3", 16384)):
+        supports = REGISTRY.variants[f"attention_tkg_split_{target}"].supports
+        for hq, hkv, limit in ((8, 1, longest), (32, 4, longest)):
+            dims = {"Hq": hq, "Hkv": hkv, "D": D}
+            assert supports({**dims, "L": limit}, "bfloat16", REGISTRY.targets[target])[0]
+            ok, reason = supports({**dims, "L": limit + 1}, "bfloat16", REGISTRY.targets[target])
+            assert not ok and f"up to {limit}" in reason
+
+
+@pytest.mark.parametrize("variant", ["attention_tkg_trn2", "attention_tkg_split_trn2"])
+def test_positions_past_length_do_not_leak(variant: str) -> None:
     g = torch.Generator().manual_seed(1)
     q = _rand((1, HQ, D), g)
     k_t, v = _rand((HKV, D, 1024), g), _rand((HKV, 1024, D), g)
     poisoned_v = v.clone()
     poisoned_v[:, 700:] = 1e4  # beyond the valid length
     with session("trn2"):
-        clean = REGISTRY.variants["attention_tkg_trn2"].kernel(q, k_t, v, 700, SCALE)
-        poisoned = REGISTRY.variants["attention_tkg_trn2"].kernel(q, k_t, poisoned_v, 700, SCALE)
+        clean = REGISTRY.variants[variant].kernel(q, k_t, v, 700, SCALE)
+        poisoned = REGISTRY.variants[variant].kernel(q, k_t, poisoned_v, 700, SCALE)
     assert torch.equal(clean, poisoned)
 
 
@@ -84,8 +114,9 @@ def test_fp32_within_declared_tolerance(op: str, dims: dict, dtype: str) -> None
     from nkimoe.bench.trial import run_trial
     from nkimoe.ops import Problem
 
+    kinds = ("attention_cte_",) if op == "attention_prefill" else ("attention_tkg_", "attention_tkg_split_")
     for target in ("trn2", "trn3"):
-        name = ("attention_cte_" if op == "attention_prefill" else "attention_tkg_") + target
-        trial = run_trial(REGISTRY.variants[name], Problem.of(op, dtype, Hq=HQ, Hkv=HKV, D=D, **dims),
-                          REGISTRY.targets[target])
-        assert trial.ok, trial.detail
+        for kind in kinds:
+            trial = run_trial(REGISTRY.variants[kind + target], Problem.of(op, dtype, Hq=HQ, Hkv=HKV, D=D, **dims),
+                              REGISTRY.targets[target])
+            assert trial.ok, trial.detail

@@ -11,7 +11,7 @@ from transformers.models.qwen3_moe import modeling_qwen3_moe as hf
 from nkimoe.nki.emulator import session
 from nkimoe.ops import _expert_bank, compare, expert_mlp, linear, router
 from nkimoe.plugins import load_registry
-from nkimoe.variants.experts import EXPERT_TOLERANCE, down_i_major, expert_blocks, gate_up_h_major
+from nkimoe.variants.experts import EXPERT_TOLERANCE, down_i_major, expert_blocks, expert_slots, gate_up_h_major
 
 H, I, E, K = 2048, 768, 128, 8
 REGISTRY = load_registry({})
@@ -23,7 +23,7 @@ CASES = [
     for tokens in TOKENS
     if REGISTRY.variants[name].supports({"T": tokens, "H": H, "I": I, "E": E, "K": K}, "bfloat16",
                                         REGISTRY.targets[target])[0]
-]
+] + [(f"expert_mlp_tkg_tokens_{target}", target, 1) for target in ("trn2", "trn3")]
 
 
 class Model:
@@ -96,11 +96,29 @@ def test_only_selected_experts_are_read(model: Model, target: str) -> None:
     assert _expert_loads(s.trace) == K
 
 
+@pytest.mark.parametrize("target", ["trn2", "trn3"])
+def test_tokens_stationary_reads_each_selected_expert_once(model: Model, target: str) -> None:
+    """Four tokens routed to the same eight experts: the tokens-stationary kernel reads eight
+    experts, the weights-stationary one an expert per token and slot (32)."""
+    x = model.x[:1].repeat(4, 1)
+    weights, ids = router(linear(x, model.gate), K)
+    with session(target) as s:
+        actual = REGISTRY.variants[f"expert_mlp_tkg_tokens_{target}"].kernel(x, weights, ids, *model.prepared)
+    assert _expert_loads(s.trace) == K
+    ok, detail = compare(actual, expert_mlp(x, weights, ids, model.gate_up, model.down), *EXPERT_TOLERANCE["bfloat16"])
+    assert ok, detail
+    with session(target) as s:
+        REGISTRY.variants["expert_mlp_tkg_nki"].kernel(x, weights, ids, *model.prepared)
+    assert _expert_loads(s.trace) == 4 * K
+
+
 #: A rank's slice of the intermediate axis under tensor parallelism: 768 over TP 4 and TP 8 (one
 #: full partition tile and a ragged one of 64 rows; a single ragged tile of 96 rows).
 RAGGED = [(name, target, tokens, inter) for inter in (192, 96)
           for name, target, tokens in (("expert_mlp_tkg_nki", "trn2", 1), ("expert_mlp_tkg_nki", "trn3", 1),
-                                       ("expert_mlp_cte_trn2", "trn2", 128), ("expert_mlp_cte_trn3", "trn3", 17))]
+                                       ("expert_mlp_cte_trn2", "trn2", 128), ("expert_mlp_cte_trn3", "trn3", 17),
+                                       ("expert_mlp_tkg_tokens_trn2", "trn2", 4),
+                                       ("expert_mlp_tkg_tokens_trn3", "trn3", 17))]
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +155,7 @@ def test_expert_variant_with_a_ragged_intermediate(model: Model, ragged_banks: d
                                      down_i_major(down_padded))
     assert torch.equal(actual, expected)
     read, read_padded = (sum(i.hbm_read for i in t) for t in (trace, trace_padded))
-    if name.endswith("_tkg_nki"):
+    if name.endswith("_tkg_nki"):  # an expert load per (token, slot); the others read each used expert once
         loads = tokens * K
     else:
         assert int(torch.bincount(ids.flatten()).max()) <= 128  # one block per used expert
@@ -161,6 +179,16 @@ def test_blocks_group_tokens_by_expert() -> None:
     assert float(block_weights[0, 2:].abs().sum()) == 0.0
 
 
+def test_slots_list_each_used_expert_once_with_dense_weights() -> None:
+    ids = torch.tensor([[3, 1], [3, 2], [1, 3]])
+    weights = torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.5, 0.5]])
+    n, slot_expert, slot_weights = expert_slots(ids, weights, 8)
+    assert int(n) == 3 and slot_expert.shape == (6, 1) and slot_weights.shape == (6, 3)
+    assert slot_expert[:3, 0].tolist() == [1, 2, 3]
+    assert torch.allclose(slot_weights[:3], torch.tensor([[0.4, 0.0, 0.5], [0.0, 0.3, 0.0], [0.6, 0.7, 0.5]]))
+    assert set(slot_expert[3:, 0].tolist()).isdisjoint({1, 2, 3}) and float(slot_weights[3:].abs().sum()) == 0.0
+
+
 def test_layout_conversion_round_trips(model: Model) -> None:
     gu, dn = model.prepared
     assert gu.shape == (E, H, 2 * I) and dn.shape == (E, I, H)
@@ -169,18 +197,18 @@ def test_layout_conversion_round_trips(model: Model) -> None:
 
 class _Blocks(torch.nn.Module):
     def forward(self, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return expert_blocks(ids, weights, 16)
+        return expert_blocks(ids, weights, 16) + expert_slots(ids, weights, 16)
 
 
 def test_blocks_are_computed_in_the_graph_not_at_trace_time() -> None:
     """An exported graph (torch.export refuses value-dependent Python control flow, as a torch-xla
-    trace on a Neuron device would silently bake it in) recomputes the blocks from the run-time ids."""
+    trace on a Neuron device would silently bake it in) recomputes the blocks and the slots from the run-time ids."""
     g = torch.Generator().manual_seed(2)
     first, second = (torch.randint(0, 16, (40, 8), generator=g) for _ in range(2))
     weights = torch.rand(40, 8, generator=g)
     graph = torch.export.export(_Blocks(), (first, weights)).module()
     for ids in (first, second, torch.zeros_like(first)):
-        for got, want in zip(graph(ids, weights), expert_blocks(ids, weights, 16)):
+        for got, want in zip(graph(ids, weights), expert_blocks(ids, weights, 16) + expert_slots(ids, weights, 16)):
             assert torch.equal(got, want)
     n, block_expert, block_tokens, _ = expert_blocks(torch.zeros_like(first), weights, 16)
     assert int(n) == 3 and block_expert[:3].flatten().tolist() == [0, 0, 0]  # 320 pairs: blocks of 128, 128, 64

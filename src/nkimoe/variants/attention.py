@@ -15,6 +15,23 @@ Decode (``_tkg``): per KV head, the query group's 8 heads are the stationary ope
 or beyond ``length`` (a run-time value) are masked with an iota comparison, so one compiled kernel
 serves every cache length of a bucket. At most one [8, 512] score tile exists at a time.
 
+Decode split-K (``_tkg_split``, flash-decoding style): the bucket is cut into C = 128 / G chunks
+(G = 8 query heads per KV head: 16 chunks) of n = ceil(Lmax / C) keys, and chunk c's scores land
+on partitions c*G .. c*G+G-1 of one [C*G, n] PSUM tile: C matmuls whose stationary holds the
+queries in chunk c's columns and zeros elsewhere accumulate into it. Each chunk then has its own
+max and sum (one softmax pass over the whole tile), a combine step turns the C per-chunk maxima
+and sums into one weight per (chunk, head), and the probabilities, normalised and rounded once,
+meet V in P.V matmuls that accumulate every chunk into O^T [D, G]. K^T of a KV head is one DMA
+of Lmax-long rows (full rate from 1024 keys), V one contiguous [<=128, D] run per chunk and tile.
+Why and when it wins: the one-pass kernel's score tiles use G = 8 of VectorE/ScalarE's 128 lanes,
+and those engines take the same time for 8 rows as for 128, so at long contexts it is bound by
+the softmax's elementwise work (Lmax/512 blocks of ~10 instructions over 512 columns per KV head);
+split-K does that work once over n = Lmax/16 columns with every lane busy, and is left bound by
+HBM. It pays C score matmuls, C P.V matmuls per 128-key tile and the combine (about 15 small
+instructions) per KV head whatever the length, so at short contexts (a few hundred keys) the
+one-pass kernel wins. Its range: n at most 512 keys on Trn2 (one PSUM bank of fp32 scores) and
+1024 on Trn3 (wide moving tiles): buckets up to 8192 / 16384 keys at G = 8.
+
 Rounding differs from the eager reference, which rounds q.k to bf16, then the scaled scores, then
 the normalised probabilities: the kernels keep scores in fp32 and normalise once at the end.
 
@@ -40,6 +57,9 @@ P = 128
 #: Keys per decode block: one PSUM bank of fp32 scores.
 DECODE_BLOCK = 512
 NEG = -3.0e38
+#: Longest split-K chunk: the score tile [C*G, n] fp32 is one PSUM bank (512) on Trn2 and two
+#: banks (NeuronCore-v4 wide moving tiles) on Trn3, so that it double-buffers in PSUM.
+SPLIT_MAX_CHUNK = 1024
 
 #: bf16: the reference rounds each score to bf16 (relative 2^-9 of |q.k| * scale, scores of a few
 #: units here: ~1e-2 absolute) before its softmax and rounds the probabilities to bf16; both
@@ -82,11 +102,17 @@ def _finish(o, l, rows: int, d: int, dtype, dst) -> None:  # noqa: ANN001
     nisa.dma_copy(dst=dst, src=res[0:rows])
 
 
-def _running_state(d: int):  # noqa: ANN202
+def _max_and_sum():  # noqa: ANN202
+    """Online-softmax running max (-3e38) and sum (0), [128, 1] fp32."""
     m = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.memset(dst=m, value=NEG)
     l = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)  # noqa: E741
     nisa.memset(dst=l, value=0.0)
+    return m, l
+
+
+def _running_state(d: int):  # noqa: ANN202
+    m, l = _max_and_sum()  # noqa: E741
     o = nl.ndarray((P, d), dtype=nl.float32, buffer=nl.sbuf)
     nisa.memset(dst=o, value=0.0)
     return m, l, o
@@ -193,6 +219,127 @@ def attention_tkg_kernel(q, k_cache, v_cache, length, scale: float, fast_exp: bo
     return out
 
 
+def split_chunks(lmax: int, group: int) -> tuple[int, int]:
+    """Split-K decode layout of an ``lmax`` bucket for a query group of ``group`` heads:
+    ``(keys per chunk, chunks)``, as many chunks as fit the partitions (128 // group) with every
+    chunk but the last full and the last non-empty."""
+    per_chunk = -(-lmax // (P // group))
+    return per_chunk, -(-lmax // per_chunk)
+
+
+@nki.jit
+def attention_tkg_split_kernel(q, k_cache, v_cache, length, scale: float, fast_exp: bool = False):
+    """One query token over a KV-cache bucket, split-K: chunks of the cache side by side on the
+    partitions, a softmax per chunk, then one combine.
+
+    Dimensions: Hq query heads, Hkv KV heads, G = Hq/Hkv, D head_dim (<= 128), Lmax bucket; C
+    chunks of n keys (``split_chunks``), C*G <= 128 and n at most one matmul's moving size.
+    Args: as ``attention_tkg_kernel``. Returns: [1, Hq, D] HBM in q.dtype.
+    """
+    _, hq, d = q.shape
+    hkv, _, lmax = k_cache.shape
+    group = hq // hkv
+    n, chunks = split_chunks(lmax, group)
+    rows = chunks * group  # partition c*G + h: chunk c, head h of the group
+    last = lmax - (chunks - 1) * n
+    out = nl.ndarray((1, hq, d), dtype=q.dtype, buffer=nl.shared_hbm)
+    # Row (c, h) keeps key offsets j < length - c*n; the penalty is the same for every KV head.
+    part = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.iota(dst=part[0:rows], pattern=[[0, 1]], offset=0, channel_multiplier=1)
+    head = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=head[0:rows], data=part[0:rows], op0=nl.mod, operand0=float(group))
+    start = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=start[0:rows], data1=part[0:rows], data2=head[0:rows], op=nl.subtract)
+    nisa.tensor_scalar(dst=start[0:rows], data=start[0:rows], op0=nl.multiply, operand0=float(n), op1=nl.divide,
+                       operand1=float(group))
+    valid = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=valid[0:rows], src=length.ap([[0, rows], [1, 1]]))
+    nisa.tensor_tensor(dst=valid[0:rows], data1=valid[0:rows], data2=start[0:rows], op=nl.subtract)
+    penalty = nl.ndarray((P, n), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.iota(dst=penalty[0:rows], pattern=[[1, n]], offset=0)
+    nisa.tensor_scalar(dst=penalty[0:rows], data=penalty[0:rows], op0=nl.greater_equal, operand0=valid[0:rows],
+                       op1=nl.multiply, operand1=NEG)
+    # Stationary of chunk c: the group's queries in columns c*G .. c*G+G-1, zeros elsewhere, so that
+    # the C score matmuls accumulate into one [C*G, n] PSUM tile, chunk c on its own partitions.
+    q_blocks = nl.ndarray((d, chunks, rows), dtype=q.dtype, buffer=nl.sbuf)
+    nisa.memset(dst=q_blocks, value=0.0)
+    diagonal = q_blocks.ap([[chunks * rows, d], [rows + group, chunks], [1, group]], offset=0)
+    for g in nl.affine_range(hkv):
+        q_t = nl.ndarray((d, group), dtype=q.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=q_t, src=q.reshape((hq, d))[g * group:(g + 1) * group, :].permute((1, 0)))
+        nisa.tensor_copy(dst=diagonal, src=q_t.ap([[group, d], [0, chunks], [1, group]], offset=0))
+        k_t = nl.ndarray((d, lmax), dtype=k_cache.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=k_t, src=k_cache[g])
+        sc = nl.ndarray((P, n), dtype=nl.float32, buffer=nl.psum)
+        for c in nl.affine_range(chunks):
+            width = n if c < chunks - 1 else last
+            nisa.nc_matmul(dst=sc[0:rows, 0:width], stationary=q_blocks[:, c, :], moving=k_t[:, c * n:c * n + width],
+                           accumulate=(c > 0))
+        ss = nl.ndarray((P, n), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.scalar_tensor_tensor(dst=ss[0:rows], data=sc[0:rows], op0=nl.multiply, operand0=scale, op1=nl.add,
+                                  operand1=penalty[0:rows])
+        m, l = _max_and_sum()  # noqa: E741
+        p_exp, _ = _softmax_step(ss, m, l, rows, n, nl.float32, fast_exp)
+        # Normalised probabilities, rounded once: every chunk on the same scale, so that the P.V
+        # matmuls of all chunks accumulate into one output.
+        p_blk = nl.ndarray((P, n), dtype=q.dtype, buffer=nl.sbuf)
+        nisa.tensor_scalar(dst=p_blk[0:rows], data=p_exp[0:rows], op0=nl.multiply,
+                           operand0=_chunk_weights(m, l, chunks, group)[0:rows])
+        o_t = nl.ndarray((d, group), dtype=nl.float32, buffer=nl.psum)  # O^T: head_dim on partitions
+        tiles = (n + P - 1) // P
+        for kb in nl.affine_range(tiles):
+            kc = min(P, n - kb * P)
+            p_t = nl.ndarray((P, P), dtype=q.dtype, buffer=nl.sbuf)
+            pe_transpose(p_t[0:kc, 0:rows], p_blk[0:rows, kb * P:kb * P + kc])
+            for c in nl.affine_range(chunks):
+                keys = kc if c < chunks - 1 else min(kc, max(0, last - kb * P))
+                if keys:  # one contiguous [keys, D] run of the cache per chunk
+                    v_blk = nl.ndarray((P, d), dtype=v_cache.dtype, buffer=nl.sbuf)
+                    first = c * n + kb * P
+                    nisa.dma_copy(dst=v_blk[0:keys], src=v_cache[g, first:first + keys, :])
+                    nisa.nc_matmul(dst=o_t, stationary=v_blk[0:keys], moving=p_t[0:keys, c * group:(c + 1) * group],
+                                   accumulate=(kb > 0 or c > 0))
+        res = nl.ndarray((d, group), dtype=q.dtype, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=res, src=o_t)
+        nisa.dma_copy(dst=out[0, g * group:(g + 1) * group, :].permute((1, 0)), src=res)
+    return out
+
+
+def _chunk_weights(m, l, chunks: int, group: int):  # noqa: ANN001, ANN202, E741
+    """The combine step of split-K: per row (c, h), ``w = exp(m_c - M_h) / sum_c' exp(m_c' - M_h) l_c'``
+    with ``M_h`` the head's maximum over the chunks, returned as a [128, 1] fp32 column. The
+    per-chunk maxima and sums are transposed to one row and combined along the free axis."""
+    rows = chunks * group
+    m_row = nl.ndarray((1, rows), dtype=nl.float32, buffer=nl.sbuf)
+    pe_transpose(m_row, m[0:rows])
+    l_row = nl.ndarray((1, rows), dtype=nl.float32, buffer=nl.sbuf)
+    pe_transpose(l_row, l[0:rows])
+
+    def per_chunk(t):  # noqa: ANN001, ANN202
+        return t.reshape((1, chunks, group))
+
+    def over_chunks(t):  # noqa: ANN001, ANN202
+        return t.ap([[group, 1], [0, chunks], [1, group]], offset=0)
+
+    def reduce_chunks(dst, t, op) -> None:  # noqa: ANN001
+        nisa.tensor_reduce(dst=dst, op=op, data=per_chunk(t).permute((0, 2, 1)), axis=2)
+
+    m_head = nl.ndarray((1, group), dtype=nl.float32, buffer=nl.sbuf)
+    reduce_chunks(m_head, m_row, nl.maximum)
+    w_row = nl.ndarray((1, rows), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=per_chunk(w_row), data1=per_chunk(m_row), data2=over_chunks(m_head), op=nl.subtract)
+    nisa.activation(dst=w_row, op=nl.exp, data=w_row)
+    scaled_sums = nl.ndarray((1, rows), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=scaled_sums, data1=w_row, data2=l_row, op=nl.multiply)
+    inv = nl.ndarray((1, group), dtype=nl.float32, buffer=nl.sbuf)
+    reduce_chunks(inv, scaled_sums, nl.add)
+    nisa.reciprocal(dst=inv, data=inv)
+    nisa.tensor_tensor(dst=per_chunk(w_row), data1=per_chunk(w_row), data2=over_chunks(inv), op=nl.multiply)
+    w_col = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
+    pe_transpose(w_col[0:rows], w_row)
+    return w_col
+
+
 # --- launchers and support checks ----------------------------------------------------------------
 
 
@@ -221,6 +368,20 @@ def _tkg_supports(dims: Mapping[str, int], dtype: str, target: Target) -> tuple[
     return (False, problem) if problem else (True, "any cache length; 512-key blocks, run-time length mask")
 
 
+def _split_supports(dims: Mapping[str, int], dtype: str, target: Target) -> tuple[bool, str]:
+    problem = _head_checks(dims)
+    if problem:
+        return False, problem
+    group = dims["Hq"] // dims["Hkv"]
+    per_chunk, chunks = split_chunks(dims["L"], group)
+    most = target.matmul_moving_fmax_fp32 if target.has("wide_moving") else target.psum_bank_bytes // 4
+    most = min(most, SPLIT_MAX_CHUNK)
+    if per_chunk > most:
+        return False, (f"L={dims['L']} needs {per_chunk}-key chunks ({chunks} chunks of {group} heads on the partitions), "
+                       f"more than {most}: cache lengths up to {(P // group) * most}")
+    return True, f"L <= {(P // group) * most}; {chunks} chunks of {per_chunk} keys, combined once"
+
+
 def _cte_launcher(fast_exp: bool) -> Callable[..., torch.Tensor]:
     def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         return attention_cte_kernel(q, k, v, scale=scale, fast_exp=fast_exp)
@@ -228,12 +389,12 @@ def _cte_launcher(fast_exp: bool) -> Callable[..., torch.Tensor]:
     return attention_prefill
 
 
-def _tkg_launcher(fast_exp: bool) -> Callable[..., torch.Tensor]:
+def _tkg_launcher(kernel: Callable[..., Any], fast_exp: bool) -> Callable[..., torch.Tensor]:
     def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: int | torch.Tensor,
                          scale: float) -> torch.Tensor:
         # A tensor length stays a tensor, so that a traced graph reads it at run time.
         valid = torch.as_tensor(length, dtype=torch.int32).reshape(1, 1)
-        return attention_tkg_kernel(q, k_cache, v_cache, valid, scale=scale, fast_exp=fast_exp)
+        return kernel(q, k_cache, v_cache, valid, scale=scale, fast_exp=fast_exp)
 
     return attention_decode
 
@@ -246,9 +407,14 @@ def variants() -> list[Variant]:
                            tolerance=ATTENTION_TOLERANCE,
                            description=f"flash attention, 128x128 blocks to the diagonal, online softmax with {exp_name}"))
         out.append(Variant(op="attention_decode", name=f"attention_tkg_{target}", targets=(target,),
-                           kernel=_tkg_launcher(fast), nki=True, priority=10, supports=_tkg_supports,
-                           tolerance=ATTENTION_TOLERANCE,
+                           kernel=_tkg_launcher(attention_tkg_kernel, fast), nki=True, priority=10,
+                           supports=_tkg_supports, tolerance=ATTENTION_TOLERANCE,
                            description=f"decode over K^T cache in 512-key blocks, run-time length mask, {exp_name}"))
+        out.append(Variant(op="attention_decode", name=f"attention_tkg_split_{target}", targets=(target,),
+                           kernel=_tkg_launcher(attention_tkg_split_kernel, fast), nki=True, priority=5,
+                           supports=_split_supports, tolerance=ATTENTION_TOLERANCE,
+                           description=f"decode split-K: cache chunks side by side on the partitions, one combine, "
+                                       f"{exp_name}"))
     return out
 
 

@@ -26,6 +26,18 @@ token column streams, so results land with features on partitions and the down p
 no transpose; HBM-bandwidth-bound by design. The same kernel is best on both targets (no Trn3-only
 instruction shortens a bandwidth-bound GEMV), so it is registered for both.
 
+Decode, tokens stationary (``_tkg_tokens``): the launcher lists the distinct selected experts and,
+per expert, every token's routing weight (0 for tokens that did not choose it); a dynamic loop
+reads each listed expert once and applies it to all T <= 128 tokens, x^T the stationary and the
+weight columns streaming 512 (Trn2) or 1024 (Trn3) at a time, into an fp32 SBUF accumulator.
+When each design wins (TensorE takes max(N, 64) cycles per matmul of N moving columns, a quarter
+of max(M, 64) to load a stationary of M columns): for one token the weights-stationary kernel
+spends about half the TensorE time per weight tile (a 32-cycle load and a 64-cycle matmul against
+128 moving columns) and keeps SwiGLU and the weighting on [128, few] tiles, so it wins at every
+slice width (I = 768, 192, 96 at TP 1, 4, 8); with more tokens the tokens-stationary kernel reads
+each shared expert once where the other reads one per (token, slot), the tokens' stationary
+costs nothing extra up to 128, and it avoids the prefill kernel's per-block HBM accumulator.
+
 Prefill (``_cte``): the launcher sorts the (token, slot) pairs by expert and cuts them into blocks
 of up to 128 tokens of one expert; only blocks of experts that received tokens exist, and the
 kernel runs a dynamic loop over them (``nl.dynamic_range`` on a register), gathering the block's
@@ -51,6 +63,8 @@ from nkimoe.variants.tiles import matmul_accumulate, pe_transpose
 P = 128
 #: Tokens per prefill block (one partition tile).
 BLOCK = 128
+#: Most tokens of the weights-stationary decode kernel (an expert pass per token and slot).
+TKG_MAX_TOKENS = 4
 
 #: bf16: the reference rounds more often than the kernel (see the module docstring), each
 #: at most half an ulp of values up to the output's magnitude: 2 ulps relative (2^-6) plus an
@@ -97,6 +111,18 @@ def _load_expert(w_gu, w_dn, expert, h: int, i2: int):  # noqa: ANN001, ANN202
         nisa.dma_copy(dst=dn[0:last, full, :], src=w_dn.ap([[h, last], [1, h]], offset=full * P * h,
                                                            scalar_offset=expert, indirect_dim=0))
     return gu, dn
+
+
+def _hidden_partition_major(rows, t: int):  # noqa: ANN001, ANN202
+    """x^T [128, H/128, t] of token rows ``rows`` [>= t, H] (SBUF) in the weights' partition-major
+    hidden order: ``x_t[p, k, token]`` holds hidden p * H/128 + k (TensorE transposes reading the
+    rows with a stride of H/128 elements)."""
+    hf = rows.shape[1] // P
+    x_t = nl.ndarray((P, hf, t), dtype=rows.dtype, buffer=nl.sbuf)
+    by_k = rows[0:t].reshape((t, P, hf)).permute((0, 2, 1))
+    for kk in nl.affine_range(hf):
+        pe_transpose(x_t[:, kk, :], by_k[:, kk, :])
+    return x_t
 
 
 @nki.jit
@@ -191,12 +217,7 @@ def expert_mlp_cte_kernel(x, n_blocks, block_expert, block_tokens, block_weights
         nisa.dma_copy(dst=wt, src=block_weights.ap([[1, P], [1, 1]], offset=0, scalar_offset=b, indirect_dim=0))
         rows = nl.ndarray((P, h), dtype=x.dtype, buffer=nl.sbuf)
         nisa.dma_copy(dst=rows, src=x.ap([[h, P], [1, h]], offset=0, vector_offset=tok, indirect_dim=0))
-        # x^T of the block in the weights' partition-major hidden order: x_t[p, k, token] holds
-        # hidden p * H/128 + k (the transposes read the rows with a stride of H/128 elements)
-        x_t = nl.ndarray((P, hf, P), dtype=x.dtype, buffer=nl.sbuf)
-        by_k = rows.reshape((P, P, hf)).permute((0, 2, 1))
-        for kk in nl.affine_range(hf):
-            pe_transpose(x_t[:, kk, :], by_k[:, kk, :])
+        x_t = _hidden_partition_major(rows, P)
         gu_out = nl.ndarray((P, i2), dtype=x.dtype, buffer=nl.sbuf)
         for c in nl.affine_range((i2 + block - 1) // block):
             cols = min(block, i2 - c * block)
@@ -228,6 +249,88 @@ def expert_mlp_cte_kernel(x, n_blocks, block_expert, block_tokens, block_weights
         nisa.tensor_copy(dst=y[0:rows_n], src=a[0:rows_n])
         nisa.dma_copy(dst=out[r * P:r * P + rows_n, :], src=y[0:rows_n])
     return out
+
+
+@nki.jit
+def expert_mlp_tokens_kernel(x, n_used, slot_expert, slot_weights, w_gu, w_dn, block: int = 512):
+    """Decode, tokens stationary: each selected expert read once and applied to all T tokens.
+
+    Dimensions: T tokens (<= 128), H hidden (a multiple of 128), I intermediate, S expert slots.
+    Args: x [T, H] HBM; n_used [1, 1] int32 (slots in use); slot_expert [S, 1] int32 (distinct
+    experts first); slot_weights [S, T] fp32 (token t's routing weight for the slot's expert, 0
+    if t did not choose it); w_gu [E, H, 2I], w_dn [E, I, H] (load-time layout); block: weight
+    columns per matmul (512 on Trn2, 1024 on Trn3).
+    Returns: [T, H] HBM, x.dtype.
+    """
+    t, h = x.shape
+    i2 = w_gu.shape[2]
+    i = i2 // 2
+    hf = h // P
+    tiles, _, last = _intermediate_tiles(i)
+    # The stationary: x^T in the weights' partition-major hidden order, read column by column for a
+    # few tokens (2-byte runs, a few KiB), from contiguous rows and transposed on TensorE for more.
+    if t <= TKG_MAX_TOKENS:
+        x_t = nl.ndarray((P, hf, t), dtype=x.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=x_t, src=x.reshape((t, P, hf)).permute((1, 2, 0)))
+    else:
+        rows = nl.ndarray((P, h), dtype=x.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=rows[0:t], src=x)
+        x_t = _hidden_partition_major(rows, t)
+    acc = nl.ndarray((P, h), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=acc[0:t], value=0.0)
+    count = nl.ndarray((1, 1), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=count, src=n_used)
+    n_reg = nisa.register_alloc()
+    nisa.register_load(n_reg, count)
+    for s in nl.dynamic_range(n_reg):
+        expert = nl.ndarray((1, 1), dtype=nl.int32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=expert, src=slot_expert.ap([[1, 1], [1, 1]], offset=0, scalar_offset=s, indirect_dim=0))
+        wt = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=wt[0:t], src=slot_weights.ap([[1, t], [1, 1]], offset=0, scalar_offset=s, indirect_dim=0))
+        gu, dn = _load_expert(w_gu, w_dn, expert, h, i2)
+        gu_out = nl.ndarray((P, i2), dtype=x.dtype, buffer=nl.sbuf)
+        for c in nl.affine_range((i2 + block - 1) // block):
+            cols = min(block, i2 - c * block)
+            ps = nl.ndarray((P, block), dtype=nl.float32, buffer=nl.psum)
+            matmul_accumulate(ps[0:t, 0:cols], x_t, gu[:, :, c * block:c * block + cols])
+            nisa.tensor_copy(dst=gu_out[0:t, c * block:c * block + cols], src=ps[0:t, 0:cols])
+        act = nl.ndarray((P, i), dtype=x.dtype, buffer=nl.sbuf)
+        nisa.activation(dst=act[0:t], op=nl.silu, data=gu_out[0:t, 0:i])
+        nisa.tensor_tensor(dst=act[0:t], data1=act[0:t], data2=gu_out[0:t, i:i2], op=nl.multiply)
+        act_t = nl.ndarray((P, tiles, t), dtype=x.dtype, buffer=nl.sbuf)
+        for kk in nl.affine_range(tiles):
+            rows_i = min(P, i - kk * P)
+            pe_transpose(act_t[0:rows_i, kk, :], act[0:t, kk * P:kk * P + rows_i])
+        for c in nl.affine_range((h + block - 1) // block):
+            cols = min(block, h - c * block)
+            ps = nl.ndarray((P, block), dtype=nl.float32, buffer=nl.psum)
+            matmul_accumulate(ps[0:t, 0:cols], act_t, dn[:, :, c * block:c * block + cols], last_rows=last)
+            nisa.scalar_tensor_tensor(dst=acc[0:t, c * block:c * block + cols], data=ps[0:t, 0:cols], op0=nl.multiply,
+                                      operand0=wt[0:t], op1=nl.add, operand1=acc[0:t, c * block:c * block + cols])
+    out = nl.ndarray((t, h), dtype=x.dtype, buffer=nl.shared_hbm)
+    y = nl.ndarray((P, h), dtype=x.dtype, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=y[0:t], src=acc[0:t])
+    nisa.dma_copy(dst=out, src=y[0:t])
+    return out
+
+
+def expert_slots(ids: torch.Tensor, weights: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, ...]:
+    """The distinct selected experts and each token's routing weight for them.
+
+    Returns ``n_used [1, 1]`` int32, ``slot_expert [S, 1]`` int32 (the used experts in ascending
+    order, then unused ones) and ``slot_weights [S, T]`` fp32 (0 where a token did not choose the
+    slot's expert), S = min(E, T*K). Tensor operations with shapes fixed by (T, K, E) only, so a
+    traced graph computes them at run time.
+    """
+    t, k = ids.shape
+    experts = torch.arange(num_experts, dtype=torch.int64)
+    chosen = ids.to(torch.int64)[:, :, None] == experts[None, None, :]  # [T, K, E]
+    used = chosen.any(dim=(0, 1))
+    slots = min(num_experts, t * k)
+    slot_expert = torch.argsort((~used).to(torch.int8), stable=True)[:slots]
+    dense = (chosen * weights.to(torch.float32)[:, :, None]).sum(dim=1)  # [T, E]
+    return (used.sum().reshape(1, 1).to(torch.int32), slot_expert.reshape(-1, 1).to(torch.int32),
+            dense[:, slot_expert].t().contiguous())
 
 
 def expert_blocks(ids: torch.Tensor, weights: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, ...]:
@@ -268,8 +371,6 @@ def expert_blocks(ids: torch.Tensor, weights: torch.Tensor, num_experts: int) ->
 
 # --- launchers ----------------------------------------------------------------------------------
 
-TKG_MAX_TOKENS = 4
-
 
 def _dims_ok(dims: Mapping[str, int]) -> str | None:
     if dims["H"] % P:
@@ -292,6 +393,20 @@ def _tkg_supports(dims: Mapping[str, int], dtype: str, target: Target) -> tuple[
     if need > target.sbuf_usable_bytes_per_partition:
         return False, f"expert blocks need {need} B per partition, {target.name} has {target.sbuf_usable_bytes_per_partition}"
     return True, f"T <= {TKG_MAX_TOKENS}; expert blocks {need} B per partition"
+
+
+def _tokens_supports(dims: Mapping[str, int], dtype: str, target: Target) -> tuple[bool, str]:
+    problem = _dims_ok(dims)
+    if problem:
+        return False, problem
+    if dims["T"] > P:
+        return False, f"T={dims['T']} > {P}: the tokens are one stationary tile"
+    item = 2 if dtype == "bfloat16" else 4
+    tokens_t, activations = dims["H"] // P * dims["T"], 3 * dims["I"]
+    need = _expert_sbuf_bytes(dims) * item // 2 + 4 * dims["H"] + item * (tokens_t + activations)
+    if need > target.sbuf_usable_bytes_per_partition:
+        return False, f"needs {need} B per partition, {target.name} has {target.sbuf_usable_bytes_per_partition}"
+    return True, f"T <= {P}; each selected expert read once for all tokens; {need} B per partition"
 
 
 def _cte_supports(dims: Mapping[str, int], dtype: str, target: Target) -> tuple[bool, str]:
@@ -320,6 +435,15 @@ def _cte_launcher(block: int) -> Callable[..., torch.Tensor]:
     return expert_mlp
 
 
+def _tokens_launcher(block: int) -> Callable[..., torch.Tensor]:
+    def expert_mlp(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w_gu: torch.Tensor,
+                   w_dn: torch.Tensor) -> torch.Tensor:
+        n_used, slot_expert, slot_weights = expert_slots(ids, weights, w_gu.shape[0])
+        return expert_mlp_tokens_kernel(x, n_used, slot_expert, slot_weights, w_gu, w_dn, block=block)
+
+    return expert_mlp
+
+
 _PREPARE = {"w_gate_up": gate_up_h_major, "w_down": down_i_major}
 
 
@@ -328,6 +452,14 @@ def variants() -> list[Variant]:
         Variant(op="expert_mlp", name="expert_mlp_tkg_nki", targets=("trn2", "trn3"), kernel=_tkg, nki=True,
                 priority=20, supports=_tkg_supports, tolerance=EXPERT_TOLERANCE, prepare=_PREPARE,
                 description="decode: selected experts only (dynamic DMA by id), weights stationary, fp32 sum"),
+        Variant(op="expert_mlp", name="expert_mlp_tkg_tokens_trn2", targets=("trn2",),
+                kernel=_tokens_launcher(512), nki=True, priority=15, supports=_tokens_supports, tolerance=EXPERT_TOLERANCE, prepare=_PREPARE,
+                description="decode: tokens stationary, each selected expert read once for all tokens, "
+                            "512-column matmuls"),
+        Variant(op="expert_mlp", name="expert_mlp_tkg_tokens_trn3", targets=("trn3",),
+                kernel=_tokens_launcher(1024), nki=True, priority=15, supports=_tokens_supports, tolerance=EXPERT_TOLERANCE, prepare=_PREPARE,
+                description="decode: tokens stationary, each selected expert read once for all tokens, "
+                            "1024-column matmuls (NC-v4)"),
         Variant(op="expert_mlp", name="expert_mlp_cte_trn2", targets=("trn2",), kernel=_cte_launcher(512), nki=True,
                 priority=10, supports=_cte_supports, tolerance=EXPERT_TOLERANCE, prepare=_PREPARE,
                 description="prefill: 128-token blocks per expert, empty experts skipped, 512-column matmuls"),
