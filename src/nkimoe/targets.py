@@ -79,6 +79,9 @@ class Target:
     matmul_moving_fmax_bf16: int
     matmul_min_cycles: int
     engine_fixed_cycles: int
+    dge_ns: float = 0.0  #: descriptor generation per dynamic (DGE) DMA
+    neuronlink_bytes_per_s: float = 0.0  #: chip-to-chip interconnect per chip (collectives)
+    collective_hop_ns: float = 0.0  #: latency of one step of a collective algorithm
     tensor_peak_tflops: Mapping[str, float] = field(default_factory=dict)
     features: frozenset[str] = frozenset()
 
@@ -159,6 +162,12 @@ TRN2 = Target(
     # ~max(N, 64) cycles; ~100 cycles static overhead for small dependent Vector/Scalar instrs.
     matmul_min_cycles=64,
     engine_fixed_cycles=100,
+    # nki/deep-dives/nki-dge.rst, trainium2_arch.rst: ~600 ns per hardware-DGE DMA instruction.
+    dge_ns=600.0,
+    # about-neuron/arch/neuron-hardware/trainium2.rst: NeuronLink-v3 1280 GB/s per chip;
+    # neuron-runtime/explore/intranode-collective-comm.rst: per-hop latency "about 1-2 us" (1.5 used).
+    neuronlink_bytes_per_s=1280e9,
+    collective_hop_ns=1500.0,
     # about-neuron/arch/neuron-hardware/neuron-core-v3.rst: TensorE 79 BF16/FP16/TF32,
     # 158 cFP8 (double_row), 20 FP32 dense TFLOPS per core.
     tensor_peak_tflops={"bf16": 79.0, "fp16": 79.0, "tf32": 79.0, "fp8": 158.0, "fp32": 20.0},
@@ -209,6 +218,12 @@ TRN3 = Target(
     matmul_moving_fmax_bf16=8192,
     matmul_min_cycles=64,
     engine_fixed_cycles=100,
+    # nki/deep-dives/nki-dge.rst gives ~600 ns per hardware-DGE DMA for NeuronCore-v3; assumed for v4.
+    dge_ns=600.0,
+    # about-neuron/arch/neuron-hardware/trainium3.rst: NeuronLink-v4 2560 GB/s per chip;
+    # neuron-runtime/explore/intranode-collective-comm.rst: per-hop latency "about 1-2 us" (1.5 used).
+    neuronlink_bytes_per_s=2560e9,
+    collective_hop_ns=1500.0,
     # about-neuron/arch/neuron-hardware/neuron-core-v4.rst: 79 BF16/FP16/TF32, 315 MXFP8/MXFP4,
     # 20 FP32 dense TFLOPS per core.
     tensor_peak_tflops={"bf16": 79.0, "fp16": 79.0, "tf32": 79.0, "fp8": 158.0, "mxfp8": 315.0, "fp32": 20.0},
