@@ -72,6 +72,7 @@ class SiteEstimate:
     calls: int
     us_per_call: float
     source: str  #: "cache", "emulator" or "roofline (torch reference)"
+    roofline_us: float  #: all calls' must-read bytes at the rank's HBM bandwidth
     busy_us: dict[str, float] = field(default_factory=dict)  #: per engine, all calls
 
     @property
@@ -119,18 +120,18 @@ def _estimate_site(binding: Binding, site: str, calls: int, cache: BenchCache, t
     bound = binding.ops[site]
     name = site.split(".", 1)[1]
     variant, problem = bound.variant, bound.problem
+    roofline = must_read_bytes(problem) / (target.hbm_bytes_per_s_per_core * target.lnc) * 1e6
     if not variant.nki:
-        roofline = must_read_bytes(problem) / (target.hbm_bytes_per_s_per_core * target.lnc) * 1e6
-        return SiteEstimate(name, variant.name, calls, roofline, "roofline (torch reference)")
+        return SiteEstimate(name, variant.name, calls, roofline, "roofline (torch reference)", calls * roofline)
     hit = _cached(cache, target, problem, binding.policy, variant)
     if hit is not None:
         busy = {e: calls * us for e, us in (hit.get("busy_us") or {}).items()}
-        return SiteEstimate(name, variant.name, calls, float(hit["time_us"]), "cache", busy)
+        return SiteEstimate(name, variant.name, calls, float(hit["time_us"]), "cache", calls * roofline, busy)
     trial = run_trial(variant, problem, target)
     if not trial.ok or trial.estimate is None:
         raise ValueError(f"{variant.name} failed at {site} ({problem}): {trial.detail}")
     est = trial.estimate
-    return SiteEstimate(name, variant.name, calls, est.micros, "emulator",
+    return SiteEstimate(name, variant.name, calls, est.micros, "emulator", calls * roofline,
                         {e: calls * us for e, us in est.busy_us.items()})
 
 
@@ -186,7 +187,7 @@ def estimate_model(registry: Registry, target: Target, *, tp: int = 1, seq_len: 
 
 def _row(s: SiteEstimate) -> dict[str, Any]:
     return {"site": s.site, "variant": s.variant, "calls": s.calls, "us_per_call": round(s.us_per_call, 3),
-            "total_ms": round(s.total_us / 1e3, 4), "source": s.source}
+            "total_ms": round(s.total_us / 1e3, 4), "roofline_ms": round(s.roofline_us / 1e3, 4), "source": s.source}
 
 
 def generation(report: Mapping[str, Any], new_tokens: int) -> dict[str, float]:
