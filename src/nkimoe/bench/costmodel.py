@@ -176,13 +176,14 @@ def _perf_mode(instr: Instruction) -> int:
 def _elementwise_seconds(instr: Instruction, target: Target) -> float:
     lanes = target.partitions
     if instr.engine == "vector":
-        base = target.vector_elems_per_cycle_16bit // 4  # the NeuronCore-v2 rate the modes multiply
+        # NeuronCore-v3 and later: the 16-bit rate is the 4x performance mode over NeuronCore-v2's.
+        base = target.vector_elems_per_cycle_16bit // 4 if target.nc_version >= 3 else target.vector_elems_per_cycle_other
         if instr.detail.get("rate") == "fast_exp":
             rate = 4 * target.scalar_elems_per_cycle_other
         elif instr.detail.get("rate") == 4:
             rate = 4 * lanes
         else:
-            rate = base * _perf_mode(instr)
+            rate = base * (_perf_mode(instr) if target.nc_version >= 3 else 1)
         clock = target.vector_hz
     elif instr.engine == "scalar":
         rate = target.scalar_elems_per_cycle_other
