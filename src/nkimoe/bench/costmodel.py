@@ -122,32 +122,57 @@ class _Core:
     end: float = 0.0
 
 
+class _SpanTable:
+    """Accesses of one allocation, sorted by first byte, with their completion times."""
+
+    def __init__(self) -> None:
+        self.los: list[int] = []
+        self.entries: list[tuple[Span, float]] = []
+        self.longest = 0
+
+    def _candidates(self, span: Span) -> range:
+        """Indices of entries that may overlap ``span`` (first byte within reach of it)."""
+        first = bisect.bisect_right(self.los, span.lo - self.longest)
+        return range(first, bisect.bisect_left(self.los, span.hi))
+
+    def latest(self, span: Span) -> float:
+        return max((self.entries[i][1] for i in self._candidates(span) if self.entries[i][0].overlaps(span)),
+                   default=0.0)
+
+    def add(self, span: Span, done: float) -> None:
+        i = bisect.bisect_right(self.los, span.lo)
+        self.los.insert(i, span.lo)
+        self.entries.insert(i, (span, done))
+        self.longest = max(self.longest, span.hi - span.lo)
+
+    def drop_covered(self, span: Span) -> None:
+        for i in reversed(self._candidates(span)):
+            if span.covers(self.entries[i][0]):
+                del self.los[i], self.entries[i]
+
+
 class _Hazards:
     """Completion times of earlier reads and writes of the bytes of each allocation."""
 
     def __init__(self) -> None:
-        self.writes: dict[int, list[tuple[Span, float]]] = defaultdict(list)
-        self.reads: dict[int, list[tuple[Span, float]]] = defaultdict(list)
-
-    @staticmethod
-    def _latest(entries: list[tuple[Span, float]], span: Span) -> float:
-        return max((t for other, t in entries if other.overlaps(span)), default=0.0)
+        self.writes: dict[int, _SpanTable] = defaultdict(_SpanTable)
+        self.reads: dict[int, _SpanTable] = defaultdict(_SpanTable)
 
     def ready(self, instr: Instruction) -> float:
         """When every hazard of ``instr`` is resolved."""
-        times = [self._latest(self.writes[s.storage], s) for s in instr.read_spans]
+        times = [self.writes[s.storage].latest(s) for s in instr.read_spans]
         for s in instr.write_spans:
-            times += [self._latest(self.writes[s.storage], s), self._latest(self.reads[s.storage], s)]
+            times += [self.writes[s.storage].latest(s), self.reads[s.storage].latest(s)]
         return max(times, default=0.0)
 
     def record(self, instr: Instruction, done: float) -> None:
         for s in instr.read_spans:
-            self.reads[s.storage].append((s, done))
+            self.reads[s.storage].add(s, done)
         for s in instr.write_spans:
             # Later accesses wait for this write, which waited for every access it covers.
-            for table in (self.reads, self.writes):
-                table[s.storage] = [e for e in table[s.storage] if not s.covers(e[0])]
-            self.writes[s.storage].append((s, done))
+            self.reads[s.storage].drop_covered(s)
+            self.writes[s.storage].drop_covered(s)
+            self.writes[s.storage].add(s, done)
 
 
 def _tensor_cycles(instr: Instruction, target: Target, core: _Core) -> float:
