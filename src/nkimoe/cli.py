@@ -426,7 +426,20 @@ def cmd_score(args: argparse.Namespace) -> int:
         source = "nkimoe coverage of the current binding"
     else:
         nki_fraction, source = args.coverage, "--coverage"
-    if args.results:
+    method = "measured"
+    if args.estimate:
+        from nkimoe.bench.estimate import generation
+
+        report, method = _estimate_report(args), "estimated (cost model)"
+        prompts = [args.prompt] if args.prompt is not None else sorted(BASELINES[target])
+        if any(p not in BASELINES[target] for p in prompts):
+            raise UsageError(f"no baseline row for prompt {args.prompt} on {target}; public prompts: {sorted(BASELINES[target])}")
+        measured = []
+        for prompt in prompts:
+            context, total, _, _ = BASELINES[target][prompt]
+            g = generation(report, total - context)
+            measured.append((prompt, round(g["latency_ms"], 3), round(g["tok_s"], 3)))
+    elif args.results:
         try:
             measured = read_results(Path(args.results))
         except ValueError as exc:
@@ -434,7 +447,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     elif args.prompt is not None and args.latency_ms is not None and args.tok_s is not None:
         measured = [(args.prompt, args.latency_ms, args.tok_s)]
     else:
-        raise UsageError("give --prompt N --latency-ms X --tok-s Y, or --results FILE")
+        raise UsageError("give --prompt N --latency-ms X --tok-s Y, --results FILE, or --estimate")
     rows, total = [], 0.0
     for prompt, latency, tok_s in measured:
         try:
@@ -443,16 +456,52 @@ def cmd_score(args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from None
         total += value
         _, _, base_latency, base_tok_s = BASELINES[target][prompt]
-        rows.append({"prompt": prompt, "latency_ms": latency, "base_latency_ms": base_latency, "tok_s": tok_s,
+        rows.append({"prompt": prompt, "method": method, "latency_ms": latency, "base_latency_ms": base_latency, "tok_s": tok_s,
                      "base_tok_s": base_tok_s, "latency_x": round(factors["reduced_latency"], 3),
                      "throughput_x": round(factors["increased_throughput"], 3), "points": round(value, 3)})
     if args.format == "json":
         print(json.dumps({"target": target, "coverage": nki_fraction, "coverage_source": source, "prompts": rows,
-                          "total": total}, indent=2))
+                          "total": total, "estimate": args.estimate}, indent=2))
         return 0
     print(f"{target}: coverage {nki_fraction:.4f} ({source}); accuracy assumed to pass")
     _emit(rows, "table", list(rows[0]))
-    print(f"total points: {total:.3f}")
+    print(f"total points{' (ESTIMATED from the cost model, not measured)' if args.estimate else ''}: {total:.3f}")
+    return 0
+
+
+def _estimate_report(args: argparse.Namespace) -> dict[str, Any]:
+    from nkimoe.bench.estimate import estimate_model
+
+    registry = _registry()
+    target = registry.target(args.target)
+    shapes = ModelShapes.from_hf_config(args.config) if getattr(args, "config", None) else ModelShapes()
+    try:
+        return estimate_model(registry, target, tp=args.tp, seq_len=args.seq_len, shapes=shapes)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from nkimoe.bench.estimate import generation
+
+    report = _estimate_report(args)
+    report["generation"] = generation(report, args.new_tokens)
+    if args.format == "json":
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"ESTIMATE (cost model, not a measurement): {report['target']}, one TP rank at --tp {report['tp']}, "
+          f"prefill of {report['seq_len']} tokens, decode with a cache of {report['seq_len']}")
+    for phase in ("decode", "prefill"):
+        print(f"\n{phase} per call site (estimates)")
+        _emit(report[f"{phase}_sites"], "table", ["site", "variant", "calls", "us_per_call", "total_ms", "source"])
+        engines = ", ".join(f"{e} {ms:.3f}" for e, ms in report[f"{phase}_engines_ms"].items())
+        print(f"{phase} engine busy ms (estimates, sites from the cache or emulator): {engines}")
+    g = report["generation"]
+    print(f"\ndecode ms/token (estimate): {report['decode_ms_per_token']:.3f}, of which collectives "
+          f"{report['collectives_ms_per_token']:.3f}; {report['kernel_launches_per_token']} kernel launches")
+    print(f"HBM roofline ms/token (must-read bytes / the rank's bandwidth): {report['roofline_ms_per_token']:.3f}")
+    print(f"prefill ms (estimate): {report['prefill_ms']:.3f}, of which collectives {report['prefill_collectives_ms']:.3f}")
+    print(f"{g['new_tokens']} new tokens (estimate): {g['latency_ms']:.1f} ms end to end, {g['tok_s']:.1f} tok/s decode")
     return 0
 
 
@@ -600,6 +649,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.set_defaults(func=cmd_coverage)
 
+    p = sub.add_parser("estimate", help="ESTIMATED per-token decode and prefill time of the bound model on one TP rank",
+                       description="Per call site and engine, plus collectives and kernel launches, from the cost "
+                                   "model: every figure is an estimate, never a measurement.")
+    p.add_argument("--target", required=True, help="trn2 or trn3")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallelism: one rank's Neuron-path problems")
+    p.add_argument("--seq-len", type=int, default=1024, help="prefill tokens and decode cache length")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--config", help="an HF config.json of a Qwen3-MoE model (default: Qwen3-30B-A3B)")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(func=cmd_estimate)
+
     p = sub.add_parser("score", help="the contest's points for measured latency and throughput",
                        description="accuracy x (baseline latency / latency p99) x (tok/s / baseline tok/s) x "
                                    "(1 + NKI coverage), against the public prompts' baseline rows.")
@@ -609,6 +669,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tok-s", type=float, help="throughput in tokens/s")
     p.add_argument("--coverage", type=float, help="NKI MAC fraction (default: nkimoe coverage of the binding)")
     p.add_argument("--results", help="CSV of prompt,latency_ms,tok_s rows for several prompts")
+    p.add_argument("--estimate", action="store_true",
+                   help="score ESTIMATED latency and throughput from `nkimoe estimate` (all prompts, or --prompt)")
+    p.add_argument("--tp", type=int, default=1, help="with --estimate: tensor parallelism of the estimate")
+    p.add_argument("--seq-len", type=int, default=1024, help="with --estimate: the estimate's sequence length")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.set_defaults(func=cmd_score)
     return parser

@@ -79,6 +79,9 @@ class Target:
     matmul_moving_fmax_bf16: int
     matmul_min_cycles: int
     engine_fixed_cycles: int
+    dge_ns: float = 0.0  #: descriptor generation per dynamic (DGE) DMA
+    neuronlink_bytes_per_s: float = 0.0  #: chip-to-chip interconnect per chip (collectives)
+    collective_hop_ns: float = 0.0  #: latency of one step of a collective algorithm
     tensor_peak_tflops: Mapping[str, float] = field(default_factory=dict)
     features: frozenset[str] = frozenset()
 
@@ -159,6 +162,12 @@ TRN2 = Target(
     # ~max(N, 64) cycles; ~100 cycles static overhead for small dependent Vector/Scalar instrs.
     matmul_min_cycles=64,
     engine_fixed_cycles=100,
+    # nki/deep-dives/nki-dge.rst, trainium2_arch.rst: ~600 ns per hardware-DGE DMA instruction.
+    dge_ns=600.0,
+    # about-neuron/arch/neuron-hardware/trainium2.rst: NeuronLink-v3 1280 GB/s per chip;
+    # neuron-runtime/explore/intranode-collective-comm.rst: per-hop latency "about 1-2 us" (1.5 used).
+    neuronlink_bytes_per_s=1280e9,
+    collective_hop_ns=1500.0,
     # about-neuron/arch/neuron-hardware/neuron-core-v3.rst: TensorE 79 BF16/FP16/TF32,
     # 158 cFP8 (double_row), 20 FP32 dense TFLOPS per core.
     tensor_peak_tflops={"bf16": 79.0, "fp16": 79.0, "tf32": 79.0, "fp8": 158.0, "fp32": 20.0},
@@ -209,12 +218,58 @@ TRN3 = Target(
     matmul_moving_fmax_bf16=8192,
     matmul_min_cycles=64,
     engine_fixed_cycles=100,
+    # nki/deep-dives/nki-dge.rst gives ~600 ns per hardware-DGE DMA for NeuronCore-v3; assumed for v4.
+    dge_ns=600.0,
+    # about-neuron/arch/neuron-hardware/trainium3.rst: NeuronLink-v4 2560 GB/s per chip;
+    # neuron-runtime/explore/intranode-collective-comm.rst: per-hop latency "about 1-2 us" (1.5 used).
+    neuronlink_bytes_per_s=2560e9,
+    collective_hop_ns=1500.0,
     # about-neuron/arch/neuron-hardware/neuron-core-v4.rst: 79 BF16/FP16/TF32, 315 MXFP8/MXFP4,
     # 20 FP32 dense TFLOPS per core.
     tensor_peak_tflops={"bf16": 79.0, "fp16": 79.0, "tf32": 79.0, "fp8": 158.0, "mxfp8": 315.0, "fp32": 20.0},
     features=frozenset(
         {"double_row_fp8", "nc_matmul_mx", "quantize_mx", "exponential", "bf16_psum", "float8_e4m3fn", "wide_moving"}
     ),
+)
+
+# --- Trainium1: NeuronCore-v2 (only for calibrating the cost model against published measurements) ---
+TRN1 = Target(
+    name="trn1",
+    family="trn1",
+    description="AWS Trainium1 (NeuronCore-v2), for cost-model calibration only",
+    nc_version=2,
+    lnc=1,
+    # about-neuron/arch/neuron-hardware/trainium.rst: two NeuronCore-v2 per chip, 32 GiB at 820 GiB/s.
+    cores_per_chip=2,
+    # nki/guides/architecture/trainium_inferentia2_arch.rst: SBUF 24 MiB = 128 x 192 KiB, PSUM 2 MiB.
+    partitions=128,
+    sbuf_bytes_per_partition=192 * KiB,
+    sbuf_usable_bytes_per_partition=192 * KiB,
+    psum_bytes_per_partition=16 * KiB,
+    psum_banks=8,
+    hbm_bytes=32 * GiB,
+    hbm_bytes_per_s=820 * GiB,
+    # nki/deep-dives/nki-dma-bandwidth-guide.rst: 16 engines at 17 B/ns on TRN1; ~1.3 us per DMA.
+    dma_engines_per_core=16,
+    dma_bytes_per_ns_per_engine=17.0,
+    dma_fixed_ns=1300.0,
+    # trainium_inferentia2_arch.rst (engine table): Tensor 2.8 GHz, Vector 1.12, Scalar and GpSimd
+    # 1.4 GHz; 128 elements per cycle (no VectorE performance mode before NeuronCore-v3).
+    tensor_hz=2.8e9,
+    vector_hz=1.12e9,
+    scalar_hz=1.4e9,
+    gpsimd_hz=1.4e9,
+    vector_elems_per_cycle_16bit=128,
+    vector_elems_per_cycle_other=128,
+    scalar_elems_per_cycle_16bit=128,
+    scalar_elems_per_cycle_other=128,
+    gpsimd_elems_per_cycle=128,
+    matmul_moving_fmax_fp32=512,
+    matmul_moving_fmax_bf16=512,
+    matmul_min_cycles=64,
+    engine_fixed_cycles=100,
+    # trainium_inferentia2_arch.rst: TensorE 92 BF16/FP16 TFLOPS, 23 FP32 per core.
+    tensor_peak_tflops={"bf16": 92.0, "fp16": 92.0, "fp32": 23.0},
 )
 
 CPU = Target(

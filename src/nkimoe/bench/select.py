@@ -34,6 +34,7 @@ class CandidateResult:
     method: str = ""
     source_hash: str = ""
     bound_by: str = ""
+    busy_us: dict[str, float] = field(default_factory=dict)  #: per engine, for estimates
 
 
 @dataclass
@@ -101,7 +102,7 @@ def select_problem(registry: Registry, target: Target, problem: Problem, sites: 
         elif trial.estimate is not None:
             est = trial.estimate
             result.candidates.append(CandidateResult(v.name, "ok", est.micros, None, "estimate", v.source_hash,
-                                                     est.bound_by))
+                                                     est.bound_by, est.busy_us))
         else:
             result.candidates.append(CandidateResult(v.name, "ok", None, None, "unmeasured", v.source_hash))
     timed = [c for c in result.verified if c.time_us is not None]
@@ -135,7 +136,9 @@ def cache_entries(target: Target, selections: Iterable[Selection], policy: str) 
         candidates = [
             {"variant": c.variant, "status": c.status, "time_us": None if c.time_us is None else round(c.time_us, 3),
              "spread_us": None if c.spread_us is None else round(c.spread_us, 3), "method": c.method,
-             "source_hash": c.source_hash}
+             "source_hash": c.source_hash,
+             **({"bound_by": c.bound_by, "busy_us": {e: round(t, 3) for e, t in c.busy_us.items()}}
+                if c.busy_us else {})}
             for c in s.candidates
             if not c.status.startswith("ineligible")
         ]

@@ -58,6 +58,48 @@ def region(buffer: Any) -> MemoryRegion:
     raise EmulatorError(f"unknown buffer {buffer!r}; valid: {', '.join(m.value for m in MemoryRegion)}")
 
 
+@dataclass(frozen=True)
+class Span:
+    """The bytes of one allocation (``storage``) an operand covers: ``[lo, hi)`` of the flat HBM
+    tensor, or of each of ``partitions`` partitions from ``partition`` on chip (``partition`` is -1
+    in HBM). ``psum`` and ``unit_stride`` (innermost elements adjacent) decide engine rates."""
+
+    storage: int
+    lo: int
+    hi: int
+    partition: int = -1
+    partitions: int = 1
+    psum: bool = False
+    unit_stride: bool = True
+
+    def overlaps(self, other: Span) -> bool:
+        rows = self.partition < 0 or (self.partition < other.partition + other.partitions
+                                      and other.partition < self.partition + self.partitions)
+        return rows and self.lo < other.hi and other.lo < self.hi
+
+    def covers(self, other: Span) -> bool:
+        rows = self.partition < 0 or (self.partition <= other.partition
+                                      and other.partition + other.partitions <= self.partition + self.partitions)
+        return rows and self.lo <= other.lo and other.hi <= self.hi
+
+
+def span_of(t: NkiTensor) -> Span:
+    """The bytes of its allocation that view ``t`` covers (a bounding interval per partition)."""
+    root, data = t.root, t.data
+    if not np.may_share_memory(data, root):  # a gathered copy: the whole allocation
+        return Span(t.storage_id, 0, root.nbytes)
+    offset = data.__array_interface__["data"][0] - root.__array_interface__["data"][0]
+    unit = data.ndim == 0 or data.shape[-1] == 1 or abs(data.strides[-1]) == data.itemsize
+    psum = t.buffer is MemoryRegion.psum
+    if t.buffer.on_chip and root.ndim > 1:
+        row = root.strides[0]
+        extent = sum((n - 1) * abs(st) for n, st in zip(data.shape[1:], data.strides[1:])) + data.itemsize
+        lo = offset % row
+        return Span(t.storage_id, lo, lo + extent, offset // row, data.shape[0], psum, unit)
+    extent = sum((n - 1) * abs(st) for n, st in zip(data.shape, data.strides)) + data.itemsize
+    return Span(t.storage_id, offset, offset + extent, unit_stride=unit)
+
+
 @dataclass
 class Instruction:
     """One executed instruction, as the cost model sees it."""
@@ -76,6 +118,10 @@ class Instruction:
     bytes: int = 0  #: bytes moved by a DMA
     contiguous: int = 0  #: contiguous bytes per descriptor row of a DMA
     detail: dict[str, Any] = field(default_factory=dict)
+    # Where the instruction ran and which bytes it touched (the cost model's hazards and queues).
+    program: int = 0  #: nl.program_id of the core that issued it (kernel[2] runs programs 0 and 1)
+    read_spans: tuple[Span, ...] = ()
+    write_spans: tuple[Span, ...] = ()
 
 
 #: NKI release each round's SDK ships: SDK 2.27/2.28 (round 1, trn2) NKI 0.2.0 "Beta 2";
@@ -134,6 +180,7 @@ class Session:
                                 f"{instead}. NKIMOE_NKI_VERSION=0.2.0 emulates the SDK 2.27/2.28 rules")
 
     def record(self, instr: Instruction) -> None:
+        instr.program = self.program_id
         self.trace.append(instr)
         try:
             self.memory.use(instr.reads + instr.writes)
@@ -419,13 +466,23 @@ class NkiTensor:
             for i in np.flatnonzero(inside):
                 gathered[i] = np.lib.stride_tricks.as_strided(flat[int(lows[i]):], counts[1:],
                                                               [s * item for s in strides[1:]])
-            return _Gather(gathered, self, [int(lo) for lo in lows], strides[1:], counts[1:],
-                           [int(i) for i in np.flatnonzero(~inside)])
+            return _with_offset(_Gather(gathered, self, [int(lo) for lo in lows], strides[1:], counts[1:],
+                                        [int(i) for i in np.flatnonzero(~inside)]), vector_offset)
         if start < 0 or start + span >= flat.size:  # legal to build (kernels guard its use), illegal to access
             return OutOfBounds(self, f"ap() pattern {pattern} at element {start} reaches past the end of {self!r}",
                                counts)
         view = np.lib.stride_tricks.as_strided(flat[start:], counts, [s * item for s in strides])
-        return self._view(view)
+        return _with_offset(self._view(view), scalar_offset)
+
+
+#: Views whose address depends on a run-time offset, with the tensor holding it (read by the DMA).
+DYNAMIC_OFFSETS: weakref.WeakKeyDictionary[NkiTensor, NkiTensor | None] = weakref.WeakKeyDictionary()
+
+
+def _with_offset(view: NkiTensor, offset: Any) -> NkiTensor:
+    if offset is not None:
+        DYNAMIC_OFFSETS[view] = offset if isinstance(offset, NkiTensor) else None
+    return view
 
 
 def _reinterpret(tensor: NkiTensor, dtype: str) -> NkiTensor:

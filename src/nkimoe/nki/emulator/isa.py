@@ -19,6 +19,7 @@ import numpy as np
 
 from nkimoe.nki.emulator import dtypes as dt
 from nkimoe.nki.emulator.core import (
+    DYNAMIC_OFFSETS,
     EmulatorError,
     Instruction,
     MemoryRegion,
@@ -31,6 +32,7 @@ from nkimoe.nki.emulator.core import (
     current,
     not_emulated,
     require,
+    span_of,
 )
 from nkimoe.nki.emulator.operators import Op, add, equal, maximum, values
 
@@ -177,11 +179,16 @@ def _record(name: str, eng: str, reads: Sequence[NkiTensor | None], dst: NkiTens
             free: int | None = None, inputs: int = 1, **kw: Any) -> None:
     dsts = [dst] if isinstance(dst, NkiTensor) else list(dst)
     srcs = [r for r in reads if isinstance(r, NkiTensor)]
+    dynamic = [t for t in (*srcs, *dsts) if t in DYNAMIC_OFFSETS]
+    if dynamic:  # a DGE DMA: its offset tensors are read too
+        kw["detail"] = {**kw.get("detail", {}), "dynamic": True}
+        srcs += [o for o in (DYNAMIC_OFFSETS[t] for t in dynamic) if o is not None]
     first = dsts[0]
     sixteen = all(t.dtype in dt.SIXTEEN_BIT or t.dtype in dt.FP8 for t in (*srcs, *dsts))
     current().record(Instruction(
         name, eng, tuple(s.storage_id for s in srcs), tuple(d.storage_id for d in dsts),
-        first.partitions, first.free_size if free is None else free, inputs, sixteen, **kw))
+        first.partitions, first.free_size if free is None else free, inputs, sixteen, **kw,
+        read_spans=tuple(span_of(s) for s in srcs), write_spans=tuple(span_of(d) for d in dsts)))
 
 
 def _op(instr: str, op: Any, kinds: Sequence[str] = ("arith", "compare", "bitvec")) -> Op:

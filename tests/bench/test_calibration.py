@@ -1,0 +1,47 @@
+"""The cost model against the published measurements in ``data/calibration.yaml``.
+
+Prints the model's ratio (estimate / measurement) to each measurement that runs in seconds (the
+``heavy`` ones, 10^5 emulated instructions each, run in ``bench/calibration.py``); README's
+calibration table shows all of them. The goal is 0.75-1.33; the assertion is only the order of
+magnitude, because the constants are never adjusted to meet the measurements.
+"""
+
+from __future__ import annotations
+
+import math
+from urllib.parse import urlparse
+
+import pytest
+
+from nkimoe.bench.calibration import TARGETS, load_measurements, model_estimate
+
+
+@pytest.fixture(scope="module")
+def ratios() -> list[tuple[str, str, float, float]]:
+    rows = []
+    for m in load_measurements():
+        if m.heavy:
+            continue
+        modelled, _ = model_estimate(m)
+        rows.append((m.name, m.target, m.measured_us, modelled))
+    return rows
+
+
+def test_calibration_set_has_sources_generations_and_shapes() -> None:
+    measurements = load_measurements()
+    assert len(measurements) >= 8
+    documents = {urlparse(m.url).path.replace("/blob/", "/").split("/", 4)[-1] for m in measurements}
+    assert len(documents) >= 3 and len({m.target for m in measurements}) >= 2
+    assert sum(not m.heavy for m in measurements) >= 5
+    for m in measurements:
+        assert m.target in TARGETS and m.measured_us > 0 and m.url.startswith("https://")
+        assert m.quantity in ("kernel_us", "dma_engine_us") and m.inputs
+
+
+def test_model_ratio_to_every_measurement(ratios) -> None:  # noqa: ANN001
+    print("\nmeasurement | target | measured us | estimate us | ratio")
+    for name, target, measured, modelled in ratios:
+        print(f"{name} | {target} | {measured:.3f} | {modelled:.3f} | {modelled / measured:.2f}")
+    for name, _, measured, modelled in ratios:
+        ratio = modelled / measured
+        assert math.isfinite(ratio) and 0.1 < ratio < 10, f"{name}: estimate {modelled:.2f} us vs {measured} us"
