@@ -7,6 +7,7 @@ import contextvars
 import enum
 import math
 import os
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
