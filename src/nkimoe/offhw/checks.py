@@ -307,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results = run(ns.sdk, ns.vendor, ns.work, ns.model, ns.qwen, ns.targets.split(","), ns.seq_len, ns.harness_arg,
                   not ns.no_references)
-    print("NKIMOE-RESULT " + json.dumps(results))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun one result line, rank 0's (ranks share stdout)
+        print("NKIMOE-RESULT " + json.dumps(results), flush=True)
     return 0
 
 
