@@ -44,6 +44,7 @@ from nkimoe.ops import (
     rope_cos_sin,
     untied_logits,
 )
+from nkimoe.neuron.nxdi import router_dtype
 from nkimoe.ops import router as ops_router
 from nkimoe.shapes import ModelShapes, intermediate_per_rank, neuron_call_sites
 from nkimoe.variants.attention import ATTENTION_TOLERANCE
@@ -317,3 +318,36 @@ def test_kernels_get_plain_tensors_as_nxdi_hands_them(monkeypatch: pytest.Monkey
     out = launch(dataclasses.replace(norm, variant=dataclasses.replace(norm.variant, kernel=spy)), x, weight, 1e-6)
     assert got == [torch.Tensor, torch.Tensor, float]
     assert torch.equal(out, norm.fn(x.as_subclass(torch.Tensor), weight.data, 1e-6))
+
+
+def test_router_dtype_is_that_of_nxdis_own_router_gate() -> None:
+    """fp32 (Qwen3-MoE's router_config) only where NxDI keeps declared dtypes; under the default
+    cast every parameter, the router gate included, takes torch_dtype."""
+    fp32 = SimpleNamespace(dtype=torch.float32)
+    assert router_dtype(SimpleNamespace(torch_dtype=torch.bfloat16, cast_type="config", router_config=fp32)) == torch.bfloat16
+    assert router_dtype(SimpleNamespace(torch_dtype=torch.bfloat16, cast_type="as-declared", router_config=fp32)) == torch.float32
+    assert router_dtype(SimpleNamespace(torch_dtype=torch.bfloat16, router_config=fp32)) == torch.bfloat16
+    assert router_dtype(SimpleNamespace(torch_dtype=torch.float32, cast_type="as-declared")) == torch.float32
+
+
+@pytest.mark.parametrize("kernels", ["trn3"], indirect=True)
+def test_moe_router_runs_in_the_gate_weights_dtype(kernels: Kernels, moe: MoeLayer) -> None:
+    """An fp32 gate (NxDI's ``as-declared`` cast) binds the fp32 gate linear and router; the routing
+    weights come back in the hidden states' dtype, and the block still sums to HF's."""
+    x = moe.x[:, :1]
+    gate_layout, expert_layouts = decode_layouts(kernels, torch.bfloat16, 1, H, intermediate_per_rank(I, TP), E, K,
+                                                 gate_dtype=torch.float32)
+    gate = moe.sd["mlp.gate.weight"].float().permute(gate_layout).contiguous()
+    gate_up, down = (w.permute(expert_layouts[a]).contiguous() for w, a in zip(moe.full, ("w_gate_up", "w_down")))
+    partials = [moe_partial(kernels, x, gate, gate_layout, shard(gate_up, expert_layouts["w_gate_up"].index(1), 2, r),
+                            shard(down, expert_layouts["w_down"].index(2), 1, r), expert_layouts, K, True)
+                for r in range(TP)]
+    bound = {(p.op, p.dtype) for p in kernels.problems()}
+    assert {("linear", "float32"), ("router", "float32"), ("expert_mlp", "bfloat16")} <= bound
+    assert all(p.dtype == torch.bfloat16 for p in partials)
+    total = torch.stack(partials).float().sum(0).to(torch.bfloat16)
+    with torch.no_grad():
+        expected = moe.block(x)
+    atol, rtol = EXPERT_TOLERANCE["bfloat16"]  # as the bf16 block test: the experts' tolerance plus 4 roundings
+    ok, detail = compare(total, expected, atol + TP * 2**-9 * float(torch.stack(partials).float().abs().max()), rtol)
+    assert ok, detail

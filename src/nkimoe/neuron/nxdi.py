@@ -49,6 +49,18 @@ _MISSING = ("the Neuron path of qwen.py needs neuronx-distributed-inference and 
             "portable model: nkimoe.model.Qwen3Moe")
 
 
+def router_dtype(neuron_config: Any) -> torch.dtype:
+    """The dtype NxDI's own Qwen3-MoE router gate computes in: ``router_config.dtype`` (fp32, set by
+    ``Qwen3MoeInferenceConfig``) under ``cast_type="as-declared"``; under ``"config"`` (the default,
+    and the contest harness's) NxDI casts every floating parameter to ``torch_dtype``
+    (models/model_wrapper.py ``load_module``, models/application_base.py ``_cast_helper``; ``to_cpu()``
+    casts the whole model to bf16 under either)."""
+    declared = getattr(getattr(neuron_config, "router_config", None), "dtype", None)
+    if declared is None or getattr(neuron_config, "cast_type", "config") == "config":
+        return neuron_config.torch_dtype
+    return declared
+
+
 if NEURON_AVAILABLE:  # pragma: no cover - needs the Neuron SDK
     from neuronx_distributed.parallel_layers.layers import (
         BaseParallelLinear,
@@ -90,16 +102,6 @@ if NEURON_AVAILABLE:  # pragma: no cover - needs the Neuron SDK
         """(experts, HF's intermediate size, tp degree)."""
         inter = config.moe_intermediate_size - getattr(config, "moe_intermediate_pad_size", 0)
         return config.num_experts, inter, config.neuron_config.tp_degree
-
-    def router_dtype(neuron_config: Any) -> torch.dtype:
-        """The dtype NxDI's own Qwen3-MoE router gate computes in: ``router_config.dtype`` (fp32, set by
-        ``Qwen3MoeInferenceConfig``) under ``cast_type="as-declared"``; under ``"config"`` (the default,
-        and the contest harness's) NxDI casts every floating parameter to ``torch_dtype``
-        (models/model_wrapper.py ``load_module``, models/application_base.py ``_cast_helper``)."""
-        declared = getattr(getattr(neuron_config, "router_config", None), "dtype", None)
-        if declared is None or getattr(neuron_config, "cast_type", "config") == "config":
-            return neuron_config.torch_dtype
-        return declared
 
     def model_layouts(config: Any) -> tuple[Layout, dict[str, Layout]]:
         """Storage layouts of the router gate and the expert weights for ``config`` (decode-bound variants)."""
