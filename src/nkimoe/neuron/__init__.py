@@ -27,7 +27,8 @@ expert_mlp                      of the intermediate axis (768 over TP 4: 192, un
 ==============================  ==============================================================
 
 Each op is bound the first time a traced forward meets its shape (so the bucket sizes NxDI
-traces decide the problems) and each binding is logged once. Weight layouts a variant asks for
+traces decide the problems) and each binding is logged once. Kernels launch on the rank's
+``logical_nc_config`` grid (``kernel[lnc]``) where their launcher takes ``lnc``, else as ``kernel[1]``. Weight layouts a variant asks for
 (``Variant.prepare``) are applied in the checkpoint conversion, before NxD shards it, when the
 layout is a permutation of axes; otherwise at call time.
 
