@@ -10,6 +10,7 @@ transformers' modules on the whole model width. The NxDI subclasses themselves n
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from types import SimpleNamespace
 
@@ -25,12 +26,15 @@ from nkimoe.neuron import (
     check_neuron_config,
     decode_attention,
     decode_layouts,
+    launch,
     linear_rows,
     moe_partial,
     permuted_shape,
     prefill_attention,
+    rms_norm,
     rotary,
     stack_experts,
+    takes_grid,
 )
 from nkimoe.ops import (
     _expert_bank,
@@ -40,6 +44,8 @@ from nkimoe.ops import (
     rope_cos_sin,
     untied_logits,
 )
+from nkimoe.neuron.nxdi import router_dtype
+from nkimoe.ops import router as ops_router
 from nkimoe.shapes import ModelShapes, intermediate_per_rank, neuron_call_sites
 from nkimoe.variants.attention import ATTENTION_TOLERANCE
 from nkimoe.variants.experts import EXPERT_TOLERANCE
@@ -258,3 +264,90 @@ def test_each_problem_is_bound_and_logged_once(monkeypatch: pytest.MonkeyPatch, 
     assert len(lines) == 1 and "trn2" in lines[0] and first.variant.name in lines[0]
     with pytest.raises(NeuronWiringError, match="dtype torch.float16 has no variants"):
         kernels.bound("rmsnorm", torch.float16, T=1, H=H)
+
+
+def test_kernels_launch_on_the_ranks_logical_cores(monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """On an LNC=2 rank a launcher that takes the grid gets ``lnc=2`` (the router runs
+    ``router_kernel[2]``); one that does not runs its kernel as ``kernel[1]`` and is named in the log
+    once. Both give the reference's result."""
+    monkeypatch.setenv("NKIMOE_TARGET", "trn3")
+    kernels = Kernels(lnc=2)
+    logits = untied_logits(130, E, torch.bfloat16, torch.Generator().manual_seed(2), margin=0.02)
+    router = kernels.bound("router", torch.bfloat16, T=130, E=E, K=K)
+    assert router.variant.nki and takes_grid(router.fn)
+    seen: list[int] = []
+    real = router.fn
+
+    def spy(*args: object, lnc: int = 1) -> object:
+        seen.append(lnc)
+        return real(*args, lnc=lnc)
+
+    weights, ids = launch(dataclasses.replace(router, variant=dataclasses.replace(router.variant, kernel=spy)),
+                          logits, K, True, lnc=kernels.lnc)
+    expected_w, expected_ids = ops_router(logits, K)
+    assert seen == [2] and torch.equal(ids, expected_ids)
+    torch.testing.assert_close(weights.float(), expected_w.float(), atol=1e-3, rtol=2**-7)
+    x = torch.randn(3, H, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    norm = kernels.bound("rmsnorm", torch.bfloat16, T=3, H=H)
+    assert norm.variant.nki and not takes_grid(norm.fn)
+    with caplog.at_level(logging.WARNING, logger="nkimoe.neuron"):
+        outs = [rms_norm(kernels, x, torch.ones(H, dtype=torch.bfloat16), 1e-6) for _ in range(2)]
+    named = [r.getMessage() for r in caplog.records if norm.variant.name in r.getMessage()]
+    assert len(named) == 1 and "LNC=2" in named[0]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], launch(norm, x, torch.ones(H, dtype=torch.bfloat16), 1e-6))
+
+
+def test_kernels_get_plain_tensors_as_nxdi_hands_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Parameter arrives as its ``.data`` and a tensor subclass (a tracing placeholder) as a plain
+    ``torch.Tensor`` (NxDI 2.29 ``attention_base.perform_prefill``), sharing storage."""
+    monkeypatch.setenv("NKIMOE_TARGET", "cpu")
+
+    class Placeholder(torch.Tensor):
+        pass
+
+    norm = Kernels().bound("rmsnorm", torch.float32, T=2, H=8)
+    got: list[type] = []
+
+    def spy(*args: object) -> torch.Tensor:
+        got.extend(type(a) for a in args)
+        return norm.fn(*args)
+
+    x = torch.randn(2, 8).as_subclass(Placeholder)
+    weight = torch.nn.Parameter(torch.ones(8))
+    out = launch(dataclasses.replace(norm, variant=dataclasses.replace(norm.variant, kernel=spy)), x, weight, 1e-6)
+    assert got == [torch.Tensor, torch.Tensor, float]
+    assert torch.equal(out, norm.fn(x.as_subclass(torch.Tensor), weight.data, 1e-6))
+
+
+def test_router_dtype_is_that_of_nxdis_own_router_gate() -> None:
+    """fp32 (Qwen3-MoE's router_config) only where NxDI keeps declared dtypes; under the default
+    cast every parameter, the router gate included, takes torch_dtype."""
+    fp32 = SimpleNamespace(dtype=torch.float32)
+    assert router_dtype(SimpleNamespace(torch_dtype=torch.bfloat16, cast_type="config", router_config=fp32)) == torch.bfloat16
+    assert router_dtype(SimpleNamespace(torch_dtype=torch.bfloat16, cast_type="as-declared", router_config=fp32)) == torch.float32
+    assert router_dtype(SimpleNamespace(torch_dtype=torch.bfloat16, router_config=fp32)) == torch.bfloat16
+    assert router_dtype(SimpleNamespace(torch_dtype=torch.float32, cast_type="as-declared")) == torch.float32
+
+
+@pytest.mark.parametrize("kernels", ["trn3"], indirect=True)
+def test_moe_router_runs_in_the_gate_weights_dtype(kernels: Kernels, moe: MoeLayer) -> None:
+    """An fp32 gate (NxDI's ``as-declared`` cast) binds the fp32 gate linear and router; the routing
+    weights come back in the hidden states' dtype, and the block still sums to HF's."""
+    x = moe.x[:, :1]
+    gate_layout, expert_layouts = decode_layouts(kernels, torch.bfloat16, 1, H, intermediate_per_rank(I, TP), E, K,
+                                                 gate_dtype=torch.float32)
+    gate = moe.sd["mlp.gate.weight"].float().permute(gate_layout).contiguous()
+    gate_up, down = (w.permute(expert_layouts[a]).contiguous() for w, a in zip(moe.full, ("w_gate_up", "w_down")))
+    partials = [moe_partial(kernels, x, gate, gate_layout, shard(gate_up, expert_layouts["w_gate_up"].index(1), 2, r),
+                            shard(down, expert_layouts["w_down"].index(2), 1, r), expert_layouts, K, True)
+                for r in range(TP)]
+    bound = {(p.op, p.dtype) for p in kernels.problems()}
+    assert {("linear", "float32"), ("router", "float32"), ("expert_mlp", "bfloat16")} <= bound
+    assert all(p.dtype == torch.bfloat16 for p in partials)
+    total = torch.stack(partials).float().sum(0).to(torch.bfloat16)
+    with torch.no_grad():
+        expected = moe.block(x)
+    atol, rtol = EXPERT_TOLERANCE["bfloat16"]  # as the bf16 block test: the experts' tolerance plus 4 roundings
+    ok, detail = compare(total, expected, atol + TP * 2**-9 * float(torch.stack(partials).float().abs().max()), rtol)
+    assert ok, detail

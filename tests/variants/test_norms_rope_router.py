@@ -92,3 +92,17 @@ def test_router_ids_agree_whenever_logits_are_untied(registry: Registry) -> None
         assert torch.equal(ids, expected_ids)
         torch.testing.assert_close(weights.float(), expected_w.float(), atol=1e-3, rtol=2**-7)
         torch.testing.assert_close(weights.float().sum(-1), torch.ones(300), atol=8 * 2**-8, rtol=0)
+
+
+@pytest.mark.parametrize("tokens", [1, 300])
+def test_router_on_two_logical_cores_equals_one(registry: Registry, tokens: int) -> None:
+    """``lnc=2`` launches ``router_kernel[2]``: the programs split the 128-token tiles (300 tokens: 3
+    tiles, 2 + 1; 1 token: program 1 has none) and together write what one program does, bit for bit."""
+    logits = untied_logits(tokens, 128, torch.bfloat16, torch.Generator().manual_seed(4), margin=0.02)
+    for name, target in (("router_nki_trn2", "trn2"), ("router_nki_trn3", "trn3")):
+        launcher = registry.variants[name].kernel
+        with session(target):
+            one = launcher(logits)
+        with session(target):
+            two = launcher(logits, lnc=2)
+        assert torch.equal(two[0], one[0]) and torch.equal(two[1], one[1])

@@ -27,7 +27,8 @@ expert_mlp                      of the intermediate axis (768 over TP 4: 192, un
 ==============================  ==============================================================
 
 Each op is bound the first time a traced forward meets its shape (so the bucket sizes NxDI
-traces decide the problems) and each binding is logged once. Weight layouts a variant asks for
+traces decide the problems) and each binding is logged once. Kernels launch on the rank's
+``logical_nc_config`` grid (``kernel[lnc]``) where their launcher takes ``lnc``, else as ``kernel[1]``. Weight layouts a variant asks for
 (``Variant.prepare``) are applied in the checkpoint conversion, before NxD shards it, when the
 layout is a permutation of axes; otherwise at call time.
 
@@ -58,6 +59,7 @@ from nkimoe.neuron.seams import (
     check_neuron_config,
     decode_attention,
     decode_layouts,
+    launch,
     linear_rows,
     moe_partial,
     permuted_shape,
@@ -65,6 +67,7 @@ from nkimoe.neuron.seams import (
     rms_norm,
     rotary,
     stack_experts,
+    takes_grid,
     variant_layout,
 )
 
@@ -72,6 +75,6 @@ __all__ = [
     "KERNELS", "NEURON_AVAILABLE", "BoundRMSNorm", "Kernels", "Layout", "LocalMatmul", "NeuronQwen3MoeForCausalLM",
     "NeuronQwen3MoeModel", "NeuronUnavailable", "NeuronWiringError", "Qwen3MoeInferenceConfig", "add_rms_norm",
     "axis_permutation", "call_bound", "check_neuron_config", "convert_qwen3_moe_hf_to_neuron_state_dict",
-    "decode_attention", "decode_layouts", "linear_rows", "moe_partial", "permuted_shape", "prefill_attention",
-    "rms_norm", "rotary", "stack_experts", "variant_layout",
+    "decode_attention", "decode_layouts", "launch", "linear_rows", "moe_partial", "permuted_shape", "prefill_attention",
+    "rms_norm", "rotary", "stack_experts", "takes_grid", "variant_layout",
 ]

@@ -49,6 +49,18 @@ _MISSING = ("the Neuron path of qwen.py needs neuronx-distributed-inference and 
             "portable model: nkimoe.model.Qwen3Moe")
 
 
+def router_dtype(neuron_config: Any) -> torch.dtype:
+    """The dtype NxDI's own Qwen3-MoE router gate computes in: ``router_config.dtype`` (fp32, set by
+    ``Qwen3MoeInferenceConfig``) under ``cast_type="as-declared"``; under ``"config"`` (the default,
+    and the contest harness's) NxDI casts every floating parameter to ``torch_dtype``
+    (models/model_wrapper.py ``load_module``, models/application_base.py ``_cast_helper``; ``to_cpu()``
+    casts the whole model to bf16 under either)."""
+    declared = getattr(getattr(neuron_config, "router_config", None), "dtype", None)
+    if declared is None or getattr(neuron_config, "cast_type", "config") == "config":
+        return neuron_config.torch_dtype
+    return declared
+
+
 if NEURON_AVAILABLE:  # pragma: no cover - needs the Neuron SDK
     from neuronx_distributed.parallel_layers.layers import (
         BaseParallelLinear,
@@ -94,8 +106,10 @@ if NEURON_AVAILABLE:  # pragma: no cover - needs the Neuron SDK
     def model_layouts(config: Any) -> tuple[Layout, dict[str, Layout]]:
         """Storage layouts of the router gate and the expert weights for ``config`` (decode-bound variants)."""
         experts, inter, tp = _moe_dims(config)
-        return decode_layouts(KERNELS, config.neuron_config.torch_dtype, _decode_tokens(config), config.hidden_size,
-                              intermediate_per_rank(inter, tp), experts, config.num_experts_per_tok)
+        nc = config.neuron_config
+        return decode_layouts(KERNELS, nc.torch_dtype, _decode_tokens(config), config.hidden_size,
+                              intermediate_per_rank(inter, tp), experts, config.num_experts_per_tok,
+                              gate_dtype=router_dtype(nc))
 
     class Qwen3MoeInferenceConfig(_nxdi.Qwen3MoeInferenceConfig):
         """NxDI's Qwen3-MoE config, checked for what the Neuron path wires; the K cache is stored
@@ -179,7 +193,8 @@ if NEURON_AVAILABLE:  # pragma: no cover - needs the Neuron SDK
         def __init__(self, config: Any) -> None:
             super().__init__()
             self.gate_layout, self.expert_layouts = model_layouts(config)
-            self.gate = RouterGate(config.num_experts, config.hidden_size, self.gate_layout, config.neuron_config.torch_dtype)
+            self.gate = RouterGate(config.num_experts, config.hidden_size, self.gate_layout,
+                                   router_dtype(config.neuron_config))
             self.experts = ExpertWeights(config, self.expert_layouts)
             self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
 
@@ -215,6 +230,7 @@ if NEURON_AVAILABLE:  # pragma: no cover - needs the Neuron SDK
         """NxDI's traced Qwen3-MoE model over nkimoe's layers, final norm and lm_head."""
 
         def init_model(self, config: Any) -> None:
+            KERNELS.lnc = int(getattr(config.neuron_config, "logical_nc_config", 1))  # each kernel's launch grid
             self.padding_idx, self.vocab_size = config.pad_token_id, config.vocab_size
             self.embed_tokens = ParallelEmbedding(config.vocab_size, config.hidden_size, self.padding_idx,
                                                   dtype=config.neuron_config.torch_dtype, shard_across_embedding=True)

@@ -4,6 +4,7 @@ classes at its seams."""
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 import math
@@ -34,10 +35,15 @@ Layout = tuple[int, ...]  #: an axis permutation applied to the reference layout
 
 
 class Kernels:
-    """Binds op problems for the detected target on first use and logs each binding once."""
+    """Binds op problems for the detected target on first use and logs each binding once.
 
-    def __init__(self) -> None:
+    ``lnc`` is the launch grid of every NKI kernel: the rank's logical-core count (NxDI's
+    ``logical_nc_config``), which neuronx-cc requires each kernel of a graph to match
+    (compiler/error-codes/EVRF066.rst: NCC_EVRF066)."""
+
+    def __init__(self, lnc: int = 1) -> None:
         self._bound: dict[Problem, BoundOp] = {}
+        self.lnc = lnc
 
     def bound(self, op: str, dtype: torch.dtype, **dims: int) -> BoundOp:
         if dtype not in _DTYPE_NAMES:
@@ -94,12 +100,35 @@ def kernel_tensor(value: Any) -> Any:
     return value
 
 
-def launch(bound: BoundOp, *args: Any) -> Any:
-    """Run the bound variant on ``args`` given as NxDI gives kernels their tensors (``kernel_tensor``)."""
-    return bound.fn(*(kernel_tensor(a) for a in args))
+def takes_grid(fn: Callable[..., Any]) -> bool:
+    """Whether a variant's launcher takes ``lnc``, the grid it launches its kernel with (``kernel[lnc]``)."""
+    try:
+        return "lnc" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
-def call_bound(bound: BoundOp, args: Sequence[Any], stored: Mapping[str, Layout]) -> Any:
+def launch(bound: BoundOp, *args: Any, lnc: int = 1) -> Any:
+    """Run the bound variant on ``args`` given as NxDI gives kernels their tensors (``kernel_tensor``),
+    its kernel launched on ``lnc`` logical cores where its launcher takes the grid. A launcher without
+    ``lnc`` launches its kernel with no grid, i.e. ``kernel[1]``: correct wherever it runs (the emulator,
+    an LNC=1 graph), and named in the log once when the rank's LNC is larger, since neuronx-cc rejects
+    a kernel whose LNC differs from the graph's (NCC_EVRF066)."""
+    tensors = [kernel_tensor(a) for a in args]
+    if takes_grid(bound.fn):
+        return bound.fn(*tensors, lnc=lnc)
+    if lnc > 1 and bound.variant.nki and bound.variant.name not in _UNGRIDDED:
+        _UNGRIDDED.add(bound.variant.name)
+        log.warning("nkimoe: %s launches its kernel without a grid (LNC 1) on an LNC=%d rank; neuronx-cc needs "
+                    "kernel[%d] (NCC_EVRF066)", bound.variant.name, lnc, lnc)
+    return bound.fn(*tensors)
+
+
+#: NKI variants already named in the log for launching without a grid on an LNC > 1 rank.
+_UNGRIDDED: set[str] = set()
+
+
+def call_bound(bound: BoundOp, args: Sequence[Any], stored: Mapping[str, Layout], lnc: int = 1) -> Any:
     """Call the bound variant on ``args`` whose weights (by argument name) are stored permuted by
     ``stored``; a weight stored in another layout than the variant's is re-laid-out for the call."""
     names = get_op(bound.problem.op).arg_names
@@ -114,7 +143,7 @@ def call_bound(bound: BoundOp, args: Sequence[Any], stored: Mapping[str, Layout]
                 arg = reference if convert is None else convert(reference)
             arg = arg.contiguous()
         ready.append(arg)
-    return launch(bound, *ready)
+    return launch(bound, *ready, lnc=lnc)
 
 
 # --- per-rank computations (plain tensors; NxDI layouts) -----------------------------------------
@@ -127,13 +156,13 @@ def linear_rows(kernels: Kernels, x: torch.Tensor, weight: torch.Tensor, layout:
     n = weight.shape[layout.index(0)]
     rows = x.reshape(-1, k)
     bound = kernels.bound("linear", x.dtype, T=rows.shape[0], K=k, N=n)
-    return call_bound(bound, (rows, weight), {"w": layout}).reshape(*x.shape[:-1], n)
+    return call_bound(bound, (rows, weight), {"w": layout}, kernels.lnc).reshape(*x.shape[:-1], n)
 
 
 def rms_norm(kernels: Kernels, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1])
     bound = kernels.bound("rmsnorm", x.dtype, T=rows.shape[0], H=rows.shape[1])
-    return launch(bound, rows, weight.to(x.dtype), eps).reshape(x.shape)
+    return launch(bound, rows, weight.to(x.dtype), eps, lnc=kernels.lnc).reshape(x.shape)
 
 
 def add_rms_norm(kernels: Kernels, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
@@ -141,7 +170,7 @@ def add_rms_norm(kernels: Kernels, x: torch.Tensor, residual: torch.Tensor, weig
     """``(x + residual, rmsnorm(x + residual))`` with the bound ``add_rmsnorm`` variant."""
     rows, res = x.reshape(-1, x.shape[-1]), residual.reshape(-1, x.shape[-1])
     bound = kernels.bound("add_rmsnorm", x.dtype, T=rows.shape[0], H=rows.shape[1])
-    summed, normed = launch(bound, rows, res, weight.to(x.dtype), eps)
+    summed, normed = launch(bound, rows, res, weight.to(x.dtype), eps, lnc=kernels.lnc)
     return summed.reshape(x.shape), normed.reshape(x.shape)
 
 
@@ -155,7 +184,8 @@ def rotary(kernels: Kernels, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor
     """RoPE of q [B, Hq, S, D] and k [B, Hkv, S, D] with cos, sin [B, S, D] (NxDI's layouts)."""
     b, hq, s, d = q.shape
     bound = kernels.bound("rope", q.dtype, T=s, Hq=hq, Hkv=k.shape[1], D=d)
-    pairs = [launch(bound, _heads_last(q[i]), _heads_last(k[i]), cos[i].to(q.dtype), sin[i].to(q.dtype)) for i in range(b)]
+    pairs = [launch(bound, _heads_last(q[i]), _heads_last(k[i]), cos[i].to(q.dtype), sin[i].to(q.dtype), lnc=kernels.lnc)
+             for i in range(b)]
     return (torch.stack([qi.transpose(0, 1) for qi, _ in pairs]), torch.stack([ki.transpose(0, 1) for _, ki in pairs]))
 
 
@@ -165,8 +195,8 @@ def prefill_attention(kernels: Kernels, q: torch.Tensor, k: torch.Tensor, v: tor
     NxDI pads prompts on the right, so causal masking alone keeps every real query off padding."""
     b, hq, s, d = q.shape
     bound = kernels.bound("attention_prefill", q.dtype, S=s, Hq=hq, Hkv=k.shape[1], D=d)
-    return torch.stack([launch(bound, _heads_last(q[i]), _heads_last(k[i]), _heads_last(v[i]), scale).transpose(0, 1)
-                        for i in range(b)])
+    return torch.stack([launch(bound, _heads_last(q[i]), _heads_last(k[i]), _heads_last(v[i]), scale, lnc=kernels.lnc)
+                        .transpose(0, 1) for i in range(b)])
 
 
 def _masked_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: torch.Tensor,
@@ -206,7 +236,7 @@ def decode_attention(kernels: Kernels, q: torch.Tensor, k_new: torch.Tensor, v_n
         length = (position[i].reshape(1, 1) + 1).to(torch.int32)
         query = _heads_last(q[i])
         if bound.variant.nki:
-            out = launch(bound, query, k_cache.contiguous(), v_cache.contiguous(), length, scale)
+            out = launch(bound, query, k_cache.contiguous(), v_cache.contiguous(), length, scale, lnc=kernels.lnc)
         else:
             out = _masked_decode(query, k_cache, v_cache, length, scale)
         outs.append(out.transpose(0, 1))
@@ -233,25 +263,29 @@ def moe_partial(kernels: Kernels, x: torch.Tensor, gate: torch.Tensor, gate_layo
     """One rank's share of the sparse MoE block: router gate, router and the experts' slice of
     the intermediate axis this rank holds. x [B, S, H]; gate [E, H] stored by ``gate_layout``;
     gate_up, down this rank's expert weights stored by ``expert_layouts``. Summing the ranks'
-    results (NxD's all-reduce) gives the block's output."""
+    results (NxD's all-reduce) gives the block's output.
+
+    The router runs in the gate weight's dtype, as NxD's ``RouterBase.get_router_logits`` casts the
+    hidden states to it (neuronx_distributed/modules/moe/routing.py); its weights come back in x's dtype."""
     rows = x.reshape(-1, x.shape[-1])
-    logits = linear_rows(kernels, rows, gate, gate_layout)
-    router = kernels.bound("router", x.dtype, T=rows.shape[0], E=logits.shape[1], K=top_k)
-    weights, ids = launch(router, logits, top_k, norm_topk_prob)
+    logits = linear_rows(kernels, rows.to(gate.dtype), gate, gate_layout)
+    router = kernels.bound("router", logits.dtype, T=rows.shape[0], E=logits.shape[1], K=top_k)
+    weights, ids = launch(router, logits, top_k, norm_topk_prob, lnc=kernels.lnc)
+    weights = weights.to(x.dtype)
     h_axis = expert_layouts["w_down"].index(1)
     i_axis = expert_layouts["w_down"].index(2)
     experts = kernels.bound("expert_mlp", x.dtype, T=rows.shape[0], H=down.shape[h_axis], I=down.shape[i_axis],
                             E=down.shape[expert_layouts["w_down"].index(0)], K=top_k)
-    out = call_bound(experts, (rows, weights, ids, gate_up, down), expert_layouts)
+    out = call_bound(experts, (rows, weights, ids, gate_up, down), expert_layouts, kernels.lnc)
     return out.reshape(x.shape)
 
 
 def decode_layouts(kernels: Kernels, dtype: torch.dtype, tokens: int, hidden: int, inter_local: int, experts: int,
-                   top_k: int) -> tuple[Layout, dict[str, Layout]]:
-    """Storage layouts of the router gate and the expert weights: those of the variants bound for
-    decode (the phase the contest's latency is made of); prefill variants that want another
-    layout get their weights re-laid-out per call."""
-    gate = kernels.bound("linear", dtype, T=tokens, K=hidden, N=experts)
+                   top_k: int, gate_dtype: torch.dtype | None = None) -> tuple[Layout, dict[str, Layout]]:
+    """Storage layouts of the router gate (computed in ``gate_dtype``, default ``dtype``) and the
+    expert weights: those of the variants bound for decode (the phase the contest's latency is made
+    of); prefill variants that want another layout get their weights re-laid-out per call."""
+    gate = kernels.bound("linear", gate_dtype or dtype, T=tokens, K=hidden, N=experts)
     expert = kernels.bound("expert_mlp", dtype, T=tokens, H=hidden, I=inter_local, E=experts, K=top_k)
     layouts = {"w_gate_up": variant_layout(expert, "w_gate_up", 3), "w_down": variant_layout(expert, "w_down", 3)}
     gate_layout = variant_layout(gate, "w", 2)

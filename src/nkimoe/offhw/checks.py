@@ -207,6 +207,9 @@ def run(sdk: str, vendor: Path, work: Path, model_dir: Path, qwen_files: list[Pa
             runs[label] = greedy(main, model, tokenizer, generation_config, prompt)
         except Exception as error:  # reported to the caller, which decides what is expected
             runs[label] = {"error": f"{type(error).__name__}: {error}"}
+        kernels = getattr(inspect.getmodule(cls), "KERNELS", None)  # nkimoe's models: the grid their kernels got
+        if kernels is not None:
+            runs[label]["lnc"] = kernels.lnc
         runs["dtype"] = str(model.config.neuron_config.torch_dtype).removeprefix("torch.")
         release_parallel_state()
 

@@ -49,10 +49,12 @@ def write_checkpoints(python: Path, directory: Path) -> dict[str, Path]:
 
 
 def run_checks(python: Path, sdk: str, model: Path, qwen_files: Sequence[Path], targets: Sequence[str],
-               work: Path, vendor: Path | None = None, timeout: float = 1800) -> dict[str, Any]:
-    """One SDK release, one checkpoint: NxDI's model, each qwen file on each target, HF transformers."""
+               work: Path, vendor: Path | None = None, timeout: float = 1800,
+               harness_args: Sequence[str] = ()) -> dict[str, Any]:
+    """One SDK release, one checkpoint: NxDI's model, each qwen file on each target, HF transformers.
+    ``harness_args`` follow ``CPU_HARNESS_ARGS`` (a later flag wins, e.g. ``--torch-dtype=bfloat16``)."""
     args = ["--sdk", sdk, "--vendor", str(vendor or vendor_root()), "--work", str(work), "--model", str(model),
-            "--targets", ",".join(targets), *(f"--harness-arg={a}" for a in CPU_HARNESS_ARGS)]
+            "--targets", ",".join(targets), *(f"--harness-arg={a}" for a in (*CPU_HARNESS_ARGS, *harness_args))]
     for path in qwen_files:
         args += ["--qwen", str(path)]
     out = _run(python, args, timeout)
@@ -91,29 +93,39 @@ def shard_differences(result: dict[str, Any]) -> list[str]:
 
 
 def within_tol_map(actual: list[list[float]], expected: list[list[float]],
-                   tol_map: Sequence[tuple[int | None, Sequence[float]]]) -> list[str]:
+                   tol_map: Sequence[tuple[int | None, Sequence[float]]], relative_to: str = "logit") -> list[str]:
     """The harness's ``tol_map`` (top-k -> (atol, rtol); None: every logit) applied to each step's
-    logits: |actual - expected| <= atol + rtol * |expected| over the expected top k. Returns the violations."""
+    logits over the expected top k: |actual - expected| <= atol + rtol * |expected| (``relative_to=
+    "logit"``), or rtol times the step's largest finite |expected| (``"step"``, the scale NxDI's open
+    port of ``logit_validation`` normalises its errors by: experimental/core/accuracy/logit_validation.py).
+    Positions where either side is -inf (a token generation prohibits, e.g. EOS before the minimum
+    length) are left out, as that port's ``_preprocess_logits`` does. Returns the violations."""
     import torch
 
     a, e = torch.tensor(actual), torch.tensor(expected)
     if a.shape != e.shape:
         return [f"logit shapes differ: {tuple(a.shape)} vs {tuple(e.shape)}"]
+    if relative_to not in ("logit", "step"):
+        raise ValueError(f"relative_to is 'logit' or 'step', not {relative_to!r}")
     problems = []
     for k, (atol, rtol) in tol_map:
         idx = e.argsort(dim=-1, descending=True)[:, : (e.shape[-1] if k is None else k)]
         ea, aa = e.gather(-1, idx), a.gather(-1, idx)
-        excess = (aa - ea).abs() - (atol + rtol * ea.abs())
+        off = torch.where(aa.isneginf() | ea.isneginf(), 0.0, (aa - ea).abs())
+        finite = torch.where(e.isfinite(), e.abs(), 0.0)
+        scale = ea.abs() if relative_to == "logit" else finite.max(dim=-1, keepdim=True).values
+        excess = off - (atol + rtol * scale)
         if (excess > 0).any():
             step = int(excess.max(dim=-1).values.argmax())
-            problems.append(f"top-{k}: step {step} off by {float((aa - ea).abs()[step].max()):.3g} "
-                            f"(atol {atol}, rtol {rtol})")
+            problems.append(f"top-{k}: {int((excess > 0).sum())} logits out, step {step} off by "
+                            f"{float(off[step].max()):.3g} (atol {atol}, rtol {rtol})")
     return problems
 
 
-def differences(result: dict[str, Any]) -> list[str]:
+def differences(result: dict[str, Any], relative_to: str = "logit") -> list[str]:
     """What differs in one ``run_checks`` result: every run's greedy tokens against HF transformers',
-    and its logits against NxDI's own Qwen3-MoE within the harness's tolerances."""
+    and its logits against NxDI's own Qwen3-MoE within the harness's tolerances (``within_tol_map``
+    with ``relative_to``)."""
     runs = result["runs"]
     problems = [f"{label}: {run['error']}" for label, run in runs.items() if "error" in run]
     if problems:
@@ -125,5 +137,6 @@ def differences(result: dict[str, Any]) -> list[str]:
         if run["tokens"] != hf["tokens"]:
             problems.append(f"{label}: tokens {run['tokens']} differ from HF transformers' {hf['tokens']}")
         if label != "nxdi":
-            problems += [f"{label} vs NxDI: {p}" for p in within_tol_map(run["logits"], nxdi["logits"], result["tol_map"])]
+            problems += [f"{label} vs NxDI: {p}"
+                         for p in within_tol_map(run["logits"], nxdi["logits"], result["tol_map"], relative_to)]
     return [f"SDK {result['sdk']}, {result['model']} checkpoint: {p}" for p in problems]

@@ -37,11 +37,12 @@ def router_kernel(logits, top_k: int = 8, norm_topk_prob: bool = True, fast_exp:
     Dimensions: T tokens, E experts (8 <= E <= 16384), K = top_k.
     Args: logits [T, E] HBM bf16|fp32; fast_exp uses nisa.exponential (Trn3 only).
     Returns: weights [T, K] HBM in logits.dtype, ids [T, K] HBM uint32 (descending probability).
+    Launched as ``kernel[lnc]``: program p of the grid takes the 128-token tiles p, p + lnc, ...
     """
     t, e = logits.shape
     weights = nl.ndarray((t, top_k), dtype=logits.dtype, buffer=nl.shared_hbm)
     ids = nl.ndarray((t, top_k), dtype=nl.uint32, buffer=nl.shared_hbm)
-    for tile in nl.affine_range((t + P - 1) // P):
+    for tile in nl.affine_range(nl.program_id(0), (t + P - 1) // P, nl.num_programs(0)):
         p = min(P, t - tile * P)
         lg = nl.ndarray((P, e), dtype=nl.float32, buffer=nl.sbuf)
         nisa.dma_copy(dst=lg[0:p], src=logits[tile * P:tile * P + p, :])
@@ -86,8 +87,9 @@ def _supports(dims: Mapping[str, int], dtype: str, target: Target) -> tuple[bool
 
 
 def _launcher(fast_exp: bool) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    def router(logits: torch.Tensor, top_k: int = 8, norm_topk_prob: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        weights, ids = router_kernel(logits, top_k=top_k, norm_topk_prob=norm_topk_prob, fast_exp=fast_exp)
+    def router(logits: torch.Tensor, top_k: int = 8, norm_topk_prob: bool = True,
+               lnc: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        weights, ids = router_kernel[lnc](logits, top_k=top_k, norm_topk_prob=norm_topk_prob, fast_exp=fast_exp)
         return weights, torch.as_tensor(ids).to(torch.int64)
 
     return router
