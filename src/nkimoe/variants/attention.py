@@ -93,13 +93,18 @@ def _softmax_step(ss, m, l, rows: int, cols: int, p_dtype, fast_exp: bool):  # n
     return p_blk, corr
 
 
-def _finish(o, l, rows: int, d: int, dtype, dst) -> None:  # noqa: ANN001
-    """dst = o / l, rounded to ``dtype``."""
+def normalized(o, l, rows: int, d: int, dtype):  # noqa: ANN001, ANN202, E741
+    """o / l rounded to ``dtype``: a [128, d] SBUF tile, the first ``rows`` partitions valid."""
     inv = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.reciprocal(dst=inv[0:rows], data=l[0:rows])
     res = nl.ndarray((P, d), dtype=dtype, buffer=nl.sbuf)
     nisa.tensor_scalar(dst=res[0:rows], data=o[0:rows], op0=nl.multiply, operand0=inv[0:rows])
-    nisa.dma_copy(dst=dst, src=res[0:rows])
+    return res
+
+
+def _finish(o, l, rows: int, d: int, dtype, dst) -> None:  # noqa: ANN001, E741
+    """dst = o / l, rounded to ``dtype``."""
+    nisa.dma_copy(dst=dst, src=normalized(o, l, rows, d, dtype)[0:rows])
 
 
 def _max_and_sum():  # noqa: ANN202
@@ -169,6 +174,56 @@ def attention_cte_kernel(q, k, v, scale: float, fast_exp: bool = False):
     return out
 
 
+def decode_block(q_t, k_t, n: int, v_rows: Callable[[int, int], Any], state, scale: float, fast_exp: bool,  # noqa: ANN001
+                 penalty=None) -> None:  # noqa: ANN001
+    """One online-softmax block of decode attention for one query group: scores of q_t [D, G]
+    against the ``n`` keys of k_t [D, >= n] (SBUF, keys transposed), scaled, plus ``penalty`` [G, n]
+    (fp32) when given; P.V over 128-key chunks whose V rows [kc, D] (SBUF) ``v_rows(c, kc)`` gives.
+    Updates ``state`` = (running max, running sum, fp32 output [G, D])."""
+    m, l, o = state  # noqa: E741
+    d, group = q_t.shape
+    dtype = q_t.dtype
+    sc = nl.ndarray((P, DECODE_BLOCK), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_matmul(dst=sc[0:group, 0:n], stationary=q_t, moving=k_t[:, 0:n])
+    ss = nl.ndarray((P, DECODE_BLOCK), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=ss[0:group, 0:n], data=sc[0:group, 0:n], op0=nl.multiply, operand0=scale)
+    if penalty is not None:
+        nisa.tensor_tensor(dst=ss[0:group, 0:n], data1=ss[0:group, 0:n], data2=penalty[0:group, 0:n], op=nl.add)
+    p_blk, corr = _softmax_step(ss, m, l, group, n, dtype, fast_exp)
+    pv = nl.ndarray((P, d), dtype=nl.float32, buffer=nl.psum)
+    for c in nl.affine_range((n + P - 1) // P):
+        kc = min(P, n - c * P)
+        p_t = nl.ndarray((P, P), dtype=dtype, buffer=nl.sbuf)
+        pe_transpose(p_t[0:kc, 0:group], p_blk[0:group, c * P:c * P + kc])
+        nisa.nc_matmul(dst=pv[0:group], stationary=p_t[0:kc, 0:group], moving=v_rows(c, kc), accumulate=(c > 0))
+    nisa.scalar_tensor_tensor(dst=o[0:group], data=o[0:group], op0=nl.multiply, operand0=corr[0:group],
+                              op1=nl.add, operand1=pv[0:group])
+
+
+def decode_over_cache(q_t, k_cache, v_cache, g: int, valid_len, state, scale: float, fast_exp: bool) -> None:  # noqa: ANN001
+    """Decode attention of one query group q_t [D, G] over KV head ``g`` of the caches (k_cache
+    [Hkv, D, Lmax], v_cache [Hkv, Lmax, D] in HBM) in 512-key blocks, each read once; positions at or
+    beyond ``valid_len`` ([128, 1] fp32, run time) are masked. Updates the online-softmax ``state``."""
+    d, group = q_t.shape
+    lmax = k_cache.shape[2]
+    for blk in nl.affine_range((lmax + DECODE_BLOCK - 1) // DECODE_BLOCK):
+        n = min(DECODE_BLOCK, lmax - blk * DECODE_BLOCK)
+        k_blk = nl.ndarray((d, DECODE_BLOCK), dtype=k_cache.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=k_blk[:, 0:n], src=k_cache[g, :, blk * DECODE_BLOCK:blk * DECODE_BLOCK + n])
+        # Positions >= length get -3e38: penalty = (pos >= length) * -3e38.
+        pos = nl.ndarray((P, DECODE_BLOCK), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.iota(dst=pos[0:group, 0:n], pattern=[[1, n]], offset=blk * DECODE_BLOCK)
+        nisa.tensor_scalar(dst=pos[0:group, 0:n], data=pos[0:group, 0:n], op0=nl.greater_equal,
+                           operand0=valid_len[0:group], op1=nl.multiply, operand1=NEG)
+
+        def v_rows(c: int, kc: int, start: int = blk * DECODE_BLOCK):  # noqa: ANN202
+            v_blk = nl.ndarray((P, d), dtype=v_cache.dtype, buffer=nl.sbuf)
+            nisa.dma_copy(dst=v_blk[0:kc], src=v_cache[g, start + c * P:start + c * P + kc, :])
+            return v_blk[0:kc]
+
+        decode_block(q_t, k_blk, n, v_rows, state, scale, fast_exp, penalty=pos)
+
+
 @nki.jit
 def attention_tkg_kernel(q, k_cache, v_cache, length, scale: float, fast_exp: bool = False):
     """One query token over a KV-cache bucket, masking positions >= ``length`` at run time.
@@ -179,7 +234,7 @@ def attention_tkg_kernel(q, k_cache, v_cache, length, scale: float, fast_exp: bo
     Returns: [1, Hq, D] HBM in q.dtype.
     """
     _, hq, d = q.shape
-    hkv, _, lmax = k_cache.shape
+    hkv = k_cache.shape[0]
     group = hq // hkv
     out = nl.ndarray((1, hq, d), dtype=q.dtype, buffer=nl.shared_hbm)
     valid_len = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
@@ -188,33 +243,7 @@ def attention_tkg_kernel(q, k_cache, v_cache, length, scale: float, fast_exp: bo
         q_t = nl.ndarray((d, group), dtype=q.dtype, buffer=nl.sbuf)
         nisa.dma_copy(dst=q_t, src=q.reshape((hq, d))[g * group:(g + 1) * group, :].permute((1, 0)))
         m, l, o = _running_state(d)  # noqa: E741
-        for blk in nl.affine_range((lmax + DECODE_BLOCK - 1) // DECODE_BLOCK):
-            n = min(DECODE_BLOCK, lmax - blk * DECODE_BLOCK)
-            k_blk = nl.ndarray((d, DECODE_BLOCK), dtype=k_cache.dtype, buffer=nl.sbuf)
-            nisa.dma_copy(dst=k_blk[:, 0:n], src=k_cache[g, :, blk * DECODE_BLOCK:blk * DECODE_BLOCK + n])
-            sc = nl.ndarray((P, DECODE_BLOCK), dtype=nl.float32, buffer=nl.psum)
-            nisa.nc_matmul(dst=sc[0:group, 0:n], stationary=q_t, moving=k_blk[:, 0:n])
-            ss = nl.ndarray((P, DECODE_BLOCK), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.tensor_scalar(dst=ss[0:group, 0:n], data=sc[0:group, 0:n], op0=nl.multiply, operand0=scale)
-            # Positions >= length get -3e38: penalty = (pos >= length) * -3e38.
-            pos = nl.ndarray((P, DECODE_BLOCK), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.iota(dst=pos[0:group, 0:n], pattern=[[1, n]], offset=blk * DECODE_BLOCK)
-            nisa.tensor_scalar(dst=pos[0:group, 0:n], data=pos[0:group, 0:n], op0=nl.greater_equal,
-                               operand0=valid_len[0:group], op1=nl.multiply, operand1=NEG)
-            nisa.tensor_tensor(dst=ss[0:group, 0:n], data1=ss[0:group, 0:n], data2=pos[0:group, 0:n], op=nl.add)
-            p_blk, corr = _softmax_step(ss, m, l, group, n, q.dtype, fast_exp)
-            pv = nl.ndarray((P, d), dtype=nl.float32, buffer=nl.psum)
-            chunks = (n + P - 1) // P
-            for c in nl.affine_range(chunks):
-                kc = min(P, n - c * P)
-                p_t = nl.ndarray((P, P), dtype=q.dtype, buffer=nl.sbuf)
-                pe_transpose(p_t[0:kc, 0:group], p_blk[0:group, c * P:c * P + kc])
-                v_blk = nl.ndarray((P, d), dtype=v_cache.dtype, buffer=nl.sbuf)
-                start = blk * DECODE_BLOCK + c * P
-                nisa.dma_copy(dst=v_blk[0:kc], src=v_cache[g, start:start + kc, :])
-                nisa.nc_matmul(dst=pv[0:group], stationary=p_t[0:kc, 0:group], moving=v_blk[0:kc], accumulate=(c > 0))
-            nisa.scalar_tensor_tensor(dst=o[0:group], data=o[0:group], op0=nl.multiply, operand0=corr[0:group],
-                                      op1=nl.add, operand1=pv[0:group])
+        decode_over_cache(q_t, k_cache, v_cache, g, valid_len, (m, l, o), scale, fast_exp)
         _finish(o, l, group, d, q.dtype, out[0, g * group:(g + 1) * group, :])
     return out
 

@@ -1,0 +1,300 @@
+"""The decode attention block in one NKI kernel, for Trn2 and Trn3: residual add + RMSNorm ->
+fused q|k|v projection -> QK-norm -> RoPE -> attention over the KV cache and the new position ->
+o_proj, with every activation kept in SBUF between the stages.
+
+Layout, stage by stage (T = 1):
+
+- add + RMSNorm: the hidden spread over the 128 partitions (``norms.load_spread``); the sum of
+  squares crosses partitions through a ones-matmul.
+- q|k|v projection: the normalised token is the stationary operand and the K-major weight
+  ``W^T [H, N]`` streams as the moving operand in column blocks, contracting over the spread layout
+  (partition p, slot j holds hidden index p*H/128 + j, and rows p*H/128 .. of ``W^T`` are one
+  contiguous run per partition). The [1, N] result stays on one partition.
+- QK-norm and RoPE: the q and k heads go onto partitions (one TensorE transpose per head into a
+  [D, heads] PSUM tile, one back to [heads, D] rows), then the norm and rotary kernels' row
+  helpers run on all Hq + Hkv rows at once; one more transpose gives q^T and k^T [D, heads].
+- attention: per KV head, the new position is one online-softmax block whose key (k^T column) and
+  value (the v slice of the [1, N] row) come from SBUF, then the cache is read once in 512-key
+  K^T blocks masked at the run-time ``length`` (the one-pass decode kernel's helper). The
+  normalised output of each query group is transposed into O^T [D, Hq].
+- o_proj: O^T is the stationary operand with the contraction (h, d) on (slot, partition), against
+  the K-major ``W_o^T [Hq D, H]``.
+
+LNC=2 (``kernel[2]``, Trn2 and Trn3 ranks): program p takes half of the query heads and the KV
+heads they read (the cache of a KV head shared by both halves is read by both cores), so each core
+reads half of the q weights; the two programs swap their O^T halves (``sendrecv``) and each
+computes half of the o_proj columns, so each core reads half of ``W_o``. Arithmetic and rounding
+are those of the one-program kernel.
+
+Rounding: as the chain of the part kernels (each stage rounds to the activation dtype where the
+reference does); sums run in other orders and the attention keeps fp32 scores (see
+``attention.py``), so outputs agree within ``BLOCK_TOLERANCE``.
+
+Per target: Trn3 streams 1024-column moving tiles (NC-v4 wide moving), computes exp with VectorE's
+fast exponential, squares on ScalarE and puts RoPE's sin products on GpSimd, as the Trn3 part
+kernels do; Trn2 uses 512-column moving tiles, ScalarE exp and VectorE for the norms.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from nkimoe import ops
+from nkimoe.nki import nisa, nki, nl
+from nkimoe.registry import Variant
+from nkimoe.targets import Target
+from nkimoe.variants.attention import _running_state, decode_block, decode_over_cache, normalized
+from nkimoe.variants.norms import add_spread, normalize_rows, spread_rmsnorm, store_spread
+from nkimoe.variants.rope import rotate_rows
+from nkimoe.variants.tiles import matmul_accumulate, pe_transpose
+
+P = 128
+
+#: bf16. ``summed`` is one bf16 add, bit-exact. ``k`` and ``v`` carry the projection's tolerance
+#: (one rounding of a reordered fp32 sum: 1 ulp) through QK-norm (two roundings, whose inputs may
+#: differ by that ulp: 2 + 1 ulps) and RoPE (three roundings of products of those): a few bf16
+#: ulps, 2^-5 relative plus the norm's 1e-3 floor, below. ``out`` sums Hq*D products of attention
+#: outputs (each within the attention tolerance, 2e-2 + 2^-6 relative at |v| ~ 1, not correlated
+#: in sign) with o_proj weights of magnitude ~1/sqrt(Hq*D): its error stays at the attention's
+#: absolute scale, and the projection adds its own 1 ulp; 3e-2 absolute and 2^-5 relative cover
+#: both with the q/k perturbation of the scores (a few ulps of q.k*scale ~ 1e-2 per probability).
+BLOCK_TOLERANCE = {"bfloat16": (3e-2, 2.0**-5), "float32": (1e-4, 1e-4)}
+
+
+def attention_block_reference(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
+                              w_qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor,
+                              cos: torch.Tensor, sin: torch.Tensor, k_cache_t: torch.Tensor, v_cache: torch.Tensor,
+                              length: int | torch.Tensor, w_o: torch.Tensor, scale: float,
+                              eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decode (T = 1): add_rmsnorm -> fused q|k|v linear -> qk_norm -> rope -> attention over the
+    cache plus the new position -> o_proj, composed from the op references.
+
+    x, residual [1, H]; norm_weight [H]; w_qkv [(Hq + 2 Hkv) D, H] (q rows, then k, then v);
+    q_norm_weight, k_norm_weight [D]; cos, sin [1, D]; k_cache_t [Hkv, D, C] and v_cache [Hkv, C, D]
+    hold positions [0, length) (C > length); w_o [H, Hq D].
+    Returns (summed [1, H], out [1, H], k [1, Hkv, D], v [1, Hkv, D]): the residual sum, the o_proj
+    output, and the new position's key (after QK-norm and RoPE) and value, which the caller writes
+    into the caches at position ``length`` afterwards (the inputs are not mutated).
+    """
+    hkv, d, _ = k_cache_t.shape
+    hq = w_o.shape[1] // d
+    position = int(length)
+    summed, normed = ops.add_rmsnorm(x, residual, norm_weight, eps)
+    q, k, v = ops.linear(normed, w_qkv).split([hq * d, hkv * d, hkv * d], dim=1)
+    q, k = ops.qk_norm(q.reshape(1, hq, d), k.reshape(1, hkv, d), q_norm_weight, k_norm_weight, eps)
+    q, k = ops.rope(q, k, cos, sin)
+    v = v.reshape(1, hkv, d)
+    k_cache, v_cache = k_cache_t.clone(), v_cache.clone()
+    k_cache[:, :, position] = k[0]
+    v_cache[:, position] = v[0]
+    attn = ops.attention_decode(q, k_cache, v_cache, position + 1, scale)
+    return summed, ops.linear(attn.reshape(1, hq * d), w_o), k, v
+
+
+def column_blocks(w: torch.Tensor, width: int, spread: bool) -> torch.Tensor:
+    """Load-time layout of a projection weight ``W [N, K]``: ``[N/width, 128, K/128, width]``, block c
+    holding columns c*width .. of ``W^T`` with contraction index k on (partition p, slot j), where
+    k = p*K/128 + j (``spread``, the decode-norm layout of the token) or k = j*128 + p (the
+    128-row slices of O^T). Each block is one contiguous run of K/128 * width values per partition."""
+    n, k = w.shape
+    blocks = w.reshape(n // width, width, P, k // P) if spread else w.reshape(n // width, width, k // P, P).transpose(2, 3)
+    return blocks.permute(0, 2, 3, 1).contiguous()
+
+
+def _project(row, x_t, w_blocks, per_load: int) -> None:  # noqa: ANN001
+    """``row [1, nb*width] (SBUF) = x_t . W``: x_t [128, KT, 1] (SBUF) is the stationary token with
+    the contraction on (partition, slot); w_blocks [nb, 128, KT, width] (HBM, ``column_blocks``)
+    arrive ``per_load`` blocks per DMA and stream as ``width``-column moving tiles, accumulated over
+    KT in fp32 PSUM and rounded once to row.dtype."""
+    nb, _, kt, width = w_blocks.shape
+    for load in nl.affine_range((nb + per_load - 1) // per_load):
+        first = load * per_load
+        count = min(per_load, nb - first)
+        w_sb = nl.ndarray((P, per_load, kt, width), dtype=w_blocks.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=w_sb[:, 0:count], src=w_blocks[first:first + count].permute((1, 0, 2, 3)))
+        acc = nl.ndarray((1, per_load * width), dtype=nl.float32, buffer=nl.psum)
+        for b in nl.affine_range(count):
+            matmul_accumulate(acc[0:1, b * width:(b + 1) * width], x_t, w_sb[:, b])
+        nisa.tensor_copy(dst=row[0:1, first * width:(first + count) * width], src=acc[0:1, 0:count * width])
+
+
+def _split(total: int, me: int, programs: int) -> tuple[int, int]:
+    """This program's contiguous share [first, last) of ``total`` items."""
+    share = total // programs
+    return me * share, (me + 1) * share
+
+
+@nki.jit
+def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight, k_norm_weight, cos, sin, k_cache_t,
+                           v_cache, length, w_o_blocks, scale: float, eps: float = 1e-6, fast_exp: bool = False,
+                           square_on_scalar: bool = False, sin_on_gpsimd: bool = False):
+    """The decode attention block (see the module docstring).
+
+    Dimensions: H hidden (multiple of 128), Hq query and Hkv KV heads (Hq + Hkv <= 128), D = 128
+    head_dim, C cache positions, W o_proj column block. Under LNC=2, Hq and H/W are even.
+    Args: x, residual [1, H]; norm_weight [H]; w_qkv_blocks [Hq + 2 Hkv, 128, H/128, D]
+    (``column_blocks(w_qkv, D, spread=True)``: one block per head); q_norm_weight, k_norm_weight
+    [D]; cos, sin [1, D]; k_cache_t [Hkv, D, C]; v_cache [Hkv, C, D]; length [1, 1] int32 (valid
+    cache positions); w_o_blocks [H/W, 128, Hq, W] (``column_blocks(w_o, W, spread=False)``);
+    scale; eps; fast_exp, square_on_scalar, sin_on_gpsimd: the Trn3 engine choices of the
+    attention, norm and RoPE kernels.
+    Returns: summed [1, H], out [1, H], k [1, Hkv, D], v [1, Hkv, D] (HBM, x.dtype).
+    """
+    h = x.shape[1]
+    hkv, d, _ = k_cache_t.shape
+    hq = w_o_blocks.shape[2]
+    group = hq // hkv
+    me, programs = nl.program_id(0), nl.num_programs()
+    summed = nl.ndarray((1, h), dtype=x.dtype, buffer=nl.shared_hbm)
+    out = nl.ndarray((1, h), dtype=x.dtype, buffer=nl.shared_hbm)
+    k_out = nl.ndarray((1, hkv, d), dtype=x.dtype, buffer=nl.shared_hbm)
+    v_out = nl.ndarray((1, hkv, d), dtype=x.dtype, buffer=nl.shared_hbm)
+    # This program's query heads [q0, q1) and the KV heads [g0, g1) they read.
+    q0, q1 = _split(hq, me, programs)
+    g0, g1 = q0 // group, -(-q1 // group)
+    nq, nkv = q1 - q0, g1 - g0
+    rows = nq + nkv  # the rows QK-norm and RoPE see: this program's q heads, then its k heads
+
+    # 1. residual add + RMSNorm, hidden spread over the partitions.
+    st = add_spread(x, residual)
+    if me == 0:
+        store_spread(summed, st)
+    normed = spread_rmsnorm(st, norm_weight, eps)
+
+    # 2. this program's q, k and v columns of the fused projection: one SBUF row [1, (rows + nkv) D].
+    qkv = nl.ndarray((1, (rows + nkv) * d), dtype=x.dtype, buffer=nl.sbuf)
+    x_t = normed.reshape((P, h // P, 1))
+    for first, count, at in ((q0, nq, 0), (hq + g0, nkv, nq), (hq + hkv + g0, nkv, rows)):
+        _project(qkv[0:1, at * d:(at + count) * d], x_t, w_qkv_blocks[first:first + count], QKV_HEADS_PER_LOAD)
+
+    # 3. q and k heads onto partitions, QK-norm and RoPE on all rows at once.
+    cols = nl.ndarray((d, rows), dtype=x.dtype, buffer=nl.psum)
+    for i in nl.affine_range(rows):
+        nisa.nc_transpose(dst=cols[:, i:i + 1], data=qkv[0:1, i * d:(i + 1) * d], engine=nisa.engine.tensor)
+    cols_sb = nl.ndarray((d, rows), dtype=x.dtype, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=cols_sb, src=cols)
+    heads = nl.ndarray((P, d), dtype=x.dtype, buffer=nl.sbuf)
+    pe_transpose(heads[0:rows], cols_sb)
+    w_rows = nl.ndarray((P, d), dtype=q_norm_weight.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=w_rows[0:nq], src=q_norm_weight.reshape((1, d)).ap([[0, nq], [1, d]]))
+    nisa.dma_copy(dst=w_rows[nq:rows], src=k_norm_weight.reshape((1, d)).ap([[0, nkv], [1, d]]))
+    qk_normed = nl.ndarray((P, 1, d), dtype=x.dtype, buffer=nl.sbuf)
+    normalize_rows(qk_normed.reshape((P, d)), heads, w_rows, rows, d, eps, square_on_scalar)
+    c = nl.ndarray((P, 1, d), dtype=cos.dtype, buffer=nl.sbuf)
+    s = nl.ndarray((P, 1, d), dtype=sin.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=c[0:rows], src=cos.ap([[0, rows], [0, 1], [1, d]], offset=0))
+    nisa.dma_copy(dst=s[0:rows], src=sin.ap([[0, rows], [0, 1], [1, d]], offset=0))
+    roped = nl.ndarray((P, 1, d), dtype=x.dtype, buffer=nl.sbuf)
+    rotate_rows(roped, qk_normed, c, s, rows, nisa.engine.gpsimd if sin_on_gpsimd else nisa.engine.vector)
+    qk_t = nl.ndarray((d, rows), dtype=x.dtype, buffer=nl.sbuf)  # q^T then k^T, head_dim on partitions
+    pe_transpose(qk_t, roped.reshape((P, d))[0:rows])
+    for j in nl.affine_range(nkv):
+        if q0 <= (g0 + j) * group < q1:  # the program holding the KV head's first query head stores it
+            nisa.dma_copy(dst=k_out[0, g0 + j:g0 + j + 1, :], src=roped.reshape((P, d))[nq + j:nq + j + 1])
+            nisa.dma_copy(dst=v_out[0, g0 + j:g0 + j + 1, :], src=qkv[0:1, (rows + j) * d:(rows + j + 1) * d])
+
+    # 4. attention: per KV head, the new position from SBUF, then the cache (read once).
+    valid_len = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=valid_len[0:group], src=length.ap([[0, group], [1, 1]]))
+    attn_t = nl.ndarray((d, hq), dtype=x.dtype, buffer=nl.sbuf)  # O^T, head_dim on partitions
+    for j in nl.affine_range(nkv):
+        g = g0 + j
+        a, b = max(q0, g * group), min(q1, (g + 1) * group)  # this program's query heads of KV head g
+        q_t = qk_t[:, a - q0:b - q0]
+        state = _running_state(d)
+        v_new = qkv[0:1, (rows + j) * d:(rows + j + 1) * d]
+        decode_block(q_t, qk_t[:, nq + j:nq + j + 1], 1, lambda ch, kc, v=v_new: v, state, scale, fast_exp)
+        decode_over_cache(q_t, k_cache_t, v_cache, g, valid_len, state, scale, fast_exp)
+        res = normalized(state[2], state[1], b - a, d, x.dtype)
+        pe_transpose(attn_t[:, a:b], res[0:b - a])
+    if programs > 1:  # swap O^T halves: both programs then hold all of it
+        peer = 1 - me
+        p0, p1 = _split(hq, peer, programs)
+        nisa.sendrecv(src=attn_t[:, q0:q1], dst=attn_t[:, p0:p1], send_to_rank=peer, recv_from_rank=peer, pipe_id=0)
+
+    # 5. o_proj: this program's share of the output columns.
+    width = w_o_blocks.shape[3]
+    c0, c1 = _split(h // width, me, programs)
+    row = nl.ndarray((1, (c1 - c0) * width), dtype=x.dtype, buffer=nl.sbuf)
+    _project(row, attn_t.reshape((d, hq, 1)), w_o_blocks[c0:c1], 1)
+    nisa.dma_copy(dst=out[0:1, c0 * width:c1 * width], src=row)
+    return summed, out, k_out, v_out
+
+
+# --- launchers and support checks ----------------------------------------------------------------
+
+#: Projection weight blocks per DMA of the q|k|v weight: 2 heads, 2 x 128 x H/128 values per
+#: partition in runs of 128 * H/128 (4 KiB at H = 2048, past the size where a DMA descriptor's
+#: fixed cost stops dominating).
+QKV_HEADS_PER_LOAD = 2
+
+#: Per target: (o_proj moving columns per matmul, fast exp, squares on ScalarE, sin products on
+#: GpSimd), the choices of the target's part kernels (512 columns: one PSUM bank; 1024: NC-v4
+#: wide moving tiles).
+_ENGINES = {"trn2": (512, False, False, False), "trn3": (1024, True, True, True)}
+
+
+def _supports(programs: int, width: int) -> Callable[[Mapping[str, int], str, Target], tuple[bool, str]]:
+    def check(dims: Mapping[str, int], dtype: str, target: Target) -> tuple[bool, str]:
+        h, hq, hkv, d = dims["H"], dims["Hq"], dims["Hkv"], dims["D"]
+        if programs > 1 and target.lnc != programs:
+            return False, f"an LNC={programs} kernel; {target.name} runs LNC={target.lnc}"
+        if d != P:
+            return False, f"D={d}: the o_proj contraction puts head_dim on the {P} partitions"
+        if h % (width * programs) or hq % programs:
+            return False, f"H={h} must be a multiple of {width * programs} and Hq={hq} of {programs}"
+        if hq + hkv > P:
+            return False, f"Hq + Hkv = {hq + hkv} q and k rows exceed the {P} partitions"
+        item = 2 if dtype == "bfloat16" else 4
+        # Double-buffered weight loads of both projections, the [1, N] row, the score and K^T tiles.
+        need = item * (2 * QKV_HEADS_PER_LOAD * h + 2 * hq * width + (hq + 2 * hkv) * d) + 4 * 8 * 512
+        if need > target.sbuf_usable_bytes_per_partition:
+            return False, f"needs {need} B per partition of SBUF, {target.name} has {target.sbuf_usable_bytes_per_partition}"
+        return True, f"D={P}, {programs} program(s), {need} B per partition of SBUF"
+
+    return check
+
+
+def prepare(width: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """The load-time re-layout of both projections' weights (``column_blocks``), o_proj in
+    ``width``-column blocks."""
+    return {"w_qkv": functools.partial(column_blocks, width=P, spread=True),
+            "w_o": functools.partial(column_blocks, width=width, spread=False)}
+
+
+def launcher(target: str, programs: int = 1) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """The block's launcher (the op's signature) for ``target`` (trn2 | trn3) on 1 or 2 physical
+    cores; ``w_qkv`` and ``w_o`` arrive prepared (``prepare``)."""
+    _, fast_exp, square_on_scalar, sin_on_gpsimd = _ENGINES[target]
+    kernel = attention_block_kernel if programs == 1 else attention_block_kernel[programs]
+
+    def attention_block(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, w_qkv: torch.Tensor,
+                        q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor, cos: torch.Tensor,
+                        sin: torch.Tensor, k_cache_t: torch.Tensor, v_cache: torch.Tensor,
+                        length: int | torch.Tensor, w_o: torch.Tensor, scale: float,
+                        eps: float = 1e-6) -> tuple[torch.Tensor, ...]:
+        valid = torch.as_tensor(length, dtype=torch.int32).reshape(1, 1)  # a tensor stays a run-time value
+        return tuple(kernel(x, residual, norm_weight, w_qkv, q_norm_weight, k_norm_weight, cos, sin, k_cache_t,
+                            v_cache, valid, w_o, scale=scale, eps=eps, fast_exp=fast_exp,
+                            square_on_scalar=square_on_scalar, sin_on_gpsimd=sin_on_gpsimd))
+
+    return attention_block
+
+
+def variants() -> list[Variant]:
+    """The ``attention_block`` variants, for registration once the op exists."""
+    out = []
+    for target, (width, *_) in _ENGINES.items():
+        for programs in (1, 2):
+            cores = "one core" if programs == 1 else "both cores of an LNC=2 rank (query heads and o_proj columns split)"
+            out.append(Variant(
+                op="attention_block", name=f"attention_block_{target}" + ("_lnc2" if programs == 2 else ""),
+                targets=(target,), kernel=launcher(target, programs), nki=True, priority=20 + programs,
+                supports=_supports(programs, width), tolerance=BLOCK_TOLERANCE, prepare=prepare(width),
+                description=f"add+RMSNorm -> q|k|v -> QK-norm -> RoPE -> attention -> o_proj in one kernel, "
+                            f"activations in SBUF, head-blocked weights, {width}-column o_proj tiles, {cores}"))
+    return out
