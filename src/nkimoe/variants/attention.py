@@ -202,7 +202,8 @@ def decode_block(q_t, k_t, n: int, v_rows: Callable[[int, int], Any], state, sca
 
 def decode_over_cache(q_t, k_cache, v_cache, g: int, valid_len, state, scale: float, fast_exp: bool) -> None:  # noqa: ANN001
     """Decode attention of one query group q_t [D, G] over KV head ``g`` of the caches (k_cache
-    [Hkv, D, Lmax], v_cache [Hkv, Lmax, D] in HBM) in 512-key blocks, each read once; positions at or
+    [Hkv, D, Lmax], v_cache [Hkv, Lmax, D] in HBM) in 512-key blocks, each read once (K^T and V of a
+    block in one or two DMAs each); positions at or
     beyond ``valid_len`` ([128, 1] fp32, run time) are masked. Updates the online-softmax ``state``."""
     d, group = q_t.shape
     lmax = k_cache.shape[2]
@@ -216,10 +217,17 @@ def decode_over_cache(q_t, k_cache, v_cache, g: int, valid_len, state, scale: fl
         nisa.tensor_scalar(dst=pos[0:group, 0:n], data=pos[0:group, 0:n], op0=nl.greater_equal,
                            operand0=valid_len[0:group], op1=nl.multiply, operand1=NEG)
 
-        def v_rows(c: int, kc: int, start: int = blk * DECODE_BLOCK):  # noqa: ANN202
-            v_blk = nl.ndarray((P, d), dtype=v_cache.dtype, buffer=nl.sbuf)
-            nisa.dma_copy(dst=v_blk[0:kc], src=v_cache[g, start + c * P:start + c * P + kc, :])
-            return v_blk[0:kc]
+        # The block's V rows in one DMA per 128 keys or fewer (key c*128 + p on partition p).
+        v_blk = nl.ndarray((P, DECODE_BLOCK // P, d), dtype=v_cache.dtype, buffer=nl.sbuf)
+        start, full, rest = blk * DECODE_BLOCK, n // P, n % P
+        if full:
+            nisa.dma_copy(dst=v_blk[:, 0:full, :],
+                          src=v_cache[g, start:start + full * P, :].reshape((full, P, d)).permute((1, 0, 2)))
+        if rest:
+            nisa.dma_copy(dst=v_blk[0:rest, full, :], src=v_cache[g, start + full * P:start + n, :])
+
+        def v_rows(c: int, kc: int, v_blk=v_blk):  # noqa: ANN001, ANN202
+            return v_blk[0:kc, c, :]
 
         decode_block(q_t, k_blk, n, v_rows, state, scale, fast_exp, penalty=pos)
 

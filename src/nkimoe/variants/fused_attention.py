@@ -47,7 +47,7 @@ from nkimoe import ops
 from nkimoe.nki import nisa, nki, nl
 from nkimoe.registry import Variant
 from nkimoe.targets import Target
-from nkimoe.variants.attention import _running_state, decode_block, decode_over_cache, normalized
+from nkimoe.variants.attention import DECODE_BLOCK, _running_state, decode_block, decode_over_cache, normalized
 from nkimoe.variants.norms import add_spread, normalize_rows, spread_rmsnorm, store_spread
 from nkimoe.variants.rope import rotate_rows
 from nkimoe.variants.tiles import matmul_accumulate, pe_transpose
@@ -105,21 +105,41 @@ def column_blocks(w: torch.Tensor, width: int, spread: bool) -> torch.Tensor:
     return blocks.permute(0, 2, 3, 1).contiguous()
 
 
-def _project(row, x_t, w_blocks, per_load: int) -> None:  # noqa: ANN001
-    """``row [1, nb*width] (SBUF) = x_t . W``: x_t [128, KT, 1] (SBUF) is the stationary token with
-    the contraction on (partition, slot); w_blocks [nb, 128, KT, width] (HBM, ``column_blocks``)
-    arrive ``per_load`` blocks per DMA and stream as ``width``-column moving tiles, accumulated over
-    KT in fp32 PSUM and rounded once to row.dtype."""
+def _load(dst, w_blocks, per_load: int) -> None:  # noqa: ANN001
+    """DMA ``w_blocks`` [nb, 128, KT, W] (HBM, ``column_blocks``) into ``dst`` [128, nb, KT, W] (SBUF),
+    ``per_load`` blocks per transfer (one contiguous run of KT*W values per partition and block)."""
+    nb = w_blocks.shape[0]
+    for load in nl.affine_range((nb + per_load - 1) // per_load):
+        first = load * per_load
+        last = min(nb, first + per_load)
+        nisa.dma_copy(dst=dst[:, first:last], src=w_blocks[first:last].permute((1, 0, 2, 3)))
+
+
+def _row_matmul(row, x_t, w_sb) -> None:  # noqa: ANN001
+    """``row [1, nb*W] = x_t . w_sb``: x_t [128, KT, 1] (SBUF) is the stationary token with the
+    contraction on (partition, slot); the blocks of w_sb [128, nb, KT, W] (SBUF) stream as W-column
+    moving tiles, accumulated over KT in fp32 PSUM and rounded once to row.dtype."""
+    _, nb, _, width = w_sb.shape
+    acc = nl.ndarray((1, nb * width), dtype=nl.float32, buffer=nl.psum)
+    for b in nl.affine_range(nb):
+        matmul_accumulate(acc[0:1, b * width:(b + 1) * width], x_t, w_sb[:, b])
+    nisa.tensor_copy(dst=row, src=acc)
+
+
+def _project(row, x_t, w_blocks, per_load: int, resident=None) -> None:  # noqa: ANN001
+    """``row [1, nb*W] (SBUF) = x_t . W`` for w_blocks [nb, 128, KT, W] (HBM, ``column_blocks``),
+    ``per_load`` blocks at a time: from ``resident`` [128, nb, KT, W] (SBUF) when given (loaded
+    earlier by ``_load``), otherwise loaded here into double-buffered tiles."""
     nb, _, kt, width = w_blocks.shape
     for load in nl.affine_range((nb + per_load - 1) // per_load):
         first = load * per_load
         count = min(per_load, nb - first)
-        w_sb = nl.ndarray((P, per_load, kt, width), dtype=w_blocks.dtype, buffer=nl.sbuf)
-        nisa.dma_copy(dst=w_sb[:, 0:count], src=w_blocks[first:first + count].permute((1, 0, 2, 3)))
-        acc = nl.ndarray((1, per_load * width), dtype=nl.float32, buffer=nl.psum)
-        for b in nl.affine_range(count):
-            matmul_accumulate(acc[0:1, b * width:(b + 1) * width], x_t, w_sb[:, b])
-        nisa.tensor_copy(dst=row[0:1, first * width:(first + count) * width], src=acc[0:1, 0:count * width])
+        if resident is None:
+            w_sb = nl.ndarray((P, per_load, kt, width), dtype=w_blocks.dtype, buffer=nl.sbuf)
+            _load(w_sb, w_blocks[first:first + count], per_load)
+        else:
+            w_sb = resident[:, first:first + count]
+        _row_matmul(row[0:1, first * width:(first + count) * width], x_t, w_sb[:, 0:count])
 
 
 def _split(total: int, me: int, programs: int) -> tuple[int, int]:
@@ -159,6 +179,26 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
     nq, nkv = q1 - q0, g1 - g0
     rows = nq + nkv  # the rows QK-norm and RoPE see: this program's q heads, then its k heads
 
+    # Small operands first and the resident o_proj weight tile: their loads then wait for nothing.
+    w_rows = nl.ndarray((P, d), dtype=q_norm_weight.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=w_rows[0:nq], src=q_norm_weight.reshape((1, d)).ap([[0, nq], [1, d]]))
+    nisa.dma_copy(dst=w_rows[nq:rows], src=k_norm_weight.reshape((1, d)).ap([[0, nkv], [1, d]]))
+    c = nl.ndarray((P, 1, d), dtype=cos.dtype, buffer=nl.sbuf)
+    s = nl.ndarray((P, 1, d), dtype=sin.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=c[0:rows], src=cos.ap([[0, rows], [0, 1], [1, d]], offset=0))
+    nisa.dma_copy(dst=s[0:rows], src=sin.ap([[0, rows], [0, 1], [1, d]], offset=0))
+    valid_len = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=valid_len[0:group], src=length.ap([[0, group], [1, 1]]))
+    width = w_o_blocks.shape[3]
+    c0, c1 = _split(h // width, me, programs)  # this program's o_proj column blocks
+    w_o_sb = nl.ndarray((P, c1 - c0, hq, width), dtype=w_o_blocks.dtype, buffer=nl.sbuf)
+    # This program's q, k and v weight blocks (one per head), resident when they fit beside W_o.
+    head_blocks = ((q0, nq), (hq + g0, nkv), (hq + hkv + g0, nkv))
+    item = 2 if x.dtype == nl.bfloat16 else 4
+    w_qkv_sb = None
+    if item * ((rows + nkv) * (h // P) * d + (c1 - c0) * hq * width) <= RESIDENT_BYTES:
+        w_qkv_sb = nl.ndarray((P, rows + nkv, h // P, d), dtype=w_qkv_blocks.dtype, buffer=nl.sbuf)
+
     # 1. residual add + RMSNorm, hidden spread over the partitions.
     st = add_spread(x, residual)
     if me == 0:
@@ -166,10 +206,21 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
     normed = spread_rmsnorm(st, norm_weight, eps)
 
     # 2. this program's q, k and v columns of the fused projection: one SBUF row [1, (rows + nkv) D].
+    # The loads go out in the order they are needed: the q|k|v weights, W_o, then (attention) the cache.
+    at = 0
+    for first, count in head_blocks:
+        if w_qkv_sb is not None:
+            _load(w_qkv_sb[:, at:at + count], w_qkv_blocks[first:first + count], QKV_HEADS_PER_LOAD)
+        at += count
+    _load(w_o_sb, w_o_blocks[c0:c1], 1)
     qkv = nl.ndarray((1, (rows + nkv) * d), dtype=x.dtype, buffer=nl.sbuf)
     x_t = normed.reshape((P, h // P, 1))
-    for first, count, at in ((q0, nq, 0), (hq + g0, nkv, nq), (hq + hkv + g0, nkv, rows)):
-        _project(qkv[0:1, at * d:(at + count) * d], x_t, w_qkv_blocks[first:first + count], QKV_HEADS_PER_LOAD)
+    at = 0
+    for first, count in head_blocks:
+        resident = None if w_qkv_sb is None else w_qkv_sb[:, at:at + count]
+        _project(qkv[0:1, at * d:(at + count) * d], x_t, w_qkv_blocks[first:first + count], QKV_HEADS_PER_LOAD,
+                 resident=resident)
+        at += count
 
     # 3. q and k heads onto partitions, QK-norm and RoPE on all rows at once.
     cols = nl.ndarray((d, rows), dtype=x.dtype, buffer=nl.psum)
@@ -179,15 +230,8 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
     nisa.tensor_copy(dst=cols_sb, src=cols)
     heads = nl.ndarray((P, d), dtype=x.dtype, buffer=nl.sbuf)
     pe_transpose(heads[0:rows], cols_sb)
-    w_rows = nl.ndarray((P, d), dtype=q_norm_weight.dtype, buffer=nl.sbuf)
-    nisa.dma_copy(dst=w_rows[0:nq], src=q_norm_weight.reshape((1, d)).ap([[0, nq], [1, d]]))
-    nisa.dma_copy(dst=w_rows[nq:rows], src=k_norm_weight.reshape((1, d)).ap([[0, nkv], [1, d]]))
     qk_normed = nl.ndarray((P, 1, d), dtype=x.dtype, buffer=nl.sbuf)
     normalize_rows(qk_normed.reshape((P, d)), heads, w_rows, rows, d, eps, square_on_scalar)
-    c = nl.ndarray((P, 1, d), dtype=cos.dtype, buffer=nl.sbuf)
-    s = nl.ndarray((P, 1, d), dtype=sin.dtype, buffer=nl.sbuf)
-    nisa.dma_copy(dst=c[0:rows], src=cos.ap([[0, rows], [0, 1], [1, d]], offset=0))
-    nisa.dma_copy(dst=s[0:rows], src=sin.ap([[0, rows], [0, 1], [1, d]], offset=0))
     roped = nl.ndarray((P, 1, d), dtype=x.dtype, buffer=nl.sbuf)
     rotate_rows(roped, qk_normed, c, s, rows, nisa.engine.gpsimd if sin_on_gpsimd else nisa.engine.vector)
     qk_t = nl.ndarray((d, rows), dtype=x.dtype, buffer=nl.sbuf)  # q^T then k^T, head_dim on partitions
@@ -198,8 +242,6 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
             nisa.dma_copy(dst=v_out[0, g0 + j:g0 + j + 1, :], src=qkv[0:1, (rows + j) * d:(rows + j + 1) * d])
 
     # 4. attention: per KV head, the new position from SBUF, then the cache (read once).
-    valid_len = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=valid_len[0:group], src=length.ap([[0, group], [1, 1]]))
     attn_t = nl.ndarray((d, hq), dtype=x.dtype, buffer=nl.sbuf)  # O^T, head_dim on partitions
     for j in nl.affine_range(nkv):
         g = g0 + j
@@ -217,10 +259,8 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
         nisa.sendrecv(src=attn_t[:, q0:q1], dst=attn_t[:, p0:p1], send_to_rank=peer, recv_from_rank=peer, pipe_id=0)
 
     # 5. o_proj: this program's share of the output columns.
-    width = w_o_blocks.shape[3]
-    c0, c1 = _split(h // width, me, programs)
     row = nl.ndarray((1, (c1 - c0) * width), dtype=x.dtype, buffer=nl.sbuf)
-    _project(row, attn_t.reshape((d, hq, 1)), w_o_blocks[c0:c1], 1)
+    _project(row, attn_t.reshape((d, hq, 1)), w_o_blocks[c0:c1], 1, resident=w_o_sb)
     nisa.dma_copy(dst=out[0:1, c0 * width:c1 * width], src=row)
     return summed, out, k_out, v_out
 
@@ -231,6 +271,11 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
 #: partition in runs of 128 * H/128 (4 KiB at H = 2048, past the size where a DMA descriptor's
 #: fixed cost stops dominating).
 QKV_HEADS_PER_LOAD = 2
+
+#: SBUF bytes per partition for weights loaded ahead of their use (W_o always; the q|k|v blocks
+#: too when both fit): well below both targets' usable SBUF (207 KiB Trn2, 239 KiB Trn3), leaving
+#: room for the streamed q|k|v loads, the cache blocks and the activations.
+RESIDENT_BYTES = 128 * 1024
 
 #: Per target: (o_proj moving columns per matmul, fast exp, squares on ScalarE, sin products on
 #: GpSimd), the choices of the target's part kernels (512 columns: one PSUM bank; 1024: NC-v4
@@ -250,8 +295,13 @@ def _supports(programs: int, width: int) -> Callable[[Mapping[str, int], str, Ta
         if hq + hkv > P:
             return False, f"Hq + Hkv = {hq + hkv} q and k rows exceed the {P} partitions"
         item = 2 if dtype == "bfloat16" else 4
-        # Double-buffered weight loads of both projections, the [1, N] row, the score and K^T tiles.
-        need = item * (2 * QKV_HEADS_PER_LOAD * h + 2 * hq * width + (hq + 2 * hkv) * d) + 4 * 8 * 512
+        w_o_share = item * hq * (h // programs)
+        if w_o_share > RESIDENT_BYTES:
+            return False, f"this core's W_o share needs {w_o_share} B per partition, more than {RESIDENT_BYTES}"
+        # Resident weights, double-buffered q|k|v loads and cache blocks (K^T, V), the [1, N] row,
+        # fp32 score tiles.
+        need = RESIDENT_BYTES + item * (2 * QKV_HEADS_PER_LOAD * h + 4 * DECODE_BLOCK + (hq + 2 * hkv) * d) \
+            + 4 * 8 * DECODE_BLOCK
         if need > target.sbuf_usable_bytes_per_partition:
             return False, f"needs {need} B per partition of SBUF, {target.name} has {target.sbuf_usable_bytes_per_partition}"
         return True, f"D={P}, {programs} program(s), {need} B per partition of SBUF"
