@@ -10,9 +10,12 @@ import pytest
 import torch
 
 from nkimoe import ops, registry
+from nkimoe.bench.costmodel import estimate
+from nkimoe.bench.trial import run_trial
 from nkimoe.nki.emulator import session
 from nkimoe.ops import compare, rope_cos_sin
 from nkimoe.plugins import load_registry
+from nkimoe.shapes import ModelShapes, neuron_call_sites
 from nkimoe.variants import fused_attention as fa
 
 H, D = 2048, 128
@@ -34,13 +37,17 @@ def _inputs(hq: int, hkv: int, length: int, capacity: int, dtype: torch.dtype, s
             rand(hkv, capacity, D), length, rand(H, hq * D, std=(hq * D) ** -0.5), D**-0.5)
 
 
-def _run(target: str, programs: int, args: tuple) -> tuple[torch.Tensor, ...]:
-    width = fa._ENGINES[target][0]
+def _prepared(target: str, args: tuple) -> tuple:
+    """``args`` with both projection weights in the variant's load-time layout."""
     prepared = list(args)
     for index, name in ((3, "w_qkv"), (11, "w_o")):
-        prepared[index] = fa.prepare(width)[name](args[index])
+        prepared[index] = fa.prepare(fa._ENGINES[target][0])[name](args[index])
+    return tuple(prepared)
+
+
+def _run(target: str, programs: int, args: tuple) -> tuple[torch.Tensor, ...]:
     with session(TARGETS[target]):
-        return fa.launcher(target, programs)(*prepared)
+        return fa.launcher(target, programs)(*_prepared(target, args))
 
 
 #: (Hq, Hkv, length, cache capacity): a TP 4 rank at the contest's context (L = length + 1 = 1024,
@@ -135,3 +142,27 @@ def test_variants_declare_targets_and_lnc(block_op: None) -> None:
     assert not ok and "LNC=1" in reason
     assert variants["attention_block_trn3"].supports(tp4, "bfloat16", lnc1)[0]
     assert set(variants["attention_block_trn3"].prepare) == {"w_qkv", "w_o"}
+
+
+#: The chain the block replaces, as the Neuron path binds it per layer.
+CHAIN = ("add_norm", "q_proj", "kv_proj", "q_norm", "k_norm", "rope", "attention", "o_proj")
+
+
+@pytest.mark.parametrize("target", ["trn2", "trn3"])
+def test_fused_estimate_beats_the_chain_at_a_tp4_rank(target: str) -> None:
+    """Cost-model estimates at the contest's setting (TP 4, L = 1024): the one-core kernel below the
+    sum of the chain's kernels (each bound by priority), and the LNC=2 kernel below the one-core one."""
+    binding = load_registry({}).bind(TARGETS[target], neuron_call_sites(ModelShapes(), 4, "decode", 1024))
+    chain = 0.0
+    for site in CHAIN:
+        bound = binding.ops[f"decode.{site}"]
+        trial = run_trial(bound.variant, bound.problem, TARGETS[target])
+        assert trial.ok, trial.detail
+        chain += trial.estimate.micros
+    fused = []
+    args = _inputs(8, 1, 1023, 1024, torch.bfloat16, seed=1)
+    for programs in (1, 2):
+        with session(TARGETS[target]) as s:
+            fa.launcher(target, programs)(*_prepared(target, args))
+        fused.append(estimate(s.trace, TARGETS[target]).micros)
+    assert fused[0] < chain and fused[1] < fused[0], f"chain {chain:.1f} us, fused {fused} us (estimates)"

@@ -179,7 +179,10 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
     nq, nkv = q1 - q0, g1 - g0
     rows = nq + nkv  # the rows QK-norm and RoPE see: this program's q heads, then its k heads
 
-    # Small operands first and the resident o_proj weight tile: their loads then wait for nothing.
+    # The loads go out in the order they are needed: x and the residual, the small operands, the
+    # q|k|v weights, W_o, then (attention) the cache. Resident tiles are allocated here, so that
+    # their loads wait for no earlier tile.
+    st = add_spread(x, residual)
     w_rows = nl.ndarray((P, d), dtype=q_norm_weight.dtype, buffer=nl.sbuf)
     nisa.dma_copy(dst=w_rows[0:nq], src=q_norm_weight.reshape((1, d)).ap([[0, nq], [1, d]]))
     nisa.dma_copy(dst=w_rows[nq:rows], src=k_norm_weight.reshape((1, d)).ap([[0, nkv], [1, d]]))
@@ -200,13 +203,11 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
         w_qkv_sb = nl.ndarray((P, rows + nkv, h // P, d), dtype=w_qkv_blocks.dtype, buffer=nl.sbuf)
 
     # 1. residual add + RMSNorm, hidden spread over the partitions.
-    st = add_spread(x, residual)
     if me == 0:
         store_spread(summed, st)
     normed = spread_rmsnorm(st, norm_weight, eps)
 
     # 2. this program's q, k and v columns of the fused projection: one SBUF row [1, (rows + nkv) D].
-    # The loads go out in the order they are needed: the q|k|v weights, W_o, then (attention) the cache.
     at = 0
     for first, count in head_blocks:
         if w_qkv_sb is not None:
