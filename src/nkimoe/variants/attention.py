@@ -200,36 +200,48 @@ def decode_block(q_t, k_t, n: int, v_rows: Callable[[int, int], Any], state, sca
                               op1=nl.add, operand1=pv[0:group])
 
 
+def load_cache_block(k_cache, v_cache, g: int, blk: int):  # noqa: ANN001, ANN202
+    """Block ``blk`` (keys blk*512 ..) of KV head ``g`` of the caches (k_cache [Hkv, D, Lmax], v_cache
+    [Hkv, Lmax, D] in HBM) into SBUF: (K^T [D, 512], V [128, 4, D] with key c*128 + p on partition p,
+    keys in the block), one DMA for K^T and one per 128 keys or fewer for V."""
+    d, lmax = k_cache.shape[1], k_cache.shape[2]
+    start = blk * DECODE_BLOCK
+    n = min(DECODE_BLOCK, lmax - start)
+    k_blk = nl.ndarray((d, DECODE_BLOCK), dtype=k_cache.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=k_blk[:, 0:n], src=k_cache[g, :, start:start + n])
+    v_blk = nl.ndarray((P, DECODE_BLOCK // P, d), dtype=v_cache.dtype, buffer=nl.sbuf)
+    full, rest = n // P, n % P
+    if full:
+        nisa.dma_copy(dst=v_blk[:, 0:full, :],
+                      src=v_cache[g, start:start + full * P, :].reshape((full, P, d)).permute((1, 0, 2)))
+    if rest:
+        nisa.dma_copy(dst=v_blk[0:rest, full, :], src=v_cache[g, start + full * P:start + n, :])
+    return k_blk, v_blk, n
+
+
+def attend_cache_block(q_t, block, blk: int, valid_len, state, scale: float, fast_exp: bool) -> None:  # noqa: ANN001
+    """One cache block (``load_cache_block``) of decode attention for the query group q_t [D, G]:
+    positions at or beyond ``valid_len`` ([128, 1] fp32, run time) are masked. Updates ``state``."""
+    k_blk, v_blk, n = block
+    group = q_t.shape[1]
+    # Positions >= length get -3e38: penalty = (pos >= length) * -3e38.
+    pos = nl.ndarray((P, DECODE_BLOCK), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.iota(dst=pos[0:group, 0:n], pattern=[[1, n]], offset=blk * DECODE_BLOCK)
+    nisa.tensor_scalar(dst=pos[0:group, 0:n], data=pos[0:group, 0:n], op0=nl.greater_equal,
+                       operand0=valid_len[0:group], op1=nl.multiply, operand1=NEG)
+    decode_block(q_t, k_blk, n, lambda c, kc: v_blk[0:kc, c, :], state, scale, fast_exp, penalty=pos)
+
+
+def decode_blocks(lmax: int) -> int:
+    """512-key blocks of an ``lmax``-long cache."""
+    return (lmax + DECODE_BLOCK - 1) // DECODE_BLOCK
+
+
 def decode_over_cache(q_t, k_cache, v_cache, g: int, valid_len, state, scale: float, fast_exp: bool) -> None:  # noqa: ANN001
-    """Decode attention of one query group q_t [D, G] over KV head ``g`` of the caches (k_cache
-    [Hkv, D, Lmax], v_cache [Hkv, Lmax, D] in HBM) in 512-key blocks, each read once (K^T and V of a
-    block in one or two DMAs each); positions at or
-    beyond ``valid_len`` ([128, 1] fp32, run time) are masked. Updates the online-softmax ``state``."""
-    d, group = q_t.shape
-    lmax = k_cache.shape[2]
-    for blk in nl.affine_range((lmax + DECODE_BLOCK - 1) // DECODE_BLOCK):
-        n = min(DECODE_BLOCK, lmax - blk * DECODE_BLOCK)
-        k_blk = nl.ndarray((d, DECODE_BLOCK), dtype=k_cache.dtype, buffer=nl.sbuf)
-        nisa.dma_copy(dst=k_blk[:, 0:n], src=k_cache[g, :, blk * DECODE_BLOCK:blk * DECODE_BLOCK + n])
-        # Positions >= length get -3e38: penalty = (pos >= length) * -3e38.
-        pos = nl.ndarray((P, DECODE_BLOCK), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.iota(dst=pos[0:group, 0:n], pattern=[[1, n]], offset=blk * DECODE_BLOCK)
-        nisa.tensor_scalar(dst=pos[0:group, 0:n], data=pos[0:group, 0:n], op0=nl.greater_equal,
-                           operand0=valid_len[0:group], op1=nl.multiply, operand1=NEG)
-
-        # The block's V rows in one DMA per 128 keys or fewer (key c*128 + p on partition p).
-        v_blk = nl.ndarray((P, DECODE_BLOCK // P, d), dtype=v_cache.dtype, buffer=nl.sbuf)
-        start, full, rest = blk * DECODE_BLOCK, n // P, n % P
-        if full:
-            nisa.dma_copy(dst=v_blk[:, 0:full, :],
-                          src=v_cache[g, start:start + full * P, :].reshape((full, P, d)).permute((1, 0, 2)))
-        if rest:
-            nisa.dma_copy(dst=v_blk[0:rest, full, :], src=v_cache[g, start + full * P:start + n, :])
-
-        def v_rows(c: int, kc: int, v_blk=v_blk):  # noqa: ANN001, ANN202
-            return v_blk[0:kc, c, :]
-
-        decode_block(q_t, k_blk, n, v_rows, state, scale, fast_exp, penalty=pos)
+    """Decode attention of one query group q_t [D, G] over KV head ``g`` of the caches, block by
+    block, each read once. Updates the online-softmax ``state``."""
+    for blk in nl.affine_range(decode_blocks(k_cache.shape[2])):
+        attend_cache_block(q_t, load_cache_block(k_cache, v_cache, g, blk), blk, valid_len, state, scale, fast_exp)
 
 
 @nki.jit

@@ -47,7 +47,16 @@ from nkimoe import ops
 from nkimoe.nki import nisa, nki, nl
 from nkimoe.registry import Variant
 from nkimoe.targets import Target
-from nkimoe.variants.attention import DECODE_BLOCK, _running_state, decode_block, decode_over_cache, normalized
+from nkimoe.variants.attention import (
+    DECODE_BLOCK,
+    _running_state,
+    attend_cache_block,
+    decode_block,
+    decode_blocks,
+    decode_over_cache,
+    load_cache_block,
+    normalized,
+)
 from nkimoe.variants.norms import add_spread, normalize_rows, spread_rmsnorm, store_spread
 from nkimoe.variants.rope import rotate_rows
 from nkimoe.variants.tiles import matmul_accumulate, pe_transpose
@@ -213,6 +222,11 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
         if w_qkv_sb is not None:
             _load(w_qkv_sb[:, at:at + count], w_qkv_blocks[first:first + count], QKV_HEADS_PER_LOAD)
         at += count
+    # The cache of this program's KV heads ahead of W_o (attention needs it first), when it fits.
+    blocks = decode_blocks(k_cache_t.shape[2])
+    cache = None
+    if item * 2 * DECODE_BLOCK * blocks * nkv <= CACHE_BYTES:
+        cache = [[load_cache_block(k_cache_t, v_cache, g0 + j, blk) for blk in range(blocks)] for j in range(nkv)]
     _load(w_o_sb, w_o_blocks[c0:c1], 1)
     qkv = nl.ndarray((1, (rows + nkv) * d), dtype=x.dtype, buffer=nl.sbuf)
     x_t = normed.reshape((P, h // P, 1))
@@ -251,7 +265,11 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
         state = _running_state(d)
         v_new = qkv[0:1, (rows + j) * d:(rows + j + 1) * d]
         decode_block(q_t, qk_t[:, nq + j:nq + j + 1], 1, lambda ch, kc, v=v_new: v, state, scale, fast_exp)
-        decode_over_cache(q_t, k_cache_t, v_cache, g, valid_len, state, scale, fast_exp)
+        if cache is None:
+            decode_over_cache(q_t, k_cache_t, v_cache, g, valid_len, state, scale, fast_exp)
+        else:
+            for blk in nl.affine_range(blocks):
+                attend_cache_block(q_t, cache[j][blk], blk, valid_len, state, scale, fast_exp)
         res = normalized(state[2], state[1], b - a, d, x.dtype)
         pe_transpose(attn_t[:, a:b], res[0:b - a])
     if programs > 1:  # swap O^T halves: both programs then hold all of it
@@ -278,6 +296,10 @@ QKV_HEADS_PER_LOAD = 2
 #: room for the streamed q|k|v loads, the cache blocks and the activations.
 RESIDENT_BYTES = 128 * 1024
 
+#: SBUF bytes per partition for the cache loaded ahead of W_o (K^T and V of every 512-key block of
+#: this program's KV heads: 2 KiB per block in bf16); a longer cache streams block by block.
+CACHE_BYTES = 32 * 1024
+
 #: Per target: (o_proj moving columns per matmul, fast exp, squares on ScalarE, sin products on
 #: GpSimd), the choices of the target's part kernels (512 columns: one PSUM bank; 1024: NC-v4
 #: wide moving tiles).
@@ -299,9 +321,9 @@ def _supports(programs: int, width: int) -> Callable[[Mapping[str, int], str, Ta
         w_o_share = item * hq * (h // programs)
         if w_o_share > RESIDENT_BYTES:
             return False, f"this core's W_o share needs {w_o_share} B per partition, more than {RESIDENT_BYTES}"
-        # Resident weights, double-buffered q|k|v loads and cache blocks (K^T, V), the [1, N] row,
-        # fp32 score tiles.
-        need = RESIDENT_BYTES + item * (2 * QKV_HEADS_PER_LOAD * h + 4 * DECODE_BLOCK + (hq + 2 * hkv) * d) \
+        # Resident weights and cache, double-buffered q|k|v loads and cache blocks (K^T, V), the
+        # [1, N] row, fp32 score tiles.
+        need = RESIDENT_BYTES + CACHE_BYTES + item * (2 * QKV_HEADS_PER_LOAD * h + 4 * DECODE_BLOCK + (hq + 2 * hkv) * d) \
             + 4 * 8 * DECODE_BLOCK
         if need > target.sbuf_usable_bytes_per_partition:
             return False, f"needs {need} B per partition of SBUF, {target.name} has {target.sbuf_usable_bytes_per_partition}"
