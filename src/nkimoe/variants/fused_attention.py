@@ -6,19 +6,25 @@ Layout, stage by stage (T = 1):
 
 - add + RMSNorm: the hidden spread over the 128 partitions (``norms.load_spread``); the sum of
   squares crosses partitions through a ones-matmul.
-- q|k|v projection: the normalised token is the stationary operand and the K-major weight
-  ``W^T [H, N]`` streams as the moving operand in column blocks, contracting over the spread layout
-  (partition p, slot j holds hidden index p*H/128 + j, and rows p*H/128 .. of ``W^T`` are one
-  contiguous run per partition). The [1, N] result stays on one partition.
+- q|k|v projection: the normalised token is the stationary operand (the contraction on the spread
+  layout's (partition, slot)); the weight, re-laid-out at load time in one block per head
+  (``column_blocks``: a contiguous run of H/128 x D values per partition and head), streams as
+  D-column moving tiles accumulated in fp32 PSUM. The [1, N] result stays on one partition.
 - QK-norm and RoPE: the q and k heads go onto partitions (one TensorE transpose per head into a
   [D, heads] PSUM tile, one back to [heads, D] rows), then the norm and rotary kernels' row
   helpers run on all Hq + Hkv rows at once; one more transpose gives q^T and k^T [D, heads].
 - attention: per KV head, the new position is one online-softmax block whose key (k^T column) and
   value (the v slice of the [1, N] row) come from SBUF, then the cache is read once in 512-key
-  K^T blocks masked at the run-time ``length`` (the one-pass decode kernel's helper). The
+  blocks masked at the run-time ``length`` (the one-pass decode kernel's helpers). The
   normalised output of each query group is transposed into O^T [D, Hq].
 - o_proj: O^T is the stationary operand with the contraction (h, d) on (slot, partition), against
-  the K-major ``W_o^T [Hq D, H]``.
+  ``W_o`` in 512- (Trn2) or 1024-column (Trn3) blocks.
+
+DMA order: every load goes out in the order of use (x and the residual, the small operands, the
+q|k|v weights, the cache, then W_o), into tiles allocated up front where they fit
+(``RESIDENT_BYTES``, ``CACHE_BYTES``), so the weight and cache traffic overlaps the norm, the
+QK stage and the attention. Estimates against the chain of part kernels: README, "Fused decode
+attention block".
 
 LNC=2 (``kernel[2]``, Trn2 and Trn3 ranks): program p takes half of the query heads and the KV
 heads they read (the cache of a KV head shared by both halves is read by both cores), so each core
