@@ -175,26 +175,31 @@ def attention_cte_kernel(q, k, v, scale: float, fast_exp: bool = False):
 
 
 def decode_block(q_t, k_t, n: int, v_rows: Callable[[int, int], Any], state, scale: float, fast_exp: bool,  # noqa: ANN001
-                 penalty=None) -> None:  # noqa: ANN001
+                 penalty=None, key_stride: int = 0) -> None:  # noqa: ANN001
     """One online-softmax block of decode attention for one query group: scores of q_t [D, G]
     against the ``n`` keys of k_t [D, >= n] (SBUF, keys transposed), scaled, plus ``penalty`` [G, n]
-    (fp32) when given; P.V over 128-key chunks whose V rows [kc, D] (SBUF) ``v_rows(c, kc)`` gives.
-    Updates ``state`` = (running max, running sum, fp32 output [G, D])."""
+    (fp32) when given; P.V over 128-key chunks whose V rows [kc, D] (SBUF) ``v_rows(c, kc)`` gives:
+    chunk c holds keys c*128 .. c*128 + kc - 1, or with ``key_stride`` s keys c, c + s, c + 2s, ..
+    (V rows laid out key p*s + c on partition p). Updates ``state`` = (running max, running sum,
+    fp32 output [G, D])."""
     m, l, o = state  # noqa: E741
     d, group = q_t.shape
     dtype = q_t.dtype
     sc = nl.ndarray((P, DECODE_BLOCK), dtype=nl.float32, buffer=nl.psum)
     nisa.nc_matmul(dst=sc[0:group, 0:n], stationary=q_t, moving=k_t[:, 0:n])
     ss = nl.ndarray((P, DECODE_BLOCK), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_scalar(dst=ss[0:group, 0:n], data=sc[0:group, 0:n], op0=nl.multiply, operand0=scale)
-    if penalty is not None:
-        nisa.tensor_tensor(dst=ss[0:group, 0:n], data1=ss[0:group, 0:n], data2=penalty[0:group, 0:n], op=nl.add)
+    if penalty is None:
+        nisa.tensor_scalar(dst=ss[0:group, 0:n], data=sc[0:group, 0:n], op0=nl.multiply, operand0=scale)
+    else:
+        nisa.scalar_tensor_tensor(dst=ss[0:group, 0:n], data=sc[0:group, 0:n], op0=nl.multiply, operand0=scale,
+                                  op1=nl.add, operand1=penalty[0:group, 0:n])
     p_blk, corr = _softmax_step(ss, m, l, group, n, dtype, fast_exp)
     pv = nl.ndarray((P, d), dtype=nl.float32, buffer=nl.psum)
     for c in nl.affine_range((n + P - 1) // P):
         kc = min(P, n - c * P)
         p_t = nl.ndarray((P, P), dtype=dtype, buffer=nl.sbuf)
-        pe_transpose(p_t[0:kc, 0:group], p_blk[0:group, c * P:c * P + kc])
+        keys = slice(c, c + key_stride * (kc - 1) + 1, key_stride) if key_stride else slice(c * P, c * P + kc)
+        pe_transpose(p_t[0:kc, 0:group], p_blk[0:group, keys])
         nisa.nc_matmul(dst=pv[0:group], stationary=p_t[0:kc, 0:group], moving=v_rows(c, kc), accumulate=(c > 0))
     nisa.scalar_tensor_tensor(dst=o[0:group], data=o[0:group], op0=nl.multiply, operand0=corr[0:group],
                               op1=nl.add, operand1=pv[0:group])
@@ -202,8 +207,9 @@ def decode_block(q_t, k_t, n: int, v_rows: Callable[[int, int], Any], state, sca
 
 def load_cache_block(k_cache, v_cache, g: int, blk: int):  # noqa: ANN001, ANN202
     """Block ``blk`` (keys blk*512 ..) of KV head ``g`` of the caches (k_cache [Hkv, D, Lmax], v_cache
-    [Hkv, Lmax, D] in HBM) into SBUF: (K^T [D, 512], V [128, 4, D] with key c*128 + p on partition p,
-    keys in the block), one DMA for K^T and one per 128 keys or fewer for V."""
+    [Hkv, Lmax, D] in HBM) into SBUF: (K^T [D, 512], V [128, 4, D], keys in the block), one DMA for
+    K^T and one for V. A block of n = 128 s keys lays V out key p*s + c on partition p, slot c (one
+    contiguous run per partition); a shorter last block key c*128 + p (one DMA per 128 keys)."""
     d, lmax = k_cache.shape[1], k_cache.shape[2]
     start = blk * DECODE_BLOCK
     n = min(DECODE_BLOCK, lmax - start)
@@ -211,25 +217,32 @@ def load_cache_block(k_cache, v_cache, g: int, blk: int):  # noqa: ANN001, ANN20
     nisa.dma_copy(dst=k_blk[:, 0:n], src=k_cache[g, :, start:start + n])
     v_blk = nl.ndarray((P, DECODE_BLOCK // P, d), dtype=v_cache.dtype, buffer=nl.sbuf)
     full, rest = n // P, n % P
+    if not rest:
+        nisa.dma_copy(dst=v_blk[:, 0:full, :], src=v_cache[g, start:start + n, :].reshape((P, full, d)))
+        return k_blk, v_blk, n
     if full:
         nisa.dma_copy(dst=v_blk[:, 0:full, :],
                       src=v_cache[g, start:start + full * P, :].reshape((full, P, d)).permute((1, 0, 2)))
-    if rest:
-        nisa.dma_copy(dst=v_blk[0:rest, full, :], src=v_cache[g, start + full * P:start + n, :])
+    nisa.dma_copy(dst=v_blk[0:rest, full, :], src=v_cache[g, start + full * P:start + n, :])
     return k_blk, v_blk, n
 
 
-def attend_cache_block(q_t, block, blk: int, valid_len, state, scale: float, fast_exp: bool) -> None:  # noqa: ANN001
-    """One cache block (``load_cache_block``) of decode attention for the query group q_t [D, G]:
-    positions at or beyond ``valid_len`` ([128, 1] fp32, run time) are masked. Updates ``state``."""
-    k_blk, v_blk, n = block
-    group = q_t.shape[1]
-    # Positions >= length get -3e38: penalty = (pos >= length) * -3e38.
+def cache_penalty(valid_len, blk: int, n: int, rows: int):  # noqa: ANN001, ANN202
+    """The mask of cache block ``blk`` (``n`` keys) for ``rows`` query rows: -3e38 at positions at or
+    beyond ``valid_len`` ([128, 1] fp32, run time), 0 before; a [128, 512] fp32 tile."""
     pos = nl.ndarray((P, DECODE_BLOCK), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.iota(dst=pos[0:group, 0:n], pattern=[[1, n]], offset=blk * DECODE_BLOCK)
-    nisa.tensor_scalar(dst=pos[0:group, 0:n], data=pos[0:group, 0:n], op0=nl.greater_equal,
-                       operand0=valid_len[0:group], op1=nl.multiply, operand1=NEG)
-    decode_block(q_t, k_blk, n, lambda c, kc: v_blk[0:kc, c, :], state, scale, fast_exp, penalty=pos)
+    nisa.iota(dst=pos[0:rows, 0:n], pattern=[[1, n]], offset=blk * DECODE_BLOCK)
+    nisa.tensor_scalar(dst=pos[0:rows, 0:n], data=pos[0:rows, 0:n], op0=nl.greater_equal,
+                       operand0=valid_len[0:rows], op1=nl.multiply, operand1=NEG)
+    return pos
+
+
+def attend_cache_block(q_t, block, penalty, state, scale: float, fast_exp: bool) -> None:  # noqa: ANN001
+    """One cache block (``load_cache_block``) of decode attention for the query group q_t [D, G],
+    masked by ``penalty`` (``cache_penalty``). Updates ``state``."""
+    k_blk, v_blk, n = block
+    decode_block(q_t, k_blk, n, lambda c, kc: v_blk[0:kc, c, :], state, scale, fast_exp, penalty=penalty,
+                 key_stride=0 if n % P else n // P)
 
 
 def decode_blocks(lmax: int) -> int:
@@ -239,9 +252,11 @@ def decode_blocks(lmax: int) -> int:
 
 def decode_over_cache(q_t, k_cache, v_cache, g: int, valid_len, state, scale: float, fast_exp: bool) -> None:  # noqa: ANN001
     """Decode attention of one query group q_t [D, G] over KV head ``g`` of the caches, block by
-    block, each read once. Updates the online-softmax ``state``."""
+    block, each read once, positions at or beyond ``valid_len`` masked. Updates the online-softmax
+    ``state``."""
     for blk in nl.affine_range(decode_blocks(k_cache.shape[2])):
-        attend_cache_block(q_t, load_cache_block(k_cache, v_cache, g, blk), blk, valid_len, state, scale, fast_exp)
+        block = load_cache_block(k_cache, v_cache, g, blk)
+        attend_cache_block(q_t, block, cache_penalty(valid_len, blk, block[2], q_t.shape[1]), state, scale, fast_exp)
 
 
 @nki.jit

@@ -57,6 +57,7 @@ from nkimoe.variants.attention import (
     DECODE_BLOCK,
     _running_state,
     attend_cache_block,
+    cache_penalty,
     decode_block,
     decode_blocks,
     decode_over_cache,
@@ -233,6 +234,8 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
     cache = None
     if item * 2 * DECODE_BLOCK * blocks * nkv <= CACHE_BYTES:
         cache = [[load_cache_block(k_cache_t, v_cache, g0 + j, blk) for blk in range(blocks)] for j in range(nkv)]
+        # The masks, computed while the weights stream (they depend only on the block and length).
+        penalties = [cache_penalty(valid_len, blk, cache[0][blk][2], group) for blk in range(blocks)]
     _load(w_o_sb, w_o_blocks[c0:c1], 1)
     qkv = nl.ndarray((1, (rows + nkv) * d), dtype=x.dtype, buffer=nl.sbuf)
     x_t = normed.reshape((P, h // P, 1))
@@ -275,7 +278,7 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
             decode_over_cache(q_t, k_cache_t, v_cache, g, valid_len, state, scale, fast_exp)
         else:
             for blk in nl.affine_range(blocks):
-                attend_cache_block(q_t, cache[j][blk], blk, valid_len, state, scale, fast_exp)
+                attend_cache_block(q_t, cache[j][blk], penalties[blk], state, scale, fast_exp)
         res = normalized(state[2], state[1], b - a, d, x.dtype)
         pe_transpose(attn_t[:, a:b], res[0:b - a])
     if programs > 1:  # swap O^T halves: both programs then hold all of it
