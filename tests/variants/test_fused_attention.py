@@ -51,9 +51,11 @@ def _run(target: str, programs: int, args: tuple) -> tuple[torch.Tensor, ...]:
 
 
 #: (Hq, Hkv, length, cache capacity): a TP 4 rank at the contest's context (L = length + 1 = 1024,
-#: the cache exactly full) and at L = 100 in a 512-position bucket; TP 1 at L = 100.
-CASES = [pytest.param(8, 1, 1023, 1024, id="tp4-L1024"), pytest.param(8, 1, 99, 512, id="tp4-L100"),
-         pytest.param(32, 4, 99, 128, id="tp1-L100")]
+#: the cache exactly full) and at L = 100 in a 1000-position cache (a full 512-key block and a
+#: ragged one of 488 = 3 x 128 + 104); TP 1 at L = 100, and at L = 2001 in a 2560-position cache,
+#: which one core's SBUF budget for the cache (``CACHE_BYTES``) does not hold: streamed by block.
+CASES = [pytest.param(8, 1, 1023, 1024, id="tp4-L1024"), pytest.param(8, 1, 99, 1000, id="tp4-L100"),
+         pytest.param(32, 4, 99, 128, id="tp1-L100"), pytest.param(32, 4, 2000, 2560, id="tp1-L2001")]
 
 
 @pytest.mark.parametrize("programs", [1, 2])
