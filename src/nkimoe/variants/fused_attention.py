@@ -195,19 +195,13 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
     nq, nkv = q1 - q0, g1 - g0
     rows = nq + nkv  # the rows QK-norm and RoPE see: this program's q heads, then its k heads
 
-    # The loads go out in the order they are needed: x and the residual, the small operands, the
-    # q|k|v weights, W_o, then (attention) the cache. Resident tiles are allocated here, so that
-    # their loads wait for no earlier tile.
-    st = add_spread(x, residual)
+    # Loads go out in the order of use: x, the residual and the norm weight, the q|k|v weights,
+    # the small operands of the QK stage, the cache, W_o. Tiles loaded ahead are allocated first,
+    # so that their loads wait for no earlier tile.
     w_rows = nl.ndarray((P, d), dtype=q_norm_weight.dtype, buffer=nl.sbuf)
-    nisa.dma_copy(dst=w_rows[0:nq], src=q_norm_weight.reshape((1, d)).ap([[0, nq], [1, d]]))
-    nisa.dma_copy(dst=w_rows[nq:rows], src=k_norm_weight.reshape((1, d)).ap([[0, nkv], [1, d]]))
     c = nl.ndarray((P, 1, d), dtype=cos.dtype, buffer=nl.sbuf)
     s = nl.ndarray((P, 1, d), dtype=sin.dtype, buffer=nl.sbuf)
-    nisa.dma_copy(dst=c[0:rows], src=cos.ap([[0, rows], [0, 1], [1, d]], offset=0))
-    nisa.dma_copy(dst=s[0:rows], src=sin.ap([[0, rows], [0, 1], [1, d]], offset=0))
     valid_len = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=valid_len[0:group], src=length.ap([[0, group], [1, 1]]))
     width = w_o_blocks.shape[3]
     c0, c1 = _split(h // width, me, programs)  # this program's o_proj column blocks
     w_o_sb = nl.ndarray((P, c1 - c0, hq, width), dtype=w_o_blocks.dtype, buffer=nl.sbuf)
@@ -219,24 +213,29 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
         w_qkv_sb = nl.ndarray((P, rows + nkv, h // P, d), dtype=w_qkv_blocks.dtype, buffer=nl.sbuf)
 
     # 1. residual add + RMSNorm, hidden spread over the partitions.
+    st = add_spread(x, residual)
+    normed = spread_rmsnorm(st, norm_weight, eps)
     if me == 0:
         store_spread(summed, st)
-    normed = spread_rmsnorm(st, norm_weight, eps)
 
-    # 2. this program's q, k and v columns of the fused projection: one SBUF row [1, (rows + nkv) D].
-    at = 0
-    for first, count in head_blocks:
-        if w_qkv_sb is not None:
+    if w_qkv_sb is not None:
+        at = 0
+        for first, count in head_blocks:
             _load(w_qkv_sb[:, at:at + count], w_qkv_blocks[first:first + count], QKV_HEADS_PER_LOAD)
-        at += count
+            at += count
+    nisa.dma_copy(dst=w_rows[0:nq], src=q_norm_weight.reshape((1, d)).ap([[0, nq], [1, d]]))
+    nisa.dma_copy(dst=w_rows[nq:rows], src=k_norm_weight.reshape((1, d)).ap([[0, nkv], [1, d]]))
+    nisa.dma_copy(dst=c[0:rows], src=cos.ap([[0, rows], [0, 1], [1, d]], offset=0))
+    nisa.dma_copy(dst=s[0:rows], src=sin.ap([[0, rows], [0, 1], [1, d]], offset=0))
+    nisa.dma_copy(dst=valid_len[0:group], src=length.ap([[0, group], [1, 1]]))
     # The cache of this program's KV heads ahead of W_o (attention needs it first), when it fits.
     blocks = decode_blocks(k_cache_t.shape[2])
     cache = None
     if item * 2 * DECODE_BLOCK * blocks * nkv <= CACHE_BYTES:
         cache = [[load_cache_block(k_cache_t, v_cache, g0 + j, blk) for blk in range(blocks)] for j in range(nkv)]
-        # The masks, computed while the weights stream (they depend only on the block and length).
-        penalties = [cache_penalty(valid_len, blk, cache[0][blk][2], group) for blk in range(blocks)]
     _load(w_o_sb, w_o_blocks[c0:c1], 1)
+
+    # 2. this program's q, k and v columns of the fused projection: one SBUF row [1, (rows + nkv) D].
     qkv = nl.ndarray((1, (rows + nkv) * d), dtype=x.dtype, buffer=nl.sbuf)
     x_t = normed.reshape((P, h // P, 1))
     at = 0
@@ -245,6 +244,9 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
         _project(qkv[0:1, at * d:(at + count) * d], x_t, w_qkv_blocks[first:first + count], QKV_HEADS_PER_LOAD,
                  resident=resident)
         at += count
+
+    if cache is not None:  # the masks depend only on the block and the length: computed while the cache arrives
+        penalties = [cache_penalty(valid_len, blk, cache[0][blk][2], group) for blk in range(blocks)]
 
     # 3. q and k heads onto partitions, QK-norm and RoPE on all rows at once.
     cols = nl.ndarray((d, rows), dtype=x.dtype, buffer=nl.psum)
