@@ -37,17 +37,17 @@ def _inputs(hq: int, hkv: int, length: int, capacity: int, dtype: torch.dtype, s
             rand(hkv, capacity, D), length, rand(H, hq * D, std=(hq * D) ** -0.5), D**-0.5)
 
 
-def _prepared(target: str, args: tuple) -> tuple:
-    """``args`` with both projection weights in the variant's load-time layout."""
+def _prepared(args: tuple) -> tuple:
+    """``args`` with both projection weights in the variants' load-time layout."""
     prepared = list(args)
     for index, name in ((3, "w_qkv"), (11, "w_o")):
-        prepared[index] = fa.prepare(fa._ENGINES[target][0])[name](args[index])
+        prepared[index] = fa.PREPARE[name](args[index])
     return tuple(prepared)
 
 
 def _run(target: str, programs: int, args: tuple) -> tuple[torch.Tensor, ...]:
     with session(TARGETS[target]):
-        return fa.launcher(target, programs)(*_prepared(target, args))
+        return fa.launcher(target, programs)(*_prepared(args))
 
 
 #: (Hq, Hkv, length, cache capacity): a TP 4 rank at the contest's context (L = length + 1 = 1024,
@@ -106,14 +106,14 @@ def test_reference_is_the_chain_of_op_references() -> None:
     assert torch.equal(out, ops.linear(attn.reshape(1, 8 * D), w_o))
 
 
-def test_column_blocks_layout() -> None:
+def test_weight_layouts() -> None:
     w = torch.arange(256 * 512, dtype=torch.float32).reshape(256, 512)  # [N, K]
-    spread, sliced = fa.column_blocks(w, 128, spread=True), fa.column_blocks(w, 128, spread=False)
-    kt = 512 // 128
+    blocks, stationary = fa.head_blocks(w), fa.output_on_partitions(w)
+    kt, nt = 512 // 128, 256 // 128
     for c, p, j, i in ((0, 0, 0, 0), (1, 5, 3, 7), (1, 127, 3, 127)):
-        assert spread[c, p, j, i] == w[c * 128 + i, p * kt + j]
-        assert sliced[c, p, j, i] == w[c * 128 + i, j * 128 + p]
-    assert spread.is_contiguous() and sliced.is_contiguous()
+        assert blocks[c, p, j, i] == w[c * 128 + i, p * kt + j]
+        assert stationary[p, c, j, i] == w[i * nt + c, j * 128 + p]  # [d, c, h, p] = W[p*N/128 + c, h*128 + d]
+    assert blocks.is_contiguous() and stationary.is_contiguous()
 
 
 @pytest.fixture
@@ -165,6 +165,6 @@ def test_fused_estimate_beats_the_chain_at_a_tp4_rank(target: str) -> None:
     args = _inputs(8, 1, 1023, 1024, torch.bfloat16, seed=1)
     for programs in (1, 2):
         with session(TARGETS[target]) as s:
-            fa.launcher(target, programs)(*_prepared(target, args))
+            fa.launcher(target, programs)(*_prepared(args))
         fused.append(estimate(s.trace, TARGETS[target]).micros)
     assert fused[0] < chain and fused[1] < fused[0], f"chain {chain:.1f} us, fused {fused} us (estimates)"

@@ -8,7 +8,7 @@ Layout, stage by stage (T = 1):
   squares crosses partitions through a ones-matmul.
 - q|k|v projection: the normalised token is the stationary operand (the contraction on the spread
   layout's (partition, slot)); the weight, re-laid-out at load time in one block per head
-  (``column_blocks``: a contiguous run of H/128 x D values per partition and head), streams as
+  (``head_blocks``: a contiguous run of H/128 x D values per partition and head), streams as
   D-column moving tiles accumulated in fp32 PSUM. The [1, N] result stays on one partition.
 - QK-norm and RoPE: the q and k heads go onto partitions (one TensorE transpose per head into a
   [D, heads] PSUM tile, one back to [heads, D] rows), then the norm and rotary kernels' row
@@ -17,11 +17,16 @@ Layout, stage by stage (T = 1):
   value (the v slice of the [1, N] row) come from SBUF, then the cache is read once in 512-key
   blocks masked at the run-time ``length`` (the one-pass decode kernel's helpers). The
   normalised output of each query group is transposed into O^T [D, Hq].
-- o_proj: O^T is the stationary operand with the contraction (h, d) on (slot, partition), against
-  ``W_o`` in 512- (Trn2) or 1024-column (Trn3) blocks.
+- o_proj: weights stationary (``output_on_partitions``): per output slot c and head h, a
+  [128 (d), 128] tile of ``W_o`` against the O^T column of head h accumulates outputs
+  p*H/128 + c on partition p. One token moves one column per matmul (64 cycles at the minimum,
+  plus 32 to load the stationary) where streaming the weight as 128 moving columns against a
+  one-token stationary takes 128, and the result lands spread over the partitions, a short copy
+  and a full-width store instead of an H-wide row on one partition.
 
-DMA order: every load goes out in the order of use (x and the residual, the small operands, the
-q|k|v weights, the cache, then W_o), into tiles allocated up front where they fit
+DMA order: every load goes out in the order of use (x, the residual and the norm weight, the
+q|k|v weights, the QK stage's small operands, the cache, then W_o), into tiles allocated up front
+where they fit
 (``RESIDENT_BYTES``, ``CACHE_BYTES``), so the weight and cache traffic overlaps the norm, the
 QK stage and the attention. Estimates against the chain of part kernels: README, "Fused decode
 attention block".
@@ -29,21 +34,21 @@ attention block".
 LNC=2 (``kernel[2]``, Trn2 and Trn3 ranks): program p takes half of the query heads and the KV
 heads they read (the cache of a KV head shared by both halves is read by both cores), so each core
 reads half of the q weights; the two programs swap their O^T halves (``sendrecv``) and each
-computes half of the o_proj columns, so each core reads half of ``W_o``. Arithmetic and rounding
-are those of the one-program kernel.
+computes half of the o_proj outputs (its own heads' terms first, while the swap is under way), so
+each core reads half of ``W_o``. Arithmetic and rounding are those of the one-program kernel.
 
 Rounding: as the chain of the part kernels (each stage rounds to the activation dtype where the
 reference does); sums run in other orders and the attention keeps fp32 scores (see
 ``attention.py``), so outputs agree within ``BLOCK_TOLERANCE``.
 
-Per target: Trn3 streams 1024-column moving tiles (NC-v4 wide moving), computes exp with VectorE's
-fast exponential, squares on ScalarE and puts RoPE's sin products on GpSimd, as the Trn3 part
-kernels do; Trn2 uses 512-column moving tiles, ScalarE exp and VectorE for the norms.
+Per target: Trn3 computes exp with VectorE's fast exponential, squares on ScalarE and puts RoPE's
+sin products on GpSimd, as the Trn3 part kernels do; Trn2 uses ScalarE exp and VectorE for the
+norms. Trn3's wide moving tiles do not apply: the projections of one token move D = 128 columns
+(q|k|v, per head) or one (o_proj) per matmul.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -111,18 +116,25 @@ def attention_block_reference(x: torch.Tensor, residual: torch.Tensor, norm_weig
     return summed, ops.linear(attn.reshape(1, hq * d), w_o), k, v
 
 
-def column_blocks(w: torch.Tensor, width: int, spread: bool) -> torch.Tensor:
-    """Load-time layout of a projection weight ``W [N, K]``: ``[N/width, 128, K/128, width]``, block c
-    holding columns c*width .. of ``W^T`` with contraction index k on (partition p, slot j), where
-    k = p*K/128 + j (``spread``, the decode-norm layout of the token) or k = j*128 + p (the
-    128-row slices of O^T). Each block is one contiguous run of K/128 * width values per partition."""
+def head_blocks(w: torch.Tensor) -> torch.Tensor:
+    """Load-time layout of the q|k|v weight ``W [N, H]``: ``[N/128, 128, H/128, 128]``, block c (one
+    head at D = 128) holding columns c*128 .. of ``W^T`` with hidden index p*H/128 + j on (partition
+    p, slot j), the decode-norm layout of the token: one contiguous run per partition and head."""
     n, k = w.shape
-    blocks = w.reshape(n // width, width, P, k // P) if spread else w.reshape(n // width, width, k // P, P).transpose(2, 3)
-    return blocks.permute(0, 2, 3, 1).contiguous()
+    return w.reshape(n // P, P, P, k // P).permute(0, 2, 3, 1).contiguous()
+
+
+def output_on_partitions(w: torch.Tensor) -> torch.Tensor:
+    """Load-time layout of ``W_o [H, K]`` for a weights-stationary projection of one token:
+    ``[128 (d), H/128 (c), K/128 (h), 128 (p)]`` holding ``W_o[p*H/128 + c, h*128 + d]``, so that
+    tile (c, h) is the stationary [k = h*128 + d, output p*H/128 + c] and the output lands with
+    hidden index p*H/128 + c on partition p (the decode-norm layout). One contiguous run per partition."""
+    h, k = w.shape
+    return w.reshape(P, h // P, k // P, P).permute(3, 1, 2, 0).contiguous()
 
 
 def _load(dst, w_blocks, per_load: int) -> None:  # noqa: ANN001
-    """DMA ``w_blocks`` [nb, 128, KT, W] (HBM, ``column_blocks``) into ``dst`` [128, nb, KT, W] (SBUF),
+    """DMA ``w_blocks`` [nb, 128, KT, W] (HBM, ``head_blocks``) into ``dst`` [128, nb, KT, W] (SBUF),
     ``per_load`` blocks per transfer (one contiguous run of KT*W values per partition and block)."""
     nb = w_blocks.shape[0]
     for load in nl.affine_range((nb + per_load - 1) // per_load):
@@ -143,7 +155,7 @@ def _row_matmul(row, x_t, w_sb) -> None:  # noqa: ANN001
 
 
 def _project(row, x_t, w_blocks, per_load: int, resident=None) -> None:  # noqa: ANN001
-    """``row [1, nb*W] (SBUF) = x_t . W`` for w_blocks [nb, 128, KT, W] (HBM, ``column_blocks``),
+    """``row [1, nb*W] (SBUF) = x_t . W`` for w_blocks [nb, 128, KT, W] (HBM, ``head_blocks``),
     ``per_load`` blocks at a time: from ``resident`` [128, nb, KT, W] (SBUF) when given (loaded
     earlier by ``_load``), otherwise loaded here into double-buffered tiles."""
     nb, _, kt, width = w_blocks.shape
@@ -166,23 +178,23 @@ def _split(total: int, me: int, programs: int) -> tuple[int, int]:
 
 @nki.jit
 def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight, k_norm_weight, cos, sin, k_cache_t,
-                           v_cache, length, w_o_blocks, scale: float, eps: float = 1e-6, fast_exp: bool = False,
+                           v_cache, length, w_o_t, scale: float, eps: float = 1e-6, fast_exp: bool = False,
                            square_on_scalar: bool = False, sin_on_gpsimd: bool = False):
     """The decode attention block (see the module docstring).
 
     Dimensions: H hidden (multiple of 128), Hq query and Hkv KV heads (Hq + Hkv <= 128), D = 128
-    head_dim, C cache positions, W o_proj column block. Under LNC=2, Hq and H/W are even.
+    head_dim, C cache positions. Under LNC=2, Hq and H/128 are even.
     Args: x, residual [1, H]; norm_weight [H]; w_qkv_blocks [Hq + 2 Hkv, 128, H/128, D]
-    (``column_blocks(w_qkv, D, spread=True)``: one block per head); q_norm_weight, k_norm_weight
-    [D]; cos, sin [1, D]; k_cache_t [Hkv, D, C]; v_cache [Hkv, C, D]; length [1, 1] int32 (valid
-    cache positions); w_o_blocks [H/W, 128, Hq, W] (``column_blocks(w_o, W, spread=False)``);
+    (``head_blocks(w_qkv)``); q_norm_weight, k_norm_weight [D]; cos, sin [1, D]; k_cache_t
+    [Hkv, D, C]; v_cache [Hkv, C, D]; length [1, 1] int32 (valid cache positions); w_o_t
+    [128, H/128, Hq, 128] (``output_on_partitions(w_o)``);
     scale; eps; fast_exp, square_on_scalar, sin_on_gpsimd: the Trn3 engine choices of the
     attention, norm and RoPE kernels.
     Returns: summed [1, H], out [1, H], k [1, Hkv, D], v [1, Hkv, D] (HBM, x.dtype).
     """
     h = x.shape[1]
     hkv, d, _ = k_cache_t.shape
-    hq = w_o_blocks.shape[2]
+    hq = w_o_t.shape[2]
     group = hq // hkv
     me, programs = nl.program_id(0), nl.num_programs()
     summed = nl.ndarray((1, h), dtype=x.dtype, buffer=nl.shared_hbm)
@@ -202,14 +214,13 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
     c = nl.ndarray((P, 1, d), dtype=cos.dtype, buffer=nl.sbuf)
     s = nl.ndarray((P, 1, d), dtype=sin.dtype, buffer=nl.sbuf)
     valid_len = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
-    width = w_o_blocks.shape[3]
-    c0, c1 = _split(h // width, me, programs)  # this program's o_proj column blocks
-    w_o_sb = nl.ndarray((P, c1 - c0, hq, width), dtype=w_o_blocks.dtype, buffer=nl.sbuf)
+    c0, c1 = _split(h // P, me, programs)  # this program's o_proj output slots (hidden p*H/128 + c)
+    w_o_sb = nl.ndarray((P, c1 - c0, hq, P), dtype=w_o_t.dtype, buffer=nl.sbuf)
     # This program's q, k and v weight blocks (one per head), resident when they fit beside W_o.
     head_blocks = ((q0, nq), (hq + g0, nkv), (hq + hkv + g0, nkv))
     item = 2 if x.dtype == nl.bfloat16 else 4
     w_qkv_sb = None
-    if item * ((rows + nkv) * (h // P) * d + (c1 - c0) * hq * width) <= RESIDENT_BYTES:
+    if item * ((rows + nkv) * (h // P) * d + (c1 - c0) * hq * P) <= RESIDENT_BYTES:
         w_qkv_sb = nl.ndarray((P, rows + nkv, h // P, d), dtype=w_qkv_blocks.dtype, buffer=nl.sbuf)
 
     # 1. residual add + RMSNorm, hidden spread over the partitions.
@@ -233,7 +244,10 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
     cache = None
     if item * 2 * DECODE_BLOCK * blocks * nkv <= CACHE_BYTES:
         cache = [[load_cache_block(k_cache_t, v_cache, g0 + j, blk) for blk in range(blocks)] for j in range(nkv)]
-    _load(w_o_sb, w_o_blocks[c0:c1], 1)
+    pieces = next(n for n in (4, 2, 1) if (c1 - c0) % n == 0)  # so that the first slots' matmuls start early
+    for piece in nl.affine_range(pieces):
+        a, b = _split(c1 - c0, piece, pieces)
+        nisa.dma_copy(dst=w_o_sb[:, a:b], src=w_o_t[:, c0 + a:c0 + b])
 
     # 2. this program's q, k and v columns of the fused projection: one SBUF row [1, (rows + nkv) D].
     qkv = nl.ndarray((1, (rows + nkv) * d), dtype=x.dtype, buffer=nl.sbuf)
@@ -288,10 +302,17 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
         p0, p1 = _split(hq, peer, programs)
         nisa.sendrecv(src=attn_t[:, q0:q1], dst=attn_t[:, p0:p1], send_to_rank=peer, recv_from_rank=peer, pipe_id=0)
 
-    # 5. o_proj: this program's share of the output columns.
-    row = nl.ndarray((1, (c1 - c0) * width), dtype=x.dtype, buffer=nl.sbuf)
-    _project(row, attn_t.reshape((d, hq, 1)), w_o_blocks[c0:c1], 1, resident=w_o_sb)
-    nisa.dma_copy(dst=out[0:1, c0 * width:c1 * width], src=row)
+    # 5. o_proj, weights stationary: per output slot c, the Hq tiles [128 (d), 128 (p)] against the
+    # O^T columns accumulate out[p*H/128 + c] on partition p; this program's share of the slots.
+    acc = nl.ndarray((P, c1 - c0), dtype=nl.float32, buffer=nl.psum)
+    heads_first = [*range(q0, q1), *range(0, q0), *range(q1, hq)]  # this program's heads need no swap
+    for i, hh in enumerate(heads_first):
+        for slot in nl.affine_range(c1 - c0):
+            nisa.nc_matmul(dst=acc[:, slot:slot + 1], stationary=w_o_sb[:, slot, hh, :], moving=attn_t[:, hh:hh + 1],
+                           accumulate=(i > 0))
+    res = nl.ndarray((P, c1 - c0), dtype=x.dtype, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=res, src=acc)
+    nisa.dma_copy(dst=out.reshape((P, h // P))[:, c0:c1], src=res)
     return summed, out, k_out, v_out
 
 
@@ -311,21 +332,20 @@ RESIDENT_BYTES = 128 * 1024
 #: this program's KV heads: 2 KiB per block in bf16); a longer cache streams block by block.
 CACHE_BYTES = 32 * 1024
 
-#: Per target: (o_proj moving columns per matmul, fast exp, squares on ScalarE, sin products on
-#: GpSimd), the choices of the target's part kernels (512 columns: one PSUM bank; 1024: NC-v4
-#: wide moving tiles).
-_ENGINES = {"trn2": (512, False, False, False), "trn3": (1024, True, True, True)}
+#: Per target: (fast exp, squares on ScalarE, sin products on GpSimd), the choices of the target's
+#: part kernels.
+_ENGINES = {"trn2": (False, False, False), "trn3": (True, True, True)}
 
 
-def _supports(programs: int, width: int) -> Callable[[Mapping[str, int], str, Target], tuple[bool, str]]:
+def _supports(programs: int) -> Callable[[Mapping[str, int], str, Target], tuple[bool, str]]:
     def check(dims: Mapping[str, int], dtype: str, target: Target) -> tuple[bool, str]:
         h, hq, hkv, d = dims["H"], dims["Hq"], dims["Hkv"], dims["D"]
         if programs > 1 and target.lnc != programs:
             return False, f"an LNC={programs} kernel; {target.name} runs LNC={target.lnc}"
         if d != P:
             return False, f"D={d}: the o_proj contraction puts head_dim on the {P} partitions"
-        if h % (width * programs) or hq % programs:
-            return False, f"H={h} must be a multiple of {width * programs} and Hq={hq} of {programs}"
+        if h % (P * programs) or hq % programs:
+            return False, f"H={h} must be a multiple of {P * programs} and Hq={hq} of {programs}"
         if hq + hkv > P:
             return False, f"Hq + Hkv = {hq + hkv} q and k rows exceed the {P} partitions"
         item = 2 if dtype == "bfloat16" else 4
@@ -343,17 +363,14 @@ def _supports(programs: int, width: int) -> Callable[[Mapping[str, int], str, Ta
     return check
 
 
-def prepare(width: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """The load-time re-layout of both projections' weights (``column_blocks``), o_proj in
-    ``width``-column blocks."""
-    return {"w_qkv": functools.partial(column_blocks, width=P, spread=True),
-            "w_o": functools.partial(column_blocks, width=width, spread=False)}
+#: The load-time re-layout of both projections' weights.
+PREPARE = {"w_qkv": head_blocks, "w_o": output_on_partitions}
 
 
 def launcher(target: str, programs: int = 1) -> Callable[..., tuple[torch.Tensor, ...]]:
     """The block's launcher (the op's signature) for ``target`` (trn2 | trn3) on 1 or 2 physical
-    cores; ``w_qkv`` and ``w_o`` arrive prepared (``prepare``)."""
-    _, fast_exp, square_on_scalar, sin_on_gpsimd = _ENGINES[target]
+    cores; ``w_qkv`` and ``w_o`` arrive prepared (``PREPARE``)."""
+    fast_exp, square_on_scalar, sin_on_gpsimd = _ENGINES[target]
     kernel = attention_block_kernel if programs == 1 else attention_block_kernel[programs]
 
     def attention_block(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, w_qkv: torch.Tensor,
@@ -372,13 +389,13 @@ def launcher(target: str, programs: int = 1) -> Callable[..., tuple[torch.Tensor
 def variants() -> list[Variant]:
     """The ``attention_block`` variants, for registration once the op exists."""
     out = []
-    for target, (width, *_) in _ENGINES.items():
+    for target in _ENGINES:
         for programs in (1, 2):
-            cores = "one core" if programs == 1 else "both cores of an LNC=2 rank (query heads and o_proj columns split)"
+            cores = "one core" if programs == 1 else "both cores of an LNC=2 rank (query heads and o_proj outputs split)"
             out.append(Variant(
                 op="attention_block", name=f"attention_block_{target}" + ("_lnc2" if programs == 2 else ""),
                 targets=(target,), kernel=launcher(target, programs), nki=True, priority=20 + programs,
-                supports=_supports(programs, width), tolerance=BLOCK_TOLERANCE, prepare=prepare(width),
+                supports=_supports(programs), tolerance=BLOCK_TOLERANCE, prepare=PREPARE,
                 description=f"add+RMSNorm -> q|k|v -> QK-norm -> RoPE -> attention -> o_proj in one kernel, "
-                            f"activations in SBUF, head-blocked weights, {width}-column o_proj tiles, {cores}"))
+                            f"activations in SBUF, weights and cache loaded ahead, o_proj weights stationary, {cores}"))
     return out
