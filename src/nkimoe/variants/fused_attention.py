@@ -170,6 +170,19 @@ def _project(row, x_t, w_blocks, per_load: int, resident=None) -> None:  # noqa:
         _row_matmul(row[0:1, first * width:(first + count) * width], x_t, w_sb[:, 0:count])
 
 
+def _project_heads(qkv, x_t, w_qkv_blocks, ranges, resident) -> None:  # noqa: ANN001
+    """This program's q, k and v columns of the fused projection, head ranges ``ranges`` ((first head,
+    count) of w_qkv_blocks, in order), side by side in the SBUF row ``qkv`` [1, heads * D]; the
+    weight blocks from ``resident`` [128, heads, H/128, D] when given, else streamed."""
+    d = w_qkv_blocks.shape[3]
+    at = 0
+    for first, count in ranges:
+        blocks = None if resident is None else resident[:, at:at + count]
+        _project(qkv[0:1, at * d:(at + count) * d], x_t, w_qkv_blocks[first:first + count], QKV_HEADS_PER_LOAD,
+                 resident=blocks)
+        at += count
+
+
 def _split(total: int, me: int, programs: int) -> tuple[int, int]:
     """This program's contiguous share [first, last) of ``total`` items."""
     share = total // programs
@@ -217,7 +230,7 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
     c0, c1 = _split(h // P, me, programs)  # this program's o_proj output slots (hidden p*H/128 + c)
     w_o_sb = nl.ndarray((P, c1 - c0, hq, P), dtype=w_o_t.dtype, buffer=nl.sbuf)
     # This program's q, k and v weight blocks (one per head), resident when they fit beside W_o.
-    head_blocks = ((q0, nq), (hq + g0, nkv), (hq + hkv + g0, nkv))
+    ranges = ((q0, nq), (hq + g0, nkv), (hq + hkv + g0, nkv))
     item = 2 if x.dtype == nl.bfloat16 else 4
     w_qkv_sb = None
     if item * ((rows + nkv) * (h // P) * d + (c1 - c0) * hq * P) <= RESIDENT_BYTES:
@@ -229,9 +242,14 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
     if me == 0:
         store_spread(summed, st)
 
-    if w_qkv_sb is not None:
+    # 2. this program's q, k and v columns of the fused projection: one SBUF row [1, (rows + nkv) D].
+    qkv = nl.ndarray((1, (rows + nkv) * d), dtype=x.dtype, buffer=nl.sbuf)
+    x_t = normed.reshape((P, h // P, 1))
+    if w_qkv_sb is None:  # streamed: its loads go out here, ahead of the cache's and W_o's
+        _project_heads(qkv, x_t, w_qkv_blocks, ranges, None)
+    else:
         at = 0
-        for first, count in head_blocks:
+        for first, count in ranges:
             _load(w_qkv_sb[:, at:at + count], w_qkv_blocks[first:first + count], QKV_HEADS_PER_LOAD)
             at += count
     nisa.dma_copy(dst=w_rows[0:nq], src=q_norm_weight.reshape((1, d)).ap([[0, nq], [1, d]]))
@@ -249,15 +267,8 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
         a, b = _split(c1 - c0, piece, pieces)
         nisa.dma_copy(dst=w_o_sb[:, a:b], src=w_o_t[:, c0 + a:c0 + b])
 
-    # 2. this program's q, k and v columns of the fused projection: one SBUF row [1, (rows + nkv) D].
-    qkv = nl.ndarray((1, (rows + nkv) * d), dtype=x.dtype, buffer=nl.sbuf)
-    x_t = normed.reshape((P, h // P, 1))
-    at = 0
-    for first, count in head_blocks:
-        resident = None if w_qkv_sb is None else w_qkv_sb[:, at:at + count]
-        _project(qkv[0:1, at * d:(at + count) * d], x_t, w_qkv_blocks[first:first + count], QKV_HEADS_PER_LOAD,
-                 resident=resident)
-        at += count
+    if w_qkv_sb is not None:
+        _project_heads(qkv, x_t, w_qkv_blocks, ranges, w_qkv_sb)
 
     if cache is not None:  # the masks depend only on the block and the length: computed while the cache arrives
         penalties = [cache_penalty(valid_len, blk, cache[0][blk][2], group) for blk in range(blocks)]
@@ -310,9 +321,9 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
         for slot in nl.affine_range(c1 - c0):
             nisa.nc_matmul(dst=acc[:, slot:slot + 1], stationary=w_o_sb[:, slot, hh, :], moving=attn_t[:, hh:hh + 1],
                            accumulate=(i > 0))
-    res = nl.ndarray((P, c1 - c0), dtype=x.dtype, buffer=nl.sbuf)
-    nisa.tensor_copy(dst=res, src=acc)
-    nisa.dma_copy(dst=out.reshape((P, h // P))[:, c0:c1], src=res)
+    out_sb = nl.ndarray((P, c1 - c0), dtype=x.dtype, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=out_sb, src=acc)
+    nisa.dma_copy(dst=out.reshape((P, h // P))[:, c0:c1], src=out_sb)
     return summed, out, k_out, v_out
 
 
