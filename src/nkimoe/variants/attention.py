@@ -13,7 +13,11 @@ Decode (``_tkg``): per KV head, the query group's 8 heads are the stationary ope
 512-key K^T blocks stream from the cache ([Hkv, D, Lmax], keys transposed: contiguous
 [D, 512] tiles with D on partitions); the same online softmax runs over the blocks; positions at
 or beyond ``length`` (a run-time value) are masked with an iota comparison, so one compiled kernel
-serves every cache length of a bucket. At most one [8, 512] score tile exists at a time.
+serves every cache length of a bucket. At most one [8, 512] score tile exists at a time. A full
+block's V rows arrive in one DMA with key p*4 + c on partition p (one contiguous 1 KiB run per
+partition instead of four 256-byte ones), and P.V chunk c transposes the probabilities of keys c,
+c + 4, c + 8, .. to match. The block helpers (``load_cache_block``, ``attend_cache_block``) also
+serve the fused attention block (``fused_attention.py``).
 
 Decode split-K (``_tkg_split``, flash-decoding style): the bucket is cut into C = 128 / G chunks
 (G = 8 query heads per KV head: 16 chunks) of n = ceil(Lmax / C) keys, and chunk c's scores land
