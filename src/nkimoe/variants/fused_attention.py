@@ -50,7 +50,6 @@ norms. Trn3's wide moving tiles do not apply: the projections of one token move 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import torch
 
