@@ -178,8 +178,8 @@ def attention_cte_kernel(q, k, v, scale: float, fast_exp: bool = False):
     return out
 
 
-def decode_block(q_t, k_t, n: int, v_rows: Callable[[int, int], Any], state, scale: float, fast_exp: bool,  # noqa: ANN001
-                 penalty=None, key_stride: int = 0) -> None:  # noqa: ANN001
+def decode_block(q_t, k_t, n: int, v_rows: Callable[[int, int], Any], state, scale: float,  # noqa: ANN001
+                 fast_exp: bool, penalty=None, key_stride: int = 0) -> None:  # noqa: ANN001
     """One online-softmax block of decode attention for one query group: scores of q_t [D, G]
     against the ``n`` keys of k_t [D, >= n] (SBUF, keys transposed), scaled, plus ``penalty`` [G, n]
     (fp32) when given; P.V over 128-key chunks whose V rows [kc, D] (SBUF) ``v_rows(c, kc)`` gives:
@@ -254,7 +254,8 @@ def decode_blocks(lmax: int) -> int:
     return (lmax + DECODE_BLOCK - 1) // DECODE_BLOCK
 
 
-def decode_over_cache(q_t, k_cache, v_cache, g: int, valid_len, state, scale: float, fast_exp: bool) -> None:  # noqa: ANN001
+def decode_over_cache(q_t, k_cache, v_cache, g: int, valid_len, state, scale: float,  # noqa: ANN001
+                      fast_exp: bool) -> None:
     """Decode attention of one query group q_t [D, G] over KV head ``g`` of the caches, block by
     block, each read once, positions at or beyond ``valid_len`` masked. Updates the online-softmax
     ``state``."""

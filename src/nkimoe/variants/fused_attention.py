@@ -364,10 +364,11 @@ def _supports(programs: int) -> Callable[[Mapping[str, int], str, Target], tuple
             return False, f"this core's W_o share needs {w_o_share} B per partition, more than {RESIDENT_BYTES}"
         # Resident weights and cache, double-buffered q|k|v loads and cache blocks (K^T, V), the
         # [1, N] row, fp32 score tiles.
-        need = RESIDENT_BYTES + CACHE_BYTES + item * (2 * QKV_HEADS_PER_LOAD * h + 4 * DECODE_BLOCK + (hq + 2 * hkv) * d) \
-            + 4 * 8 * DECODE_BLOCK
+        working = item * (2 * QKV_HEADS_PER_LOAD * h + 4 * DECODE_BLOCK + (hq + 2 * hkv) * d) + 4 * 8 * DECODE_BLOCK
+        need = RESIDENT_BYTES + CACHE_BYTES + working
         if need > target.sbuf_usable_bytes_per_partition:
-            return False, f"needs {need} B per partition of SBUF, {target.name} has {target.sbuf_usable_bytes_per_partition}"
+            return False, (f"needs {need} B per partition of SBUF, {target.name} has "
+                           f"{target.sbuf_usable_bytes_per_partition}")
         return True, f"D={P}, {programs} program(s), {need} B per partition of SBUF"
 
     return check
@@ -401,7 +402,8 @@ def variants() -> list[Variant]:
     out = []
     for target in _ENGINES:
         for programs in (1, 2):
-            cores = "one core" if programs == 1 else "both cores of an LNC=2 rank (query heads and o_proj outputs split)"
+            cores = ("one core" if programs == 1
+                     else "both cores of an LNC=2 rank (query heads and o_proj outputs split)")
             out.append(Variant(
                 op="attention_block", name=f"attention_block_{target}" + ("_lnc2" if programs == 2 else ""),
                 targets=(target,), kernel=launcher(target, programs), nki=True, priority=20 + programs,
