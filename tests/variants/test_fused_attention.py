@@ -64,7 +64,9 @@ CASES = [pytest.param(8, 1, 1023, 1024, id="tp4-L1024"), pytest.param(8, 1, 99, 
 def test_block_matches_composed_reference(target: str, programs: int, hq: int, hkv: int, length: int,
                                           capacity: int) -> None:
     args = _inputs(hq, hkv, length, capacity, torch.bfloat16, seed=length + hq)
+    caches = (args[8].clone(), args[9].clone())
     actual = _run(target, programs, args)
+    assert torch.equal(args[8], caches[0]) and torch.equal(args[9], caches[1]), "the block must not write the caches"
     expected = fa.attention_block_reference(*args)
     assert torch.equal(actual[0], expected[0]), "the residual sum is one bf16 add, as the reference's"
     ok, detail = compare(actual, expected, *fa.BLOCK_TOLERANCE["bfloat16"])
