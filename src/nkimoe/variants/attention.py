@@ -13,7 +13,11 @@ Decode (``_tkg``): per KV head, the query group's 8 heads are the stationary ope
 512-key K^T blocks stream from the cache ([Hkv, D, Lmax], keys transposed: contiguous
 [D, 512] tiles with D on partitions); the same online softmax runs over the blocks; positions at
 or beyond ``length`` (a run-time value) are masked with an iota comparison, so one compiled kernel
-serves every cache length of a bucket. At most one [8, 512] score tile exists at a time.
+serves every cache length of a bucket. At most one [8, 512] score tile exists at a time. A full
+block's V rows arrive in one DMA with key p*4 + c on partition p (one contiguous 1 KiB run per
+partition instead of four 256-byte ones), and P.V chunk c transposes the probabilities of keys c,
+c + 4, c + 8, .. to match. The block helpers (``load_cache_block``, ``attend_cache_block``) also
+serve the fused attention block (``fused_attention.py``).
 
 Decode split-K (``_tkg_split``, flash-decoding style): the bucket is cut into C = 128 / G chunks
 (G = 8 query heads per KV head: 16 chunks) of n = ceil(Lmax / C) keys, and chunk c's scores land
@@ -93,13 +97,18 @@ def _softmax_step(ss, m, l, rows: int, cols: int, p_dtype, fast_exp: bool):  # n
     return p_blk, corr
 
 
-def _finish(o, l, rows: int, d: int, dtype, dst) -> None:  # noqa: ANN001
-    """dst = o / l, rounded to ``dtype``."""
+def normalized(o, l, rows: int, d: int, dtype):  # noqa: ANN001, ANN202, E741
+    """o / l rounded to ``dtype``: a [128, d] SBUF tile, the first ``rows`` partitions valid."""
     inv = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.reciprocal(dst=inv[0:rows], data=l[0:rows])
     res = nl.ndarray((P, d), dtype=dtype, buffer=nl.sbuf)
     nisa.tensor_scalar(dst=res[0:rows], data=o[0:rows], op0=nl.multiply, operand0=inv[0:rows])
-    nisa.dma_copy(dst=dst, src=res[0:rows])
+    return res
+
+
+def _finish(o, l, rows: int, d: int, dtype, dst) -> None:  # noqa: ANN001, E741
+    """dst = o / l, rounded to ``dtype``."""
+    nisa.dma_copy(dst=dst, src=normalized(o, l, rows, d, dtype)[0:rows])
 
 
 def _max_and_sum():  # noqa: ANN202
@@ -169,6 +178,92 @@ def attention_cte_kernel(q, k, v, scale: float, fast_exp: bool = False):
     return out
 
 
+def decode_block(q_t, k_t, n: int, v_rows: Callable[[int, int], Any], state, scale: float,  # noqa: ANN001
+                 fast_exp: bool, penalty=None, key_stride: int = 0) -> None:  # noqa: ANN001
+    """One online-softmax block of decode attention for one query group: scores of q_t [D, G]
+    against the ``n`` keys of k_t [D, >= n] (SBUF, keys transposed), scaled, plus ``penalty`` [G, n]
+    (fp32) when given; P.V over 128-key chunks whose V rows [kc, D] (SBUF) ``v_rows(c, kc)`` gives:
+    chunk c holds keys c*128 .. c*128 + kc - 1, or with ``key_stride`` s keys c, c + s, c + 2s, ..
+    (V rows laid out key p*s + c on partition p). Updates ``state`` = (running max, running sum,
+    fp32 output [G, D])."""
+    m, l, o = state  # noqa: E741
+    d, group = q_t.shape
+    dtype = q_t.dtype
+    sc = nl.ndarray((P, DECODE_BLOCK), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_matmul(dst=sc[0:group, 0:n], stationary=q_t, moving=k_t[:, 0:n])
+    ss = nl.ndarray((P, DECODE_BLOCK), dtype=nl.float32, buffer=nl.sbuf)
+    if penalty is None:
+        nisa.tensor_scalar(dst=ss[0:group, 0:n], data=sc[0:group, 0:n], op0=nl.multiply, operand0=scale)
+    else:
+        nisa.scalar_tensor_tensor(dst=ss[0:group, 0:n], data=sc[0:group, 0:n], op0=nl.multiply, operand0=scale,
+                                  op1=nl.add, operand1=penalty[0:group, 0:n])
+    p_blk, corr = _softmax_step(ss, m, l, group, n, dtype, fast_exp)
+    pv = nl.ndarray((P, d), dtype=nl.float32, buffer=nl.psum)
+    for c in nl.affine_range((n + P - 1) // P):
+        kc = min(P, n - c * P)
+        p_t = nl.ndarray((P, P), dtype=dtype, buffer=nl.sbuf)
+        keys = slice(c, c + key_stride * (kc - 1) + 1, key_stride) if key_stride else slice(c * P, c * P + kc)
+        pe_transpose(p_t[0:kc, 0:group], p_blk[0:group, keys])
+        nisa.nc_matmul(dst=pv[0:group], stationary=p_t[0:kc, 0:group], moving=v_rows(c, kc), accumulate=(c > 0))
+    nisa.scalar_tensor_tensor(dst=o[0:group], data=o[0:group], op0=nl.multiply, operand0=corr[0:group],
+                              op1=nl.add, operand1=pv[0:group])
+
+
+def load_cache_block(k_cache, v_cache, g: int, blk: int):  # noqa: ANN001, ANN202
+    """Block ``blk`` (keys blk*512 ..) of KV head ``g`` of the caches (k_cache [Hkv, D, Lmax], v_cache
+    [Hkv, Lmax, D] in HBM) into SBUF: (K^T [D, 512], V [128, 4, D], keys in the block), one DMA for
+    K^T and one for V. A block of n = 128 s keys lays V out key p*s + c on partition p, slot c (one
+    contiguous run per partition); a shorter last block key c*128 + p (one DMA per 128 keys)."""
+    d, lmax = k_cache.shape[1], k_cache.shape[2]
+    start = blk * DECODE_BLOCK
+    n = min(DECODE_BLOCK, lmax - start)
+    k_blk = nl.ndarray((d, DECODE_BLOCK), dtype=k_cache.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=k_blk[:, 0:n], src=k_cache[g, :, start:start + n])
+    v_blk = nl.ndarray((P, DECODE_BLOCK // P, d), dtype=v_cache.dtype, buffer=nl.sbuf)
+    full, rest = n // P, n % P
+    if not rest:
+        nisa.dma_copy(dst=v_blk[:, 0:full, :], src=v_cache[g, start:start + n, :].reshape((P, full, d)))
+        return k_blk, v_blk, n
+    if full:
+        nisa.dma_copy(dst=v_blk[:, 0:full, :],
+                      src=v_cache[g, start:start + full * P, :].reshape((full, P, d)).permute((1, 0, 2)))
+    nisa.dma_copy(dst=v_blk[0:rest, full, :], src=v_cache[g, start + full * P:start + n, :])
+    return k_blk, v_blk, n
+
+
+def cache_penalty(valid_len, blk: int, n: int, rows: int):  # noqa: ANN001, ANN202
+    """The mask of cache block ``blk`` (``n`` keys) for ``rows`` query rows: -3e38 at positions at or
+    beyond ``valid_len`` ([128, 1] fp32, run time), 0 before; a [128, 512] fp32 tile."""
+    pos = nl.ndarray((P, DECODE_BLOCK), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.iota(dst=pos[0:rows, 0:n], pattern=[[1, n]], offset=blk * DECODE_BLOCK)
+    nisa.tensor_scalar(dst=pos[0:rows, 0:n], data=pos[0:rows, 0:n], op0=nl.greater_equal,
+                       operand0=valid_len[0:rows], op1=nl.multiply, operand1=NEG)
+    return pos
+
+
+def attend_cache_block(q_t, block, penalty, state, scale: float, fast_exp: bool) -> None:  # noqa: ANN001
+    """One cache block (``load_cache_block``) of decode attention for the query group q_t [D, G],
+    masked by ``penalty`` (``cache_penalty``). Updates ``state``."""
+    k_blk, v_blk, n = block
+    decode_block(q_t, k_blk, n, lambda c, kc: v_blk[0:kc, c, :], state, scale, fast_exp, penalty=penalty,
+                 key_stride=0 if n % P else n // P)
+
+
+def decode_blocks(lmax: int) -> int:
+    """512-key blocks of an ``lmax``-long cache."""
+    return (lmax + DECODE_BLOCK - 1) // DECODE_BLOCK
+
+
+def decode_over_cache(q_t, k_cache, v_cache, g: int, valid_len, state, scale: float,  # noqa: ANN001
+                      fast_exp: bool) -> None:
+    """Decode attention of one query group q_t [D, G] over KV head ``g`` of the caches, block by
+    block, each read once, positions at or beyond ``valid_len`` masked. Updates the online-softmax
+    ``state``."""
+    for blk in nl.affine_range(decode_blocks(k_cache.shape[2])):
+        block = load_cache_block(k_cache, v_cache, g, blk)
+        attend_cache_block(q_t, block, cache_penalty(valid_len, blk, block[2], q_t.shape[1]), state, scale, fast_exp)
+
+
 @nki.jit
 def attention_tkg_kernel(q, k_cache, v_cache, length, scale: float, fast_exp: bool = False):
     """One query token over a KV-cache bucket, masking positions >= ``length`` at run time.
@@ -179,7 +274,7 @@ def attention_tkg_kernel(q, k_cache, v_cache, length, scale: float, fast_exp: bo
     Returns: [1, Hq, D] HBM in q.dtype.
     """
     _, hq, d = q.shape
-    hkv, _, lmax = k_cache.shape
+    hkv = k_cache.shape[0]
     group = hq // hkv
     out = nl.ndarray((1, hq, d), dtype=q.dtype, buffer=nl.shared_hbm)
     valid_len = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
@@ -188,33 +283,7 @@ def attention_tkg_kernel(q, k_cache, v_cache, length, scale: float, fast_exp: bo
         q_t = nl.ndarray((d, group), dtype=q.dtype, buffer=nl.sbuf)
         nisa.dma_copy(dst=q_t, src=q.reshape((hq, d))[g * group:(g + 1) * group, :].permute((1, 0)))
         m, l, o = _running_state(d)  # noqa: E741
-        for blk in nl.affine_range((lmax + DECODE_BLOCK - 1) // DECODE_BLOCK):
-            n = min(DECODE_BLOCK, lmax - blk * DECODE_BLOCK)
-            k_blk = nl.ndarray((d, DECODE_BLOCK), dtype=k_cache.dtype, buffer=nl.sbuf)
-            nisa.dma_copy(dst=k_blk[:, 0:n], src=k_cache[g, :, blk * DECODE_BLOCK:blk * DECODE_BLOCK + n])
-            sc = nl.ndarray((P, DECODE_BLOCK), dtype=nl.float32, buffer=nl.psum)
-            nisa.nc_matmul(dst=sc[0:group, 0:n], stationary=q_t, moving=k_blk[:, 0:n])
-            ss = nl.ndarray((P, DECODE_BLOCK), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.tensor_scalar(dst=ss[0:group, 0:n], data=sc[0:group, 0:n], op0=nl.multiply, operand0=scale)
-            # Positions >= length get -3e38: penalty = (pos >= length) * -3e38.
-            pos = nl.ndarray((P, DECODE_BLOCK), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.iota(dst=pos[0:group, 0:n], pattern=[[1, n]], offset=blk * DECODE_BLOCK)
-            nisa.tensor_scalar(dst=pos[0:group, 0:n], data=pos[0:group, 0:n], op0=nl.greater_equal,
-                               operand0=valid_len[0:group], op1=nl.multiply, operand1=NEG)
-            nisa.tensor_tensor(dst=ss[0:group, 0:n], data1=ss[0:group, 0:n], data2=pos[0:group, 0:n], op=nl.add)
-            p_blk, corr = _softmax_step(ss, m, l, group, n, q.dtype, fast_exp)
-            pv = nl.ndarray((P, d), dtype=nl.float32, buffer=nl.psum)
-            chunks = (n + P - 1) // P
-            for c in nl.affine_range(chunks):
-                kc = min(P, n - c * P)
-                p_t = nl.ndarray((P, P), dtype=q.dtype, buffer=nl.sbuf)
-                pe_transpose(p_t[0:kc, 0:group], p_blk[0:group, c * P:c * P + kc])
-                v_blk = nl.ndarray((P, d), dtype=v_cache.dtype, buffer=nl.sbuf)
-                start = blk * DECODE_BLOCK + c * P
-                nisa.dma_copy(dst=v_blk[0:kc], src=v_cache[g, start:start + kc, :])
-                nisa.nc_matmul(dst=pv[0:group], stationary=p_t[0:kc, 0:group], moving=v_blk[0:kc], accumulate=(c > 0))
-            nisa.scalar_tensor_tensor(dst=o[0:group], data=o[0:group], op0=nl.multiply, operand0=corr[0:group],
-                                      op1=nl.add, operand1=pv[0:group])
+        decode_over_cache(q_t, k_cache, v_cache, g, valid_len, (m, l, o), scale, fast_exp)
         _finish(o, l, group, d, q.dtype, out[0, g * group:(g + 1) * group, :])
     return out
 

@@ -26,27 +26,34 @@ from nkimoe.targets import Target
 P = 128
 
 
+def rotate_rows(y, xt, c, s, rows: int, sin_engine) -> None:  # noqa: ANN001
+    """``y = xt*c + rotate_half(xt)*s`` on the first ``rows`` partitions of SBUF tiles [128, heads, D],
+    rounding after each product and the sum as the reference does."""
+    half = xt.shape[2] // 2
+    d = 2 * half
+    a = nl.ndarray(xt.shape, dtype=xt.dtype, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=a[0:rows], data1=xt[0:rows], data2=c[0:rows], op=nl.multiply)
+    r = nl.ndarray(xt.shape, dtype=xt.dtype, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=r[0:rows, :, 0:half], data1=xt[0:rows, :, half:d], data2=s[0:rows, :, 0:half],
+                       op=nl.multiply, engine=sin_engine)
+    nisa.tensor_tensor(dst=r[0:rows, :, half:d], data1=xt[0:rows, :, 0:half], data2=s[0:rows, :, half:d],
+                       op=nl.multiply, engine=sin_engine)
+    nisa.tensor_tensor(dst=y[0:rows, :, 0:half], data1=a[0:rows, :, 0:half], data2=r[0:rows, :, 0:half],
+                       op=nl.subtract)
+    nisa.tensor_tensor(dst=y[0:rows, :, half:d], data1=a[0:rows, :, half:d], data2=r[0:rows, :, half:d], op=nl.add)
+
+
 def _rotate(x, x_out, cos, sin, t0: int, rows: int, sin_engine) -> None:  # noqa: ANN001
     """x_out[t0:t0+rows] = x*cos + rotate_half(x)*sin for one tile of tokens (x [T, H, D] in HBM)."""
     _, heads, d = x.shape
-    half = d // 2
     xt = nl.ndarray((P, heads, d), dtype=x.dtype, buffer=nl.sbuf)
     nisa.dma_copy(dst=xt[0:rows], src=x[t0:t0 + rows])
     c = nl.ndarray((P, heads, d), dtype=cos.dtype, buffer=nl.sbuf)
     s = nl.ndarray((P, heads, d), dtype=sin.dtype, buffer=nl.sbuf)
     nisa.dma_copy(dst=c[0:rows], src=cos.ap([[d, rows], [0, heads], [1, d]], offset=t0 * d))
     nisa.dma_copy(dst=s[0:rows], src=sin.ap([[d, rows], [0, heads], [1, d]], offset=t0 * d))
-    a = nl.ndarray((P, heads, d), dtype=x.dtype, buffer=nl.sbuf)
-    nisa.tensor_tensor(dst=a[0:rows], data1=xt[0:rows], data2=c[0:rows], op=nl.multiply)
-    r = nl.ndarray((P, heads, d), dtype=x.dtype, buffer=nl.sbuf)
-    nisa.tensor_tensor(dst=r[0:rows, :, 0:half], data1=xt[0:rows, :, half:d], data2=s[0:rows, :, 0:half],
-                       op=nl.multiply, engine=sin_engine)
-    nisa.tensor_tensor(dst=r[0:rows, :, half:d], data1=xt[0:rows, :, 0:half], data2=s[0:rows, :, half:d],
-                       op=nl.multiply, engine=sin_engine)
     y = nl.ndarray((P, heads, d), dtype=x.dtype, buffer=nl.sbuf)
-    nisa.tensor_tensor(dst=y[0:rows, :, 0:half], data1=a[0:rows, :, 0:half], data2=r[0:rows, :, 0:half],
-                       op=nl.subtract)
-    nisa.tensor_tensor(dst=y[0:rows, :, half:d], data1=a[0:rows, :, half:d], data2=r[0:rows, :, half:d], op=nl.add)
+    rotate_rows(y, xt, c, s, rows, sin_engine)
     nisa.dma_copy(dst=x_out[t0:t0 + rows], src=y[0:rows])
 
 

@@ -1,0 +1,413 @@
+"""The decode attention block in one NKI kernel, for Trn2 and Trn3: residual add + RMSNorm ->
+fused q|k|v projection -> QK-norm -> RoPE -> attention over the KV cache and the new position ->
+o_proj, with every activation kept in SBUF between the stages.
+
+Layout, stage by stage (T = 1):
+
+- add + RMSNorm: the hidden spread over the 128 partitions (``norms.load_spread``); the sum of
+  squares crosses partitions through a ones-matmul.
+- q|k|v projection: the normalised token is the stationary operand (the contraction on the spread
+  layout's (partition, slot)); the weight, re-laid-out at load time in one block per head
+  (``head_blocks``: a contiguous run of H/128 x D values per partition and head), streams as
+  D-column moving tiles accumulated in fp32 PSUM. The [1, N] result stays on one partition.
+- QK-norm and RoPE: the q and k heads go onto partitions (one TensorE transpose per head into a
+  [D, heads] PSUM tile, one back to [heads, D] rows), then the norm and rotary kernels' row
+  helpers run on all Hq + Hkv rows at once; one more transpose gives q^T and k^T [D, heads].
+- attention: per KV head, the new position is one online-softmax block whose key (k^T column) and
+  value (the v slice of the [1, N] row) come from SBUF, then the cache is read once in 512-key
+  blocks masked at the run-time ``length`` (the one-pass decode kernel's helpers). The
+  normalised output of each query group is transposed into O^T [D, Hq].
+- o_proj: weights stationary (``output_on_partitions``): per output slot c and head h, a
+  [128 (d), 128] tile of ``W_o`` against the O^T column of head h accumulates outputs
+  p*H/128 + c on partition p. One token moves one column per matmul (64 cycles at the minimum,
+  plus 32 to load the stationary) where streaming the weight as 128 moving columns against a
+  one-token stationary takes 128, and the result lands spread over the partitions, a short copy
+  and a full-width store instead of an H-wide row on one partition.
+
+DMA order: every load goes out in the order of use (x, the residual and the norm weight, the
+q|k|v weights, the QK stage's small operands, the cache, then W_o), into tiles allocated up front
+where they fit
+(``RESIDENT_BYTES``, ``CACHE_BYTES``), so the weight and cache traffic overlaps the norm, the
+QK stage and the attention. Estimates against the chain of part kernels: README, "Fused decode
+attention block".
+
+LNC=2 (``kernel[2]``, Trn2 and Trn3 ranks): program p takes half of the query heads and the KV
+heads they read (the cache of a KV head shared by both halves is read by both cores), so each core
+reads half of the q weights; the two programs swap their O^T halves (``sendrecv``) and each
+computes half of the o_proj outputs (its own heads' terms first, while the swap is under way), so
+each core reads half of ``W_o``. Arithmetic and rounding are those of the one-program kernel.
+
+Rounding: as the chain of the part kernels (each stage rounds to the activation dtype where the
+reference does); sums run in other orders and the attention keeps fp32 scores (see
+``attention.py``), so outputs agree within ``BLOCK_TOLERANCE``.
+
+Per target: Trn3 computes exp with VectorE's fast exponential, squares on ScalarE and puts RoPE's
+sin products on GpSimd, as the Trn3 part kernels do; Trn2 uses ScalarE exp and VectorE for the
+norms. Trn3's wide moving tiles do not apply: the projections of one token move D = 128 columns
+(q|k|v, per head) or one (o_proj) per matmul.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+
+from nkimoe import ops
+from nkimoe.nki import nisa, nki, nl
+from nkimoe.registry import Variant
+from nkimoe.targets import Target
+from nkimoe.variants.attention import (
+    DECODE_BLOCK,
+    _running_state,
+    attend_cache_block,
+    cache_penalty,
+    decode_block,
+    decode_blocks,
+    decode_over_cache,
+    load_cache_block,
+    normalized,
+)
+from nkimoe.variants.norms import add_spread, normalize_rows, spread_rmsnorm, store_spread
+from nkimoe.variants.rope import rotate_rows
+from nkimoe.variants.tiles import matmul_accumulate, pe_transpose
+
+P = 128
+
+#: bf16. ``summed`` is one bf16 add, bit-exact. ``k`` and ``v`` carry the projection's tolerance
+#: (one rounding of a reordered fp32 sum: 1 ulp) through QK-norm (two roundings, whose inputs may
+#: differ by that ulp: 2 + 1 ulps) and RoPE (three roundings of products of those): a few bf16
+#: ulps, 2^-5 relative plus the norm's 1e-3 floor, below. ``out`` sums Hq*D products of attention
+#: outputs (each within the attention tolerance, 2e-2 + 2^-6 relative at |v| ~ 1, not correlated
+#: in sign) with o_proj weights of magnitude ~1/sqrt(Hq*D): its error stays at the attention's
+#: absolute scale, and the projection adds its own 1 ulp; 3e-2 absolute and 2^-5 relative cover
+#: both with the q/k perturbation of the scores (a few ulps of q.k*scale ~ 1e-2 per probability).
+BLOCK_TOLERANCE = {"bfloat16": (3e-2, 2.0**-5), "float32": (1e-4, 1e-4)}
+
+
+def attention_block_reference(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
+                              w_qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor,
+                              cos: torch.Tensor, sin: torch.Tensor, k_cache_t: torch.Tensor, v_cache: torch.Tensor,
+                              length: int | torch.Tensor, w_o: torch.Tensor, scale: float,
+                              eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decode (T = 1): add_rmsnorm -> fused q|k|v linear -> qk_norm -> rope -> attention over the
+    cache plus the new position -> o_proj, composed from the op references.
+
+    x, residual [1, H]; norm_weight [H]; w_qkv [(Hq + 2 Hkv) D, H] (q rows, then k, then v);
+    q_norm_weight, k_norm_weight [D]; cos, sin [1, D]; k_cache_t [Hkv, D, C] and v_cache [Hkv, C, D]
+    hold positions [0, length) (C > length); w_o [H, Hq D].
+    Returns (summed [1, H], out [1, H], k [1, Hkv, D], v [1, Hkv, D]): the residual sum, the o_proj
+    output, and the new position's key (after QK-norm and RoPE) and value, which the caller writes
+    into the caches at position ``length`` afterwards (the inputs are not mutated).
+    """
+    hkv, d, _ = k_cache_t.shape
+    hq = w_o.shape[1] // d
+    position = int(length)
+    summed, normed = ops.add_rmsnorm(x, residual, norm_weight, eps)
+    q, k, v = ops.linear(normed, w_qkv).split([hq * d, hkv * d, hkv * d], dim=1)
+    q, k = ops.qk_norm(q.reshape(1, hq, d), k.reshape(1, hkv, d), q_norm_weight, k_norm_weight, eps)
+    q, k = ops.rope(q, k, cos, sin)
+    v = v.reshape(1, hkv, d)
+    k_cache, v_cache = k_cache_t.clone(), v_cache.clone()
+    k_cache[:, :, position] = k[0]
+    v_cache[:, position] = v[0]
+    attn = ops.attention_decode(q, k_cache, v_cache, position + 1, scale)
+    return summed, ops.linear(attn.reshape(1, hq * d), w_o), k, v
+
+
+def head_blocks(w: torch.Tensor) -> torch.Tensor:
+    """Load-time layout of the q|k|v weight ``W [N, H]``: ``[N/128, 128, H/128, 128]``, block c (one
+    head at D = 128) holding columns c*128 .. of ``W^T`` with hidden index p*H/128 + j on (partition
+    p, slot j), the decode-norm layout of the token: one contiguous run per partition and head."""
+    n, k = w.shape
+    return w.reshape(n // P, P, P, k // P).permute(0, 2, 3, 1).contiguous()
+
+
+def output_on_partitions(w: torch.Tensor) -> torch.Tensor:
+    """Load-time layout of ``W_o [H, K]`` for a weights-stationary projection of one token:
+    ``[128 (d), H/128 (c), K/128 (h), 128 (p)]`` holding ``W_o[p*H/128 + c, h*128 + d]``, so that
+    tile (c, h) is the stationary [k = h*128 + d, output p*H/128 + c] and the output lands with
+    hidden index p*H/128 + c on partition p (the decode-norm layout). One contiguous run per partition."""
+    h, k = w.shape
+    return w.reshape(P, h // P, k // P, P).permute(3, 1, 2, 0).contiguous()
+
+
+def _load(dst, w_blocks, per_load: int) -> None:  # noqa: ANN001
+    """DMA ``w_blocks`` [nb, 128, KT, W] (HBM, ``head_blocks``) into ``dst`` [128, nb, KT, W] (SBUF),
+    ``per_load`` blocks per transfer (one contiguous run of KT*W values per partition and block)."""
+    nb = w_blocks.shape[0]
+    for load in nl.affine_range((nb + per_load - 1) // per_load):
+        first = load * per_load
+        last = min(nb, first + per_load)
+        nisa.dma_copy(dst=dst[:, first:last], src=w_blocks[first:last].permute((1, 0, 2, 3)))
+
+
+def _row_matmul(row, x_t, w_sb) -> None:  # noqa: ANN001
+    """``row [1, nb*W] = x_t . w_sb``: x_t [128, KT, 1] (SBUF) is the stationary token with the
+    contraction on (partition, slot); the blocks of w_sb [128, nb, KT, W] (SBUF) stream as W-column
+    moving tiles, accumulated over KT in fp32 PSUM and rounded once to row.dtype."""
+    _, nb, _, width = w_sb.shape
+    acc = nl.ndarray((1, nb * width), dtype=nl.float32, buffer=nl.psum)
+    for b in nl.affine_range(nb):
+        matmul_accumulate(acc[0:1, b * width:(b + 1) * width], x_t, w_sb[:, b])
+    nisa.tensor_copy(dst=row, src=acc)
+
+
+def _project(row, x_t, w_blocks, per_load: int, resident=None) -> None:  # noqa: ANN001
+    """``row [1, nb*W] (SBUF) = x_t . W`` for w_blocks [nb, 128, KT, W] (HBM, ``head_blocks``),
+    ``per_load`` blocks at a time: from ``resident`` [128, nb, KT, W] (SBUF) when given (loaded
+    earlier by ``_load``), otherwise loaded here into double-buffered tiles."""
+    nb, _, kt, width = w_blocks.shape
+    for load in nl.affine_range((nb + per_load - 1) // per_load):
+        first = load * per_load
+        count = min(per_load, nb - first)
+        if resident is None:
+            w_sb = nl.ndarray((P, per_load, kt, width), dtype=w_blocks.dtype, buffer=nl.sbuf)
+            _load(w_sb, w_blocks[first:first + count], per_load)
+        else:
+            w_sb = resident[:, first:first + count]
+        _row_matmul(row[0:1, first * width:(first + count) * width], x_t, w_sb[:, 0:count])
+
+
+def _project_heads(qkv, x_t, w_qkv_blocks, ranges, resident) -> None:  # noqa: ANN001
+    """This program's q, k and v columns of the fused projection, head ranges ``ranges`` ((first head,
+    count) of w_qkv_blocks, in order), side by side in the SBUF row ``qkv`` [1, heads * D]; the
+    weight blocks from ``resident`` [128, heads, H/128, D] when given, else streamed."""
+    d = w_qkv_blocks.shape[3]
+    at = 0
+    for first, count in ranges:
+        blocks = None if resident is None else resident[:, at:at + count]
+        _project(qkv[0:1, at * d:(at + count) * d], x_t, w_qkv_blocks[first:first + count], QKV_HEADS_PER_LOAD,
+                 resident=blocks)
+        at += count
+
+
+def _split(total: int, me: int, programs: int) -> tuple[int, int]:
+    """This program's contiguous share [first, last) of ``total`` items."""
+    share = total // programs
+    return me * share, (me + 1) * share
+
+
+@nki.jit
+def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight, k_norm_weight, cos, sin, k_cache_t,
+                           v_cache, length, w_o_t, scale: float, eps: float = 1e-6, fast_exp: bool = False,
+                           square_on_scalar: bool = False, sin_on_gpsimd: bool = False):
+    """The decode attention block (see the module docstring).
+
+    Dimensions: H hidden (multiple of 128), Hq query and Hkv KV heads (Hq + Hkv <= 128), D = 128
+    head_dim, C cache positions. Under LNC=2, Hq and H/128 are even.
+    Args: x, residual [1, H]; norm_weight [H]; w_qkv_blocks [Hq + 2 Hkv, 128, H/128, D]
+    (``head_blocks(w_qkv)``); q_norm_weight, k_norm_weight [D]; cos, sin [1, D]; k_cache_t
+    [Hkv, D, C]; v_cache [Hkv, C, D]; length [1, 1] int32 (valid cache positions); w_o_t
+    [128, H/128, Hq, 128] (``output_on_partitions(w_o)``);
+    scale; eps; fast_exp, square_on_scalar, sin_on_gpsimd: the Trn3 engine choices of the
+    attention, norm and RoPE kernels.
+    Returns: summed [1, H], out [1, H], k [1, Hkv, D], v [1, Hkv, D] (HBM, x.dtype).
+    """
+    h = x.shape[1]
+    hkv, d, _ = k_cache_t.shape
+    hq = w_o_t.shape[2]
+    group = hq // hkv
+    me, programs = nl.program_id(0), nl.num_programs()
+    summed = nl.ndarray((1, h), dtype=x.dtype, buffer=nl.shared_hbm)
+    out = nl.ndarray((1, h), dtype=x.dtype, buffer=nl.shared_hbm)
+    k_out = nl.ndarray((1, hkv, d), dtype=x.dtype, buffer=nl.shared_hbm)
+    v_out = nl.ndarray((1, hkv, d), dtype=x.dtype, buffer=nl.shared_hbm)
+    # This program's query heads [q0, q1) and the KV heads [g0, g1) they read.
+    q0, q1 = _split(hq, me, programs)
+    g0, g1 = q0 // group, -(-q1 // group)
+    nq, nkv = q1 - q0, g1 - g0
+    rows = nq + nkv  # the rows QK-norm and RoPE see: this program's q heads, then its k heads
+
+    # Loads go out in the order of use: x, the residual and the norm weight, the q|k|v weights,
+    # the small operands of the QK stage, the cache, W_o. Tiles loaded ahead are allocated first,
+    # so that their loads wait for no earlier tile.
+    w_rows = nl.ndarray((P, d), dtype=q_norm_weight.dtype, buffer=nl.sbuf)
+    c = nl.ndarray((P, 1, d), dtype=cos.dtype, buffer=nl.sbuf)
+    s = nl.ndarray((P, 1, d), dtype=sin.dtype, buffer=nl.sbuf)
+    valid_len = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
+    c0, c1 = _split(h // P, me, programs)  # this program's o_proj output slots (hidden p*H/128 + c)
+    w_o_sb = nl.ndarray((P, c1 - c0, hq, P), dtype=w_o_t.dtype, buffer=nl.sbuf)
+    # This program's q, k and v weight blocks (one per head), resident when they fit beside W_o.
+    ranges = ((q0, nq), (hq + g0, nkv), (hq + hkv + g0, nkv))
+    item = 2 if x.dtype == nl.bfloat16 else 4
+    w_qkv_sb = None
+    if item * ((rows + nkv) * (h // P) * d + (c1 - c0) * hq * P) <= RESIDENT_BYTES:
+        w_qkv_sb = nl.ndarray((P, rows + nkv, h // P, d), dtype=w_qkv_blocks.dtype, buffer=nl.sbuf)
+
+    # 1. residual add + RMSNorm, hidden spread over the partitions.
+    st = add_spread(x, residual)
+    normed = spread_rmsnorm(st, norm_weight, eps)
+    if me == 0:
+        store_spread(summed, st)
+
+    # 2. this program's q, k and v columns of the fused projection: one SBUF row [1, (rows + nkv) D].
+    qkv = nl.ndarray((1, (rows + nkv) * d), dtype=x.dtype, buffer=nl.sbuf)
+    x_t = normed.reshape((P, h // P, 1))
+    if w_qkv_sb is None:  # streamed: its loads go out here, ahead of the cache's and W_o's
+        _project_heads(qkv, x_t, w_qkv_blocks, ranges, None)
+    else:
+        at = 0
+        for first, count in ranges:
+            _load(w_qkv_sb[:, at:at + count], w_qkv_blocks[first:first + count], QKV_HEADS_PER_LOAD)
+            at += count
+    nisa.dma_copy(dst=w_rows[0:nq], src=q_norm_weight.reshape((1, d)).ap([[0, nq], [1, d]]))
+    nisa.dma_copy(dst=w_rows[nq:rows], src=k_norm_weight.reshape((1, d)).ap([[0, nkv], [1, d]]))
+    nisa.dma_copy(dst=c[0:rows], src=cos.ap([[0, rows], [0, 1], [1, d]], offset=0))
+    nisa.dma_copy(dst=s[0:rows], src=sin.ap([[0, rows], [0, 1], [1, d]], offset=0))
+    nisa.dma_copy(dst=valid_len[0:group], src=length.ap([[0, group], [1, 1]]))
+    # The cache of this program's KV heads ahead of W_o (attention needs it first), when it fits.
+    blocks = decode_blocks(k_cache_t.shape[2])
+    cache = None
+    if item * 2 * DECODE_BLOCK * blocks * nkv <= CACHE_BYTES:
+        cache = [[load_cache_block(k_cache_t, v_cache, g0 + j, blk) for blk in range(blocks)] for j in range(nkv)]
+    pieces = next(n for n in (4, 2, 1) if (c1 - c0) % n == 0)  # so that the first slots' matmuls start early
+    for piece in nl.affine_range(pieces):
+        a, b = _split(c1 - c0, piece, pieces)
+        nisa.dma_copy(dst=w_o_sb[:, a:b], src=w_o_t[:, c0 + a:c0 + b])
+
+    if w_qkv_sb is not None:
+        _project_heads(qkv, x_t, w_qkv_blocks, ranges, w_qkv_sb)
+
+    if cache is not None:  # the masks depend only on the block and the length: computed while the cache arrives
+        penalties = [cache_penalty(valid_len, blk, cache[0][blk][2], group) for blk in range(blocks)]
+
+    # 3. q and k heads onto partitions, QK-norm and RoPE on all rows at once.
+    cols = nl.ndarray((d, rows), dtype=x.dtype, buffer=nl.psum)
+    for i in nl.affine_range(rows):
+        nisa.nc_transpose(dst=cols[:, i:i + 1], data=qkv[0:1, i * d:(i + 1) * d], engine=nisa.engine.tensor)
+    cols_sb = nl.ndarray((d, rows), dtype=x.dtype, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=cols_sb, src=cols)
+    heads = nl.ndarray((P, d), dtype=x.dtype, buffer=nl.sbuf)
+    pe_transpose(heads[0:rows], cols_sb)
+    qk_normed = nl.ndarray((P, 1, d), dtype=x.dtype, buffer=nl.sbuf)
+    normalize_rows(qk_normed.reshape((P, d)), heads, w_rows, rows, d, eps, square_on_scalar)
+    roped = nl.ndarray((P, 1, d), dtype=x.dtype, buffer=nl.sbuf)
+    rotate_rows(roped, qk_normed, c, s, rows, nisa.engine.gpsimd if sin_on_gpsimd else nisa.engine.vector)
+    qk_t = nl.ndarray((d, rows), dtype=x.dtype, buffer=nl.sbuf)  # q^T then k^T, head_dim on partitions
+    pe_transpose(qk_t, roped.reshape((P, d))[0:rows])
+    for j in nl.affine_range(nkv):
+        if q0 <= (g0 + j) * group < q1:  # the program holding the KV head's first query head stores it
+            nisa.dma_copy(dst=k_out[0, g0 + j:g0 + j + 1, :], src=roped.reshape((P, d))[nq + j:nq + j + 1])
+            nisa.dma_copy(dst=v_out[0, g0 + j:g0 + j + 1, :], src=qkv[0:1, (rows + j) * d:(rows + j + 1) * d])
+
+    # 4. attention: per KV head, the new position from SBUF, then the cache (read once).
+    attn_t = nl.ndarray((d, hq), dtype=x.dtype, buffer=nl.sbuf)  # O^T, head_dim on partitions
+    for j in nl.affine_range(nkv):
+        g = g0 + j
+        a, b = max(q0, g * group), min(q1, (g + 1) * group)  # this program's query heads of KV head g
+        q_t = qk_t[:, a - q0:b - q0]
+        state = _running_state(d)
+        v_new = qkv[0:1, (rows + j) * d:(rows + j + 1) * d]
+        decode_block(q_t, qk_t[:, nq + j:nq + j + 1], 1, lambda ch, kc, v=v_new: v, state, scale, fast_exp)
+        if cache is None:
+            decode_over_cache(q_t, k_cache_t, v_cache, g, valid_len, state, scale, fast_exp)
+        else:
+            for blk in nl.affine_range(blocks):
+                attend_cache_block(q_t, cache[j][blk], penalties[blk], state, scale, fast_exp)
+        res = normalized(state[2], state[1], b - a, d, x.dtype)
+        pe_transpose(attn_t[:, a:b], res[0:b - a])
+    if programs > 1:  # swap O^T halves: both programs then hold all of it
+        peer = 1 - me
+        p0, p1 = _split(hq, peer, programs)
+        nisa.sendrecv(src=attn_t[:, q0:q1], dst=attn_t[:, p0:p1], send_to_rank=peer, recv_from_rank=peer, pipe_id=0)
+
+    # 5. o_proj, weights stationary: per output slot c, the Hq tiles [128 (d), 128 (p)] against the
+    # O^T columns accumulate out[p*H/128 + c] on partition p; this program's share of the slots.
+    acc = nl.ndarray((P, c1 - c0), dtype=nl.float32, buffer=nl.psum)
+    heads_first = [*range(q0, q1), *range(0, q0), *range(q1, hq)]  # this program's heads need no swap
+    for i, hh in enumerate(heads_first):
+        for slot in nl.affine_range(c1 - c0):
+            nisa.nc_matmul(dst=acc[:, slot:slot + 1], stationary=w_o_sb[:, slot, hh, :], moving=attn_t[:, hh:hh + 1],
+                           accumulate=(i > 0))
+    out_sb = nl.ndarray((P, c1 - c0), dtype=x.dtype, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=out_sb, src=acc)
+    nisa.dma_copy(dst=out.reshape((P, h // P))[:, c0:c1], src=out_sb)
+    return summed, out, k_out, v_out
+
+
+# --- launchers and support checks ----------------------------------------------------------------
+
+#: Projection weight blocks per DMA of the q|k|v weight: 2 heads, 2 x 128 x H/128 values per
+#: partition in runs of 128 * H/128 (4 KiB at H = 2048, past the size where a DMA descriptor's
+#: fixed cost stops dominating).
+QKV_HEADS_PER_LOAD = 2
+
+#: SBUF bytes per partition for weights loaded ahead of their use (W_o always; the q|k|v blocks
+#: too when both fit): well below both targets' usable SBUF (207 KiB Trn2, 239 KiB Trn3), leaving
+#: room for the streamed q|k|v loads, the cache blocks and the activations.
+RESIDENT_BYTES = 128 * 1024
+
+#: SBUF bytes per partition for the cache loaded ahead of W_o (K^T and V of every 512-key block of
+#: this program's KV heads: 2 KiB per block in bf16); a longer cache streams block by block.
+CACHE_BYTES = 32 * 1024
+
+#: Per target: (fast exp, squares on ScalarE, sin products on GpSimd), the choices of the target's
+#: part kernels.
+_ENGINES = {"trn2": (False, False, False), "trn3": (True, True, True)}
+
+
+def _supports(programs: int) -> Callable[[Mapping[str, int], str, Target], tuple[bool, str]]:
+    def check(dims: Mapping[str, int], dtype: str, target: Target) -> tuple[bool, str]:
+        h, hq, hkv, d = dims["H"], dims["Hq"], dims["Hkv"], dims["D"]
+        if programs > 1 and target.lnc != programs:
+            return False, f"an LNC={programs} kernel; {target.name} runs LNC={target.lnc}"
+        if d != P:
+            return False, f"D={d}: the o_proj contraction puts head_dim on the {P} partitions"
+        if h % (P * programs) or hq % programs:
+            return False, f"H={h} must be a multiple of {P * programs} and Hq={hq} of {programs}"
+        if hq + hkv > P:
+            return False, f"Hq + Hkv = {hq + hkv} q and k rows exceed the {P} partitions"
+        item = 2 if dtype == "bfloat16" else 4
+        w_o_share = item * hq * (h // programs)
+        if w_o_share > RESIDENT_BYTES:
+            return False, f"this core's W_o share needs {w_o_share} B per partition, more than {RESIDENT_BYTES}"
+        # Resident weights and cache, double-buffered q|k|v loads and cache blocks (K^T, V), the
+        # [1, N] row, fp32 score tiles.
+        working = item * (2 * QKV_HEADS_PER_LOAD * h + 4 * DECODE_BLOCK + (hq + 2 * hkv) * d) + 4 * 8 * DECODE_BLOCK
+        need = RESIDENT_BYTES + CACHE_BYTES + working
+        if need > target.sbuf_usable_bytes_per_partition:
+            return False, (f"needs {need} B per partition of SBUF, {target.name} has "
+                           f"{target.sbuf_usable_bytes_per_partition}")
+        return True, f"D={P}, {programs} program(s), {need} B per partition of SBUF"
+
+    return check
+
+
+#: The load-time re-layout of both projections' weights.
+PREPARE = {"w_qkv": head_blocks, "w_o": output_on_partitions}
+
+
+def launcher(target: str, programs: int = 1) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """The block's launcher (the op's signature) for ``target`` (trn2 | trn3) on 1 or 2 physical
+    cores; ``w_qkv`` and ``w_o`` arrive prepared (``PREPARE``)."""
+    fast_exp, square_on_scalar, sin_on_gpsimd = _ENGINES[target]
+    kernel = attention_block_kernel if programs == 1 else attention_block_kernel[programs]
+
+    def attention_block(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, w_qkv: torch.Tensor,
+                        q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor, cos: torch.Tensor,
+                        sin: torch.Tensor, k_cache_t: torch.Tensor, v_cache: torch.Tensor,
+                        length: int | torch.Tensor, w_o: torch.Tensor, scale: float,
+                        eps: float = 1e-6) -> tuple[torch.Tensor, ...]:
+        valid = torch.as_tensor(length, dtype=torch.int32).reshape(1, 1)  # a tensor stays a run-time value
+        return tuple(kernel(x, residual, norm_weight, w_qkv, q_norm_weight, k_norm_weight, cos, sin, k_cache_t,
+                            v_cache, valid, w_o, scale=scale, eps=eps, fast_exp=fast_exp,
+                            square_on_scalar=square_on_scalar, sin_on_gpsimd=sin_on_gpsimd))
+
+    return attention_block
+
+
+def variants() -> list[Variant]:
+    """The ``attention_block`` variants, for registration once the op exists."""
+    out = []
+    for target in _ENGINES:
+        for programs in (1, 2):
+            cores = ("one core" if programs == 1
+                     else "both cores of an LNC=2 rank (query heads and o_proj outputs split)")
+            out.append(Variant(
+                op="attention_block", name=f"attention_block_{target}" + ("_lnc2" if programs == 2 else ""),
+                targets=(target,), kernel=launcher(target, programs), nki=True, priority=20 + programs,
+                supports=_supports(programs), tolerance=BLOCK_TOLERANCE, prepare=PREPARE,
+                description=f"add+RMSNorm -> q|k|v -> QK-norm -> RoPE -> attention -> o_proj in one kernel, "
+                            f"activations in SBUF, weights and cache loaded ahead, o_proj weights stationary, {cores}"))
+    return out
