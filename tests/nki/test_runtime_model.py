@@ -228,6 +228,32 @@ def test_what_0_3_0_removed_is_refused(idiom: str, match: str) -> None:
         np.testing.assert_array_equal(kernel(x), x)
 
 
+def test_a_kernel_may_return_the_output_it_is_passed() -> None:
+    """nki-library passes outputs in (``must_alias_input``) and returns them; a tensor the kernel
+    allocates in ``nl.hbm`` still may not be returned under 0.3.0."""
+    @jit
+    def kernel(x, out):  # noqa: ANN001, ANN202
+        tile = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=tile, src=x)
+        nisa.dma_copy(dst=out, src=tile)
+        return out
+
+    x, out = np.arange(16, dtype=F32).reshape(4, 4), np.zeros((4, 4), F32)
+    with session("trn2", nki_version="0.3.0"):
+        np.testing.assert_array_equal(kernel(x, out), x)
+    np.testing.assert_array_equal(out, x)  # written in place
+
+
+def test_enum_parameters_take_their_documented_integer_values() -> None:
+    """``dge_mode=3`` (nki-library's ``_DGE_MODE_NONE``) is ``dge_mode.none``; no member has 7."""
+    with session("trn2", nki_version="0.3.0"):
+        src, dst = _sbuf(np.ones((2, 4), F32)), nl.ndarray((2, 4), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=dst, src=src, dge_mode=3)
+        np.testing.assert_array_equal(dst.data, 1.0)
+        with pytest.raises(EmulatorError, match=r"dge_mode 7 is not a dge_mode value \(unknown=0, swdge=1"):
+            nisa.dma_copy(dst=dst, src=src, dge_mode=7)
+
+
 # --- 0.3.0 instructions -------------------------------------------------------------------------
 
 
@@ -341,6 +367,22 @@ def test_indirect_dma_skips_out_of_bounds_rows_only_when_asked() -> None:
         np.testing.assert_array_equal(cache, expected)
         with pytest.raises(EmulatorError, match=r"indirect rows \[1\] index past the end .*oob_mode.skip"):
             _gather_rows_kernel(cache, ids)
+
+
+def test_a_dynamic_address_out_of_bounds_skips_the_dma_only_when_asked() -> None:
+    """``scalar_offset`` past the end: ``oob_mode=skip`` skips the transfer (nki-library's
+    indexed_flatten parks unused rows at offset -1e6); the default raises."""
+    with session("trn2"):
+        cache = nl.ndarray((4, 8), dtype=nl.float32, buffer=nl.private_hbm)
+        cache.data[...] = 0.0
+        tile = _sbuf(np.ones((2, 8), F32))
+        for row in (1, -1000000):  # rows 1-2 written, then a transfer skipped
+            offset = _sbuf(np.array([[row]], np.int32), nl.int32)
+            nisa.dma_copy(dst=cache.ap([[8, 2], [1, 8]], scalar_offset=offset, indirect_dim=0), src=tile,
+                          oob_mode=nisa.oob_mode.skip)
+        np.testing.assert_array_equal(cache.data, np.array([[0.0] * 8, [1.0] * 8, [1.0] * 8, [0.0] * 8], F32))
+        with pytest.raises(EmulatorError, match="at element -8000000 reaches past the end"):
+            nisa.dma_copy(dst=cache.ap([[8, 2], [1, 8]], scalar_offset=offset, indirect_dim=0), src=tile)
 
 
 def test_ap_dtype_reinterprets_the_bytes() -> None:

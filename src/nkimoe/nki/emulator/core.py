@@ -470,8 +470,9 @@ class NkiTensor:
             return _with_offset(_Gather(gathered, self, [int(lo) for lo in lows], strides[1:], counts[1:],
                                         [int(i) for i in np.flatnonzero(~inside)]), vector_offset)
         if start < 0 or start + span >= flat.size:  # legal to build (kernels guard its use), illegal to access
-            return OutOfBounds(self, f"ap() pattern {pattern} at element {start} reaches past the end of {self!r}",
-                               counts)
+            return _with_offset(OutOfBounds(self, f"ap() pattern {pattern} at element {start} reaches past the end "
+                                                  f"of {self!r}", counts, dynamic=scalar_offset is not None),
+                                scalar_offset)
         view = np.lib.stride_tricks.as_strided(flat[start:], counts, [s * item for s in strides])
         return _with_offset(self._view(view), scalar_offset)
 
@@ -526,14 +527,16 @@ class _Gather(NkiTensor):
 
 class OutOfBounds(NkiTensor):
     """An access pattern that reaches outside its tensor: building one is legal (kernels often
-    build it before a guard that skips its use); any instruction that accesses it is refused."""
+    build it before a guard that skips its use); any instruction that accesses it is refused,
+    except a DMA with ``oob_mode=skip`` when the address is dynamic (a ``scalar_offset``): that
+    DMA skips the transfer, as ``nisa.dma_copy`` documents."""
 
-    __slots__ = ("reason",)
+    __slots__ = ("reason", "dynamic")
 
-    def __init__(self, origin: NkiTensor, reason: str, counts: list[int]) -> None:
+    def __init__(self, origin: NkiTensor, reason: str, counts: list[int], dynamic: bool = False) -> None:
         super().__init__(np.zeros(counts, dtype=origin.data.dtype), origin.dtype, origin.buffer, origin.name,
                          origin.storage_id, root=origin.root)
-        self.reason = reason
+        self.reason, self.dynamic = reason, dynamic
 
 
 class VirtualRegister:
