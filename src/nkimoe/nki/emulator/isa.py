@@ -278,11 +278,15 @@ def _contiguous_bytes(t: NkiTensor) -> int:
 
 
 def dma_transpose(dst: NkiTensor, src: NkiTensor, axes: Any = None, dge_mode: Any = dge_mode.unknown, oob_mode: Any = oob_mode.error, name: Any = None) -> None:
-    """Transpose with DMA (2-D: [1, 0]; 3-D: [2, 1, 0]; 4-D: [3, 1, 2, 0]); 2-byte dtypes only."""
+    """Transpose with DMA (2-D: [1, 0]; 3-D: [2, 1, 0]; 4-D: [3, 1, 2, 0]); 2- or 4-byte dtypes,
+    2-byte only under ``dge_mode=hwdge`` and for an indirect (``vector_offset``) source."""
     _tile("dma_transpose", "dst", dst, (MemoryRegion.sbuf,))
     _tile("dma_transpose", "src", src, (MemoryRegion.sbuf, MemoryRegion.hbm, MemoryRegion.shared_hbm, MemoryRegion.private_hbm))
-    if dt.itemsize(src.dtype) != 2:
-        raise _limit("dma_transpose", "src", f"dtype {src.dtype} is not a 2-byte dtype")
+    two_bytes = _member(_Dge, "dma_transpose", "dge_mode", dge_mode) is _Dge.hwdge or isinstance(src, _Gather)
+    if dt.itemsize(src.dtype) not in ((2,) if two_bytes else (2, 4)):
+        raise _limit("dma_transpose", "src", f"dtype {src.dtype} is not a {'2' if two_bytes else '2- or 4'}-byte dtype"
+                                             + (" (hardware-DGE and indirect transposes move 2-byte dtypes)"
+                                                if two_bytes else ""))
     perm = tuple(axes) if axes is not None else {2: (1, 0), 3: (2, 1, 0), 4: (3, 1, 2, 0)}.get(src.ndim)
     if perm is None:
         raise _limit("dma_transpose", "src", f"rank {src.ndim} is not 2, 3 or 4")
