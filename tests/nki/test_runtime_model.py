@@ -385,6 +385,17 @@ def test_a_dynamic_address_out_of_bounds_skips_the_dma_only_when_asked() -> None
             nisa.dma_copy(dst=cache.ap([[8, 2], [1, 8]], scalar_offset=offset, indirect_dim=0), src=tile)
 
 
+def test_an_empty_view_is_legal_to_build_not_to_access() -> None:
+    """nki-library's cross_entropy gives an LNC=2 program with no positions ``x[nl.ds(0, 0)]``
+    and never touches it; an instruction that does is refused."""
+    with session("trn2"):
+        hbm = nl.ndarray((4,), dtype=nl.int32, buffer=nl.shared_hbm)
+        empty = hbm[nl.ds(0, 0)]
+        assert empty.shape == (0,)
+        with pytest.raises(EmulatorError, match="nisa.dma_copy: src is empty"):
+            nisa.dma_copy(dst=nl.ndarray((1, 1), dtype=nl.int32, buffer=nl.sbuf), src=empty)
+
+
 def test_ap_dtype_reinterprets_the_bytes() -> None:
     """nki-library's mxfp_load_utils reads bf16 pairs as fp32 words with ``.ap(dtype=nl.float32)``."""
     import ml_dtypes

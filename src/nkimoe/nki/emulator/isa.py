@@ -131,6 +131,8 @@ def _tile(instr: str, operand: str, t: Any, buffers: Sequence[MemoryRegion] = (M
         raise _limit(instr, operand, f"must be a tensor, got {type(t).__name__}")
     if isinstance(t, OutOfBounds) and not (t.dynamic and skip_out_of_bounds):
         raise _limit(instr, operand, t.reason)
+    if t.data.size == 0:
+        raise _limit(instr, operand, f"is empty: {t!r}")
     if isinstance(t, _Gather) and t.out_of_bounds and not skip_out_of_bounds:
         raise _limit(instr, operand, f"indirect rows {t.out_of_bounds[:8]} index past the end of {t.origin!r} "
                                      "(a DMA with oob_mode=nisa.oob_mode.skip skips such rows)")
