@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from nkimoe.nki.emulator import session
+from nkimoe.nki.emulator import session, simulate
 from nkimoe.nki.emulator.aliases import install_as_nki
 
 LIBRARY = Path(__file__).resolve().parents[2] / ".." / "shared" / "vendor" / "nki-library"
@@ -38,7 +38,9 @@ class Case:
     """One kernel call of nki-library's tests."""
 
     id: str
-    kernel: str  #: "module:attribute" under nkilib_src.nkilib
+    #: The kernel ("module:attribute" under nkilib_src.nkilib), or a function of the resolver giving
+    #: the ``@nki.jit`` wrapper the test file defines around a library function (restated here).
+    kernel: str | Callable[[Callable[[str], Any]], Callable[..., Any]]
     #: The torch reference the test validates against ("module:attribute"), or a function of the
     #: resolver giving the golden the test file defines itself (restated here).
     reference: str | Callable[[Callable[[str], Any]], Callable[..., Any]]
@@ -48,6 +50,16 @@ class Case:
     lnc: int = 2
     rtol: float = 1e-5
     atol: float = 1e-8
+    #: ``torch_ref_wrapper(preserve_lower_precision=True)``: bf16 inputs reach the reference as bf16
+    #: and its outputs are rounded to the first low-precision input's dtype.
+    lower_precision: bool = False
+    #: The nki-library module the case exercises, when ``kernel`` is a test file's wrapper.
+    library: str = ""
+
+    @property
+    def module(self) -> str:
+        """The kernel's module under nkilib_src.nkilib (its row of README's conformance table)."""
+        return self.library or str(self.kernel).split(":")[0]
 
 
 def _randn(seed: int, name: str, shape: tuple[int, ...], dtype: Any) -> Callable[[Callable[[str], Any]], dict]:
@@ -58,10 +70,11 @@ def _randn(seed: int, name: str, shape: tuple[int, ...], dtype: Any) -> Callable
     return make
 
 
-def _gaussian(seed: int = 0, std: float = 1.0) -> Callable[[tuple[int, ...]], np.ndarray]:
-    """nki-library's ``gaussian_tensor_generator``: successive ``rng.normal`` draws of one generator, bf16."""
+def _gaussian(seed: int = 0, std: float = 1.0) -> Callable[..., np.ndarray]:
+    """nki-library's ``gaussian_tensor_generator``: successive ``rng.normal`` draws of one generator
+    (bf16 unless a dtype is given)."""
     rng = np.random.default_rng(seed)
-    return lambda shape: (rng.normal(size=shape) * std).astype(ml_dtypes.bfloat16)
+    return lambda shape, dtype=ml_dtypes.bfloat16: (rng.normal(size=shape) * std).astype(dtype)
 
 
 def _rope(d_head: int, batch: int, heads: int, seq: int, contiguous: bool, relayout: bool) -> Callable[..., dict]:
@@ -96,6 +109,198 @@ def _output_projection(batch: int, heads: int, seq: int, d_head: int, hidden: in
     return make
 
 
+def _tkg_norm(batch: int, seq: int, hidden: int, options: dict[str, Any], beta: bool = False) -> Callable[..., dict]:
+    def make(resolve: Callable[[str], Any]) -> dict[str, Any]:  # generate_inputs of test_rmsnorm_tkg / test_layernorm_tkg
+        np.random.seed(42)
+        inputs = {"input": np.random.randn(batch, seq, hidden).astype(np.float16),
+                  "gamma": np.random.randn(1, hidden).astype(np.float16),
+                  "output": np.zeros((128, batch * seq, hidden // 128), dtype=np.float16)}
+        if beta:
+            inputs["beta"] = np.random.randn(1, hidden).astype(np.float16)
+        return {**inputs, **options}
+    return make
+
+
+def _indexed_flatten(tokens: int, rows: int, f_len: int, offsets: int | None = None,
+                     start: int | None = None) -> Callable[..., dict]:
+    def make(resolve: Callable[[str], Any]) -> dict[str, Any]:  # input_generator of test_indexed_flatten.py
+        n = rows if offsets is None else offsets
+        return {"input_tensor": np.arange(rows * tokens, dtype=np.int32).reshape(rows, tokens), "f_len": f_len,
+                "output_len": (n * tokens + 1024 + 127) // 128 * 128,
+                "row_offsets": np.array([tokens // f_len * i for i in range(n)], dtype=np.int32),
+                "row_offsets_start": None if start is None else np.array([start], dtype=np.int32), "padding_val": -1}
+    return make
+
+
+def _cross_partition_copy_kernel(resolve: Callable[[str], Any]) -> Callable[..., Any]:
+    """``kernel_cross_partition_copy`` of test_cross_partition_copy.py."""
+    import nki
+    import nki.isa as nisa
+    import nki.language as nl
+
+    cross_partition_copy = resolve("core.utils.cross_partition_copy:cross_partition_copy")
+
+    @nki.jit
+    def kernel(input_data, output, src_start_partition, dst_start_partition,  # noqa: ANN001, ANN202
+               num_partitions_to_copy, free_dim_size, total_partitions):
+        src = nl.ndarray((total_partitions, free_dim_size), dtype=input_data.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=src, src=input_data)
+        dst = nl.ndarray((total_partitions, free_dim_size), dtype=input_data.dtype, buffer=nl.sbuf)
+        nisa.memset(dst=dst, value=0.0)
+        cross_partition_copy(src=src, dst=dst, src_start_partition=src_start_partition,
+                             dst_start_partition=dst_start_partition, num_partitions_to_copy=num_partitions_to_copy,
+                             free_dim_size=free_dim_size)
+        nisa.dma_copy(dst=output, src=dst)
+        return output
+    return kernel
+
+
+def _cross_partition_copy_reference(resolve: Callable[[str], Any]) -> Callable[..., Any]:
+    """``cross_partition_copy_torch_ref`` of test_cross_partition_copy.py."""
+    def reference(input_data: torch.Tensor, src_start_partition: int, dst_start_partition: int,
+                  num_partitions_to_copy: int, free_dim_size: int, **_: Any) -> torch.Tensor:
+        result = torch.zeros_like(input_data)
+        src = slice(src_start_partition, src_start_partition + num_partitions_to_copy)
+        result[dst_start_partition:dst_start_partition + num_partitions_to_copy, :free_dim_size] = \
+            input_data[src, :free_dim_size]
+        return result
+    return reference
+
+
+def _cross_partition_copy(src: int, dst: int, count: int, free: int, total: int) -> Callable[..., dict]:
+    def make(resolve: Callable[[str], Any]) -> dict[str, Any]:
+        np.random.seed(42)
+        data = np.random.randn(total, free).astype(np.float32)
+        return {"input_data": data, "output": np.zeros_like(data), "src_start_partition": src,
+                "dst_start_partition": dst, "num_partitions_to_copy": count, "free_dim_size": free,
+                "total_partitions": total}
+    return make
+
+
+def _tp_broadcast_kernel(resolve: Callable[[str], Any]) -> Callable[..., Any]:
+    """``tp_broadcast_hbm`` of test_tp_broadcast.py."""
+    import nki
+    import nki.isa as nisa
+    import nki.language as nl
+
+    tensor_view = resolve("core.utils.tensor_view:TensorView")
+    tp_broadcast = resolve("core.utils.tp_broadcast:tp_broadcast")
+
+    @nki.jit
+    def kernel(src_hbm, src_offset, broadcast_count, src_select_index):  # noqa: ANN001, ANN202
+        dst_shape = (broadcast_count, src_hbm.shape[0])
+        src_sbuf = nl.ndarray(src_hbm.shape, src_hbm.dtype, nl.sbuf)
+        dst_hbm = nl.ndarray(dst_shape, src_hbm.dtype, nl.shared_hbm)
+        dst_sbuf = nl.ndarray(dst_shape, src_hbm.dtype, nl.sbuf)
+        nisa.dma_copy(src_sbuf, src_hbm)
+        src_in = tensor_view(src_sbuf).select(1, src_select_index) if src_select_index is not None else src_sbuf
+        tp_broadcast(src_in, dst_sbuf, src_offset)
+        nisa.dma_copy(dst_hbm, dst_sbuf)
+        return dst_hbm
+    return kernel
+
+
+def _tp_broadcast_reference(resolve: Callable[[str], Any]) -> Callable[..., Any]:
+    """``tp_broadcast_torch`` of test_tp_broadcast.py."""
+    def reference(src_hbm: torch.Tensor, src_offset: int, broadcast_count: int,
+                  src_select_index: int | None) -> torch.Tensor:
+        if src_select_index is not None:
+            src_hbm = src_hbm.select(1, src_select_index)
+        return src_hbm.reshape(src_hbm.shape[0], -1)[:, src_offset].unsqueeze(0).repeat(broadcast_count, 1)
+    return reference
+
+
+def _tp_broadcast(shape: tuple[int, ...], offset: int, count: int, select: int | None) -> Callable[..., dict]:
+    def make(resolve: Callable[[str], Any]) -> dict[str, Any]:  # np_random_sample(): seed 0, [0, 1)
+        np.random.seed(0)
+        return {"src_hbm": np.random.random_sample(shape).astype(np.float32), "src_offset": offset,
+                "broadcast_count": count, "src_select_index": select}
+    return make
+
+
+def _rope_hf(batch: int, q_heads: int, kv_heads: int, seq: int, d_head: int, dtype: Any,
+             backward: bool) -> Callable[..., dict]:
+    def make(resolve: Callable[[str], Any]) -> dict[str, Any]:  # _generate_inputs of test_rope_hf.py, cos/sin format
+        np.random.seed(42)
+        q = np.random.randn(batch, q_heads, seq, d_head).astype(dtype)
+        k = np.random.randn(batch, kv_heads, seq, d_head).astype(dtype)
+        return {"q": q, "k": k, "q_out": np.zeros_like(q), "k_out": np.zeros_like(k), "backward": backward,
+                "cos": np.random.randn(batch, seq, d_head).astype(dtype),
+                "sin": np.random.randn(batch, seq, d_head).astype(dtype)}
+    return make
+
+
+def _topk_reduce(tokens: int, top_k: int, hidden: int, ranks: int) -> Callable[..., dict]:
+    def make(resolve: Callable[[str], Any]) -> dict[str, Any]:  # generate_topk_reduce_inputs of test_topk_reduce.py
+        np.random.seed(42)
+        rows = ranks * tokens
+        buffer = np.full((rows, hidden + 2), -1, dtype=ml_dtypes.bfloat16)
+        values = np.random.randn(tokens * top_k, hidden).astype(ml_dtypes.bfloat16)
+        ids = np.arange(tokens, dtype=np.int32).repeat(top_k).reshape(tokens * top_k, 1).view(ml_dtypes.bfloat16)
+        buffer[np.random.permutation(rows)[:tokens * top_k]] = np.concatenate([values, ids], axis=1)
+        return {"input": buffer, "T": tokens, "K": top_k}
+    return make
+
+
+def _conv1d(batch: int, c_in: int, c_out: int, length: int, size: int, stride: int, pad: tuple[int, int],
+            dilation: int, bias: bool, act: str | None, shard: bool, dtype: Any) -> Callable[..., dict]:
+    def make(resolve: Callable[[str], Any]) -> dict[str, Any]:  # generate_conv1d_inputs of test_conv1d.py
+        draw = _gaussian()
+        act_fn = None if act is None else getattr(resolve("core.utils.common_types:ActFnType"), act)
+        return {"x_in": draw((batch, c_in, length), dtype), "filters": draw((size, c_in, c_out), dtype),
+                "bias": draw((c_out,), dtype) if bias else None, "stride": stride, "padding": pad,
+                "dilation": dilation, "activation_fn": act_fn, "lnc_shard": shard}
+    return make
+
+
+def _depthwise_conv1d(channels: int, width: int, size: int, stride: int, pad: int) -> Callable[..., dict]:
+    def make(resolve: Callable[[str], Any]) -> dict[str, Any]:  # generate_kernel_inputs of test_depthwise_conv1d.py
+        draw = _gaussian()
+        return {"img_ref": draw((1, channels, 1, width)), "filter_ref": draw((channels, 1, 1, size)),
+                "padding": ((0, 0), (pad, pad)), "stride": (1, stride), "rhs_dilation": (1, 1),
+                "lhs_dilation": (1, 1), "feature_group_count": channels, "batch_group_count": 1}
+    return make
+
+
+def _depthwise_conv1d_reference(resolve: Callable[[str], Any]) -> Callable[..., Any]:
+    """``golden_depthwise_conv1d``: torch's grouped conv2d, rounded to the inputs' bf16."""
+    def reference(img_ref: torch.Tensor, filter_ref: torch.Tensor, padding: Any, stride: Any, **_: Any) -> torch.Tensor:
+        out = torch.nn.functional.conv2d(img_ref, filter_ref, stride=stride, padding=(0, padding[1][0]),
+                                         groups=img_ref.shape[1])
+        return out.to(torch.bfloat16)
+    return reference
+
+
+def _cross_entropy(positions: int, vocab: int, per_batch: int, chunk: int, backward: bool) -> Callable[..., dict]:
+    def make(resolve: Callable[[str], Any]) -> dict[str, Any]:  # generate_kernel_inputs of the cross-entropy tests, bf16
+        np.random.seed(42)
+        logits = np.random.randn(positions, vocab).astype(ml_dtypes.bfloat16)
+        targets = np.random.randint(0, vocab, size=(positions,), dtype=np.int32)
+        inputs: dict[str, Any] = {"logits_hbm": logits, "targets_hbm": targets}
+        if backward:  # the forward reference's log-sum-exp, in bf16
+            forward = resolve("experimental.loss.cross_entropy_torch:cross_entropy_forward_torch_ref")
+            _, lse = forward(torch.from_numpy(logits.astype(np.float32)).to(torch.bfloat16),
+                             torch.from_numpy(targets).long())
+            inputs.update(lse_state_hbm=lse.float().numpy().astype(ml_dtypes.bfloat16), reduction="mean")
+        return {**inputs, "positions_per_batch": per_batch, "chunk_size": chunk, "dtype": "bfloat16"}
+    return make
+
+
+def _cross_entropy_reference(name: str) -> Callable[[Callable[[str], Any]], Callable[..., Any]]:
+    """``golden_cross_entropy_ref`` / ``golden_cross_entropy_backward_ref``: the torch reference in
+    bf16, its outputs rounded to bf16."""
+    def bind(resolve: Callable[[str], Any]) -> Callable[..., Any]:
+        torch_ref = resolve(f"experimental.loss.cross_entropy_torch:{name}")
+
+        def reference(logits_hbm: torch.Tensor, targets_hbm: torch.Tensor, reduction: str | None = None,
+                      **_: Any) -> list[torch.Tensor]:
+            args = (logits_hbm.to(torch.bfloat16), targets_hbm.long(), *((reduction,) if reduction else ()))
+            out = torch_ref(*args)
+            return [o.to(torch.bfloat16) for o in (out if isinstance(out, tuple) else (out,))]
+        return reference
+    return bind
+
+
 CUMSUM = ("core.cumsum:cumsum", "core.cumsum.cumsum_torch:cumsum_torch_ref")
 CASCADED_MAX = ("core.max.cascaded_max:cascaded_max", "core.max.cascaded_max_torch:cascaded_max_torch_ref")
 ROPE = ("core.embeddings.rope:RoPE", "core.embeddings.rope_torch:rope_torch_ref")
@@ -104,6 +309,17 @@ NONZERO = ("core.subkernels.find_nonzero_indices:find_nonzero_indices",
 NONZERO_WITH_COUNT = "experimental.benchmark.find_nonzero_indices_with_count:find_nonzero_indices_with_count"
 OUT_PROJ = ("core.output_projection.output_projection_tkg:output_projection_tkg",
             "core.output_projection.output_projection_tkg_torch:output_projection_tkg_torch_ref")
+RMSNORM_TKG = ("core.subkernels.rmsnorm_tkg:rmsnorm_tkg", "core.subkernels.rmsnorm_torch:rmsnorm_tkg_torch_ref")
+RMSNORM_TKG_LNC1 = (RMSNORM_TKG[0], "core.subkernels.rmsnorm_torch:rmsnorm_tkg_torch_ref_lnc1")
+LAYERNORM_TKG = ("core.subkernels.layernorm_tkg:layernorm_tkg", "core.subkernels.layernorm_torch:layernorm_tkg_torch_ref")
+LAYERNORM_TKG_LNC1 = (LAYERNORM_TKG[0], "core.subkernels.layernorm_torch:layernorm_tkg_torch_ref_lnc1")
+INDEXED_FLATTEN = ("core.subkernels.indexed_flatten:indexed_flatten",
+                   "core.subkernels.indexed_flatten_torch:indexed_flatten_torch_ref")
+ROPE_HF = ("core.embeddings.rope_hf:rope_hf", "core.embeddings.rope_hf_torch:rope_hf_torch_ref")
+TOPK_REDUCE = ("experimental.collectives.topk_reduce:topk_reduce",
+               "experimental.collectives.topk_reduce_torch:topk_reduce_torch_ref")
+CONV1D = ("experimental.conv.conv1d:conv1d", "experimental.conv.conv1d_torch:conv1d_torch_ref")
+
 
 def _elementwise_add(rows: int, cols: int) -> Callable[..., dict]:
     def make(resolve: Callable[[str], Any]) -> dict[str, Any]:  # generate_kernel_inputs of test_dynamic_elementwise_add.py
@@ -187,6 +403,88 @@ CASES = [
     Case("dynamic_elementwise_add-1024x2048", "experimental.dynamic_shapes:dynamic_elementwise_add",
          _elementwise_add_reference, _elementwise_add(1024, 2048),
          "../experimental/dynamic_shapes/test_dynamic_elementwise_add.py", rtol=1e-2, atol=1e-3),
+    # rmsnorm_tkg: RMSNORM_TKG_TEST_CASES (lnc, B, S, H, hidden_actual, hidden_dim_tp, shard_on_h), fp16; the
+    # LNC=1-layout reference for LNC=1 or hidden_dim_tp; rtol 2e-2, atol 1e-5.
+    Case("rmsnorm_tkg-lnc1-1x4x2048-1920", *RMSNORM_TKG_LNC1,
+         _tkg_norm(1, 4, 2048, {"hidden_actual": 1920, "hidden_dim_tp": False, "shard_on_h": False}),
+         "subkernels/test_rmsnorm_tkg.py", lnc=1, rtol=2e-2, atol=1e-5),
+    Case("rmsnorm_tkg-lnc1-1x1x4096-3072-tp", *RMSNORM_TKG_LNC1,
+         _tkg_norm(1, 1, 4096, {"hidden_actual": 3072, "hidden_dim_tp": True, "shard_on_h": False}),
+         "subkernels/test_rmsnorm_tkg.py", lnc=1, rtol=2e-2, atol=1e-5),
+    Case("rmsnorm_tkg-lnc2-2x8x3072-2880", *RMSNORM_TKG,
+         _tkg_norm(2, 8, 3072, {"hidden_actual": 2880, "hidden_dim_tp": False, "shard_on_h": False}),
+         "subkernels/test_rmsnorm_tkg.py", rtol=2e-2, atol=1e-5),
+    Case("rmsnorm_tkg-lnc2-4x1x3072-shard_on_h", *RMSNORM_TKG,
+         _tkg_norm(4, 1, 3072, {"hidden_actual": None, "hidden_dim_tp": False, "shard_on_h": True}),
+         "subkernels/test_rmsnorm_tkg.py", rtol=2e-2, atol=1e-5),
+    # layernorm_tkg: LAYERNORM_TKG_TEST_CASES (lnc, B, S, H, shard_on_h), fp16; rtol 2e-2, atol 1e-5.
+    Case("layernorm_tkg-lnc1-1x1x8192", *LAYERNORM_TKG_LNC1, _tkg_norm(1, 1, 8192, {"shard_on_h": False}, beta=True),
+         "subkernels/test_layernorm_tkg.py", lnc=1, rtol=2e-2, atol=1e-5),
+    Case("layernorm_tkg-lnc2-1x1x5120", *LAYERNORM_TKG, _tkg_norm(1, 1, 5120, {"shard_on_h": False}, beta=True),
+         "subkernels/test_layernorm_tkg.py", rtol=2e-2, atol=1e-5),
+    Case("layernorm_tkg-lnc2-4x1x3072-shard_on_h", *LAYERNORM_TKG,
+         _tkg_norm(4, 1, 3072, {"shard_on_h": True}, beta=True), "subkernels/test_layernorm_tkg.py",
+         rtol=2e-2, atol=1e-5),
+    # indexed_flatten: FAST_TEST_PARAMS (T, E, f_len) and ROW_OFFSET_TEST_PARAMS, LNC=2, exact.
+    Case("indexed_flatten-4096x1-128", *INDEXED_FLATTEN, _indexed_flatten(4096, 1, 128),
+         "subkernels/test_indexed_flatten.py", rtol=0.0, atol=0.0),
+    Case("indexed_flatten-4096x3-128", *INDEXED_FLATTEN, _indexed_flatten(4096, 3, 128),
+         "subkernels/test_indexed_flatten.py", rtol=0.0, atol=0.0),
+    Case("indexed_flatten-4096x2-128-row_offsets_start", *INDEXED_FLATTEN, _indexed_flatten(4096, 2, 128, 4, 2),
+         "subkernels/test_indexed_flatten.py", rtol=0.0, atol=0.0),
+    # cross_partition_copy: the test's kernel around it, one case per code path (aligned, within a
+    # quadrant, across quadrants, unaligned source over two quadrants), LNC=1, default tolerances.
+    *[Case(f"cross_partition_copy-{src}-{dst}-{count}-{total}", _cross_partition_copy_kernel,
+           _cross_partition_copy_reference, _cross_partition_copy(src, dst, count, 8, total),
+           "utils/test_cross_partition_copy.py", lnc=1, library="core.utils.cross_partition_copy")
+      for src, dst, count, total in ((0, 0, 32, 128), (0, 5, 10, 128), (0, 28, 20, 128), (25, 5, 20, 64),
+                                     (10, 55, 30, 96))],
+    # tp_broadcast: the test's kernel around it, LNC=1, exact.
+    *[Case(f"tp_broadcast-{'x'.join(map(str, shape))}-{offset}-{count}", _tp_broadcast_kernel,
+           _tp_broadcast_reference, _tp_broadcast(shape, offset, count, select), "utils/test_tp_broadcast.py",
+           lnc=1, rtol=0.0, atol=0.0, library="core.utils.tp_broadcast")
+      for shape, offset, count, select in (((5, 7), 0, 1, None), ((3, 8, 11), 1, 2, 4), ((13, 3, 13), 9, 12, 2))],
+    # rope_hf: ROPE_HF_TEST_CASES' first rows (B, q heads, kv heads, S, d_head), cos/sin format, LNC 1 and 2;
+    # rtol = atol = 1e-6 against the reference in the inputs' precision.
+    Case("rope_hf-f32-lnc1-1x32x8x256x128", *ROPE_HF, _rope_hf(1, 32, 8, 256, 128, np.float32, False),
+         "embeddings/test_rope_hf.py", lnc=1, rtol=1e-6, atol=1e-6, lower_precision=True),
+    Case("rope_hf-f32-lnc2-backward", *ROPE_HF, _rope_hf(1, 32, 8, 256, 128, np.float32, True),
+         "embeddings/test_rope_hf.py", rtol=1e-6, atol=1e-6, lower_precision=True),
+    Case("rope_hf-bf16-lnc2-1x32x8x256x128", *ROPE_HF, _rope_hf(1, 32, 8, 256, 128, ml_dtypes.bfloat16, False),
+         "embeddings/test_rope_hf.py", rtol=1e-6, atol=1e-6, lower_precision=True),
+    # topk_reduce (experimental): TOPK_REDUCE_PARAMS' 8-rank rows (lnc, ranks, T, K, H); rtol = atol = 5e-2.
+    Case("topk_reduce-lnc1-8r-4x4x2880", *TOPK_REDUCE, _topk_reduce(4, 4, 2880, 8),
+         "../experimental/subkernels/test_topk_reduce.py", lnc=1, rtol=5e-2, atol=5e-2),
+    Case("topk_reduce-lnc2-8r-4x4x2880", *TOPK_REDUCE, _topk_reduce(4, 4, 2880, 8),
+         "../experimental/subkernels/test_topk_reduce.py", rtol=5e-2, atol=5e-2),
+    # conv1d (experimental): CONV1D_BASIC_PARAMS' small rows; fp32 rtol = atol = 1e-5, bf16 5e-2.
+    Case("conv1d-1x16x32x20-k3", *CONV1D, _conv1d(1, 16, 32, 20, 3, 1, (0, 0), 1, False, None, False, np.float32),
+         "../experimental/conv/test_conv1d.py", rtol=1e-5, atol=1e-5),
+    Case("conv1d-2x64x128x40-k5-s2-d2-gelu", *CONV1D,
+         _conv1d(2, 64, 128, 40, 5, 2, (2, 2), 2, True, "GELU", False, np.float32),
+         "../experimental/conv/test_conv1d.py", rtol=1e-5, atol=1e-5),
+    Case("conv1d-1x16x32x20-k3-lnc_shard", *CONV1D,
+         _conv1d(1, 16, 32, 20, 3, 1, (0, 0), 1, False, None, True, np.float32),
+         "../experimental/conv/test_conv1d.py", rtol=1e-5, atol=1e-5),
+    Case("conv1d-bf16-1x16x32x20-k3-silu", *CONV1D,
+         _conv1d(1, 16, 32, 20, 3, 1, (0, 0), 1, True, "SiLU", False, ml_dtypes.bfloat16),
+         "../experimental/conv/test_conv1d.py", rtol=5e-2, atol=5e-2),
+    # depthwise_conv1d (experimental): fast_test_cases' small rows (C, W, K, stride, pad), bf16, LNC=2;
+    # absolute and relative accuracy 1e-2.
+    Case("depthwise_conv1d-16x512-k64", "experimental.conv.depthwise_conv1d:depthwise_conv1d_implicit_gemm",
+         _depthwise_conv1d_reference, _depthwise_conv1d(16, 512, 64, 1, 0), "../experimental/conv/test_depthwise_conv1d.py",
+         rtol=1e-2, atol=1e-2),
+    Case("depthwise_conv1d-256x512-k64-s2-p5", "experimental.conv.depthwise_conv1d:depthwise_conv1d_implicit_gemm",
+         _depthwise_conv1d_reference, _depthwise_conv1d(256, 512, 64, 2, 5),
+         "../experimental/conv/test_depthwise_conv1d.py", rtol=1e-2, atol=1e-2),
+    # cross entropy (experimental): the "minimal size" fast rows [B, T, V, PB, CS], bf16, LNC=2 (one
+    # program has no positions); absolute and relative accuracy 1e-2.
+    Case("cross_entropy_forward-1x1x32128", "experimental.loss:cross_entropy_forward",
+         _cross_entropy_reference("cross_entropy_forward_torch_ref"), _cross_entropy(1, 32128, 1, 32128, False),
+         "../experimental/loss/test_cross_entropy_forward.py", rtol=1e-2, atol=1e-2),
+    Case("cross_entropy_backward-1x1x32128", "experimental.loss:cross_entropy_backward",
+         _cross_entropy_reference("cross_entropy_backward_torch_ref"), _cross_entropy(1, 32128, 1, 16384, True),
+         "../experimental/loss/test_cross_entropy_backward.py", rtol=1e-2, atol=1e-2),
 ]
 
 
@@ -210,32 +508,49 @@ def _resolve(package: str, spec: str) -> Any:
     return getattr(importlib.import_module(f"{package}.{module}"), attribute)
 
 
-def _as_torch(value: Any) -> Any:
-    """As nki-library's ``torch_ref_wrapper``: low-precision floats reach the reference as fp32."""
+def _as_torch(value: Any, lower_precision: bool) -> Any:
+    """As nki-library's ``torch_ref_wrapper``: low-precision floats reach the reference as fp32
+    (bf16 stays bf16 under ``lower_precision``), uint32 as int32."""
     if not isinstance(value, np.ndarray):
         return value
-    if value.dtype == ml_dtypes.bfloat16 or value.dtype == np.float16:
+    if lower_precision and value.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(value.astype(np.float32)).to(torch.bfloat16)
+    if str(value.dtype).startswith(("bfloat16", "float8", "float16")):
         value = value.astype(np.float32)
+    if value.dtype == np.uint32:
+        value = value.astype(np.int32)
     return torch.from_numpy(value)
+
+
+def _golden(case: Case, reference: Callable[..., Any], inputs: dict[str, Any]) -> list[np.ndarray]:
+    """The reference's outputs as fp32 arrays, as nki-library's ``torch_ref_wrapper`` returns them."""
+    expected = reference(**{k: _as_torch(v, case.lower_precision) for k, v in inputs.items()})
+    expected = list(expected.values()) if isinstance(expected, dict) else list(expected) \
+        if isinstance(expected, (tuple, list)) else [expected]
+    expected = [e.float().numpy() if isinstance(e, torch.Tensor) else np.asarray(e, dtype=np.float32)
+                for e in expected]
+    low = [v.dtype for v in inputs.values() if isinstance(v, np.ndarray)
+           and str(v.dtype).startswith(("bfloat16", "float8", "float16"))]
+    if case.lower_precision and low:
+        expected = [e.astype(low[0]).astype(np.float32) for e in expected]
+    return expected
 
 
 @pytest.mark.parametrize("target", ["trn2", "trn3"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_nkilib_kernel_matches_its_reference(nkilib: str, case: Case, target: str) -> None:
-    kernel = _resolve(nkilib, case.kernel)
     resolve = lambda spec: _resolve(nkilib, spec)  # noqa: E731
+    kernel = case.kernel(resolve) if callable(case.kernel) else resolve(case.kernel)
     reference = case.reference(resolve) if callable(case.reference) else resolve(case.reference)
     inputs = case.inputs(resolve)
+    # The reference first: a kernel writes the output it is passed (``must_alias_input``) in place.
+    expected = _golden(case, reference, inputs)
     with session(target, nki_version="0.3.0"):
-        actual = (kernel[case.lnc] if case.lnc > 1 else kernel)(**inputs)
-    expected = reference(**{k: _as_torch(v) for k, v in inputs.items()})
-    expected = list(expected.values()) if isinstance(expected, dict) else [expected]
+        actual = simulate(kernel)[case.lnc](**inputs)  # as the harness's nki.cpu_simulate(kernel)[lnc]
     actual = list(actual) if isinstance(actual, (tuple, list)) else [actual]
     assert len(actual) == len(expected), f"{case.id}: {len(actual)} outputs, reference has {len(expected)}"
     for a, e in zip(actual, expected):
-        a = np.asarray(a).astype(np.float32)
-        e = e.float().numpy() if isinstance(e, torch.Tensor) else np.asarray(e, dtype=np.float32)
-        a = a.reshape(e.shape)
+        a = np.asarray(a).astype(np.float32).reshape(e.shape)
         bound = case.atol + case.rtol * float(np.abs(e).max(initial=0.0))
         worst = float(np.abs(a - e).max(initial=0.0))
         assert worst <= bound, f"{case.id} on {target}: max |diff| {worst} over {bound} ({case.source})"
