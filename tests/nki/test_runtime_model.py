@@ -153,14 +153,17 @@ def test_loop_tiles_are_reused_and_real_overflow_is_refused() -> None:
 
 
 def test_pinned_tiles_may_share_bytes_only_when_not_live_together() -> None:
+    """A pinned tile takes its bytes at its first use; tiles may be declared over the same bytes up front."""
     with session("trn2"):
         a = nl.ndarray((128, 512), dtype=nl.float32, buffer=nl.psum, address=(0, 0), name="a")
         nisa.memset(a, 0.0)
         b = nl.ndarray((128, 512), dtype=nl.float32, buffer=nl.psum, address=(0, 0), name="b")
         nisa.memset(b, 1.0)  # a is dead: reusing its bank is what the pin asks for
         c = nl.ndarray((128, 256), dtype=nl.float32, buffer=nl.psum, address=(0, 1024), name="c")
-        with pytest.raises(EmulatorError, match="b .* is used after c .* was placed over its bytes"):
-            nisa.memset(b, 2.0)
+        nisa.memset(b, 2.0)  # c is declared over b's bytes but holds none yet
+        nisa.memset(c, 3.0)
+        with pytest.raises(EmulatorError, match="b .* is used after c .* took its bytes"):
+            nisa.memset(b, 4.0)
         assert c.shape == (128, 256)
         with pytest.raises(EmulatorError, match="ends at byte 18432, past trn2's 16384 B of psum"):
             nl.ndarray((128, 512), dtype=nl.float32, buffer=nl.psum, address=(0, 16384))
