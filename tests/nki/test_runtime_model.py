@@ -231,6 +231,23 @@ def test_what_0_3_0_removed_is_refused(idiom: str, match: str) -> None:
         np.testing.assert_array_equal(kernel(x), x)
 
 
+def test_nki_object_fields_may_be_unannotated() -> None:
+    """``@dataclass`` over ``nl.NKIObject`` takes the class attributes as fields, as attention_cte's
+    ``SectionParams(section_idx=...)`` needs; methods stay methods."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class Params(nl.NKIObject):
+        index = None
+        size: int = 4
+
+        def twice(self) -> int:
+            return 2 * self.size
+
+    p = Params(index=3)
+    assert (p.index, p.size, p.twice()) == (3, 4, 8)
+
+
 def test_a_kernel_may_return_the_output_it_is_passed() -> None:
     """nki-library passes outputs in (``must_alias_input``) and returns them; a tensor the kernel
     allocates in ``nl.hbm`` still may not be returned under 0.3.0."""

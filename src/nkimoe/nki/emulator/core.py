@@ -24,7 +24,21 @@ class EmulatorError(RuntimeError):
 
 
 class NKIObject:
-    """Base class for NKI kernel dataclasses and configuration objects (``nl.NKIObject``)."""
+    """Base class for NKI kernel dataclasses and configuration objects (``nl.NKIObject``).
+
+    A subclass's public class attributes are its fields, annotated or not: ``@dataclass`` then takes
+    them all as keyword arguments (nki-library's attention_cte builds ``SectionParams(section_idx=...)``
+    from attributes declared as ``section_idx = None``)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        annotations = cls.__dict__.get("__annotations__")
+        if annotations is None:
+            annotations = cls.__annotations__ = {}
+        for name, value in list(cls.__dict__.items()):
+            if not name.startswith("_") and name not in annotations and not callable(value) \
+                    and not isinstance(value, (property, classmethod, staticmethod)):
+                annotations[name] = Any
 
 
 def not_emulated(api: str, reason: str) -> EmulatorError:
