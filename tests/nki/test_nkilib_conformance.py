@@ -53,6 +53,9 @@ class Case:
     #: ``torch_ref_wrapper(preserve_lower_precision=True)``: bf16 inputs reach the reference as bf16
     #: and its outputs are rounded to the first low-precision input's dtype.
     lower_precision: bool = False
+    #: The test's golden rounds the reference's outputs to the inputs' low-precision dtype
+    #: (``dt.static_cast``), the reference itself having run in fp32.
+    round_to_inputs: bool = False
     #: The nki-library module the case exercises, when ``kernel`` is a test file's wrapper.
     library: str = ""
 
@@ -301,6 +304,44 @@ def _cross_entropy_reference(name: str) -> Callable[[Callable[[str], Any]], Call
     return bind
 
 
+def _gen_mask(batch: int, heads: int, s_ctx: int, s_active: int) -> Callable[..., dict]:
+    def make(resolve: Callable[[str], Any]) -> dict[str, Any]:  # TestGenMaskTkgHbm.run_test, flat KV cache
+        np.random.seed(42)
+        cache_lens = np.random.randint(1, s_ctx, size=(batch,)).astype(np.int32)
+        return {"pos_ids_hbm": np.repeat(cache_lens, s_active).astype(np.float32)[np.newaxis, :], "bs": batch,
+                "q_head": heads, "s_active": s_active, "s_prior": s_ctx, "block_len": 0}
+    return make
+
+
+def _gen_mask_reference(lnc: int) -> Callable[[Callable[[str], Any]], Callable[..., Any]]:
+    """``gen_mask_tkg_hbm_torch_ref[lnc]``."""
+    return lambda resolve: resolve("core.attention.gen_mask_tkg_torch:gen_mask_tkg_hbm_torch_ref")[lnc]
+
+
+def _attention_cte(batch: int, s_kv: int, s_q: int, d: int, dtype: Any, causal: bool) -> Callable[..., dict]:
+    def make(resolve: Callable[[str], Any]) -> dict[str, Any]:  # build_attention_cte_input, no CP/prefix/sink
+        np.random.seed(0)  # np_random_sample()
+
+        def draw(shape: tuple[int, ...]) -> np.ndarray:
+            return np.random.random_sample(shape).astype(dtype)
+        q, k, v = draw((batch, d, s_q)), draw((batch, d, s_kv)), draw((batch, s_kv, d))
+        return {"q": q, "k": k, "v": v, "scale": 1.0, "causal_mask": causal, "k_prior": None, "v_prior": None,
+                "prior_used_len": None, "sink": None, "sliding_window": 0, "tp_q": False, "tp_k": False,
+                "tp_out": True, "cp_offset": None, "global_cp_deg": None, "cp_strided_q_slicing": False,
+                "cache_softmax": False, "softmax_dtype": "float32", "mm_out_dtype": "float32",
+                "bound_min": None, "bound_max": None}
+    return make
+
+
+def _attention_cte_reference(resolve: Callable[[str], Any]) -> Callable[..., Any]:
+    """``attention_cte_forward_golden``: the torch reference in fp32, rounded to the inputs' dtype."""
+    torch_ref = resolve("core.attention.attention_cte_torch:attention_cte_torch_ref")
+
+    def reference(q: torch.Tensor, softmax_dtype: str, mm_out_dtype: str, **kwargs: Any) -> torch.Tensor:
+        return torch_ref(q=q, softmax_dtype=torch.float32, **kwargs)
+    return reference
+
+
 CUMSUM = ("core.cumsum:cumsum", "core.cumsum.cumsum_torch:cumsum_torch_ref")
 CASCADED_MAX = ("core.max.cascaded_max:cascaded_max", "core.max.cascaded_max_torch:cascaded_max_torch_ref")
 ROPE = ("core.embeddings.rope:RoPE", "core.embeddings.rope_torch:rope_torch_ref")
@@ -485,6 +526,19 @@ CASES = [
     Case("cross_entropy_backward-1x1x32128", "experimental.loss:cross_entropy_backward",
          _cross_entropy_reference("cross_entropy_backward_torch_ref"), _cross_entropy(1, 32128, 1, 16384, True),
          "../experimental/loss/test_cross_entropy_backward.py", rtol=1e-2, atol=1e-2),
+    # gen_mask_tkg_hbm: flat_kv_test_perms (B, heads, S_ctx, S_active, lnc), exact.
+    *[Case(f"gen_mask_tkg_hbm-lnc{lnc}-{batch}x{heads}x{s_ctx}x{s_active}", "core.attention.gen_mask_tkg:gen_mask_tkg_hbm",
+           _gen_mask_reference(lnc), _gen_mask(batch, heads, s_ctx, s_active), "attention/test_gen_mask_tkg.py",
+           lnc=lnc, rtol=0.0, atol=0.0)
+      for batch, heads, s_ctx, s_active, lnc in ((4, 1, 256, 1, 1), (4, 1, 4096, 5, 2), (8, 8, 4096, 5, 2))],
+    # attention_cte: attention_cte_no_cp_unit_perms' small rows (B, S_kv, S_q, d, dtype, causal), Q not
+    # transposed, output transposed, LNC=2; relative accuracy 2e-2, absolute 1e-5.
+    Case("attention_cte-bf16-1x128x128x128-causal", "core.attention.attention_cte:attention_cte",
+         _attention_cte_reference, _attention_cte(1, 128, 128, 128, ml_dtypes.bfloat16, True),
+         "attention/test_attention_cte.py", rtol=2e-2, atol=1e-5, round_to_inputs=True),
+    Case("attention_cte-f16-3x1024x512x128", "core.attention.attention_cte:attention_cte",
+         _attention_cte_reference, _attention_cte(3, 1024, 512, 128, np.float16, False),
+         "attention/test_attention_cte.py", rtol=2e-2, atol=1e-5, round_to_inputs=True),
 ]
 
 
@@ -531,7 +585,7 @@ def _golden(case: Case, reference: Callable[..., Any], inputs: dict[str, Any]) -
                 for e in expected]
     low = [v.dtype for v in inputs.values() if isinstance(v, np.ndarray)
            and str(v.dtype).startswith(("bfloat16", "float8", "float16"))]
-    if case.lower_precision and low:
+    if (case.lower_precision or case.round_to_inputs) and low:
         expected = [e.astype(low[0]).astype(np.float32) for e in expected]
     return expected
 
