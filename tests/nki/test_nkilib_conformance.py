@@ -342,6 +342,29 @@ def _attention_cte_reference(resolve: Callable[[str], Any]) -> Callable[..., Any
     return reference
 
 
+def _attention_bwd(seqlens: list[int], window: int) -> Callable[..., dict]:
+    """generate_inputs of test_attention_bwd.py for one packed sequence set, one head, d 128, bf16, causal:
+    the forward output and log-sum-exp come from the library's ``compute_o_lse``."""
+    def make(resolve: Callable[[str], Any]) -> dict[str, Any]:
+        compute_o_lse = resolve("core.attention.attention_bwd_torch:compute_o_lse")
+        draw = _gaussian()
+        total = sum(seqlens)
+        cuts = np.concatenate([[0], np.cumsum(seqlens)])
+        bound_min, bound_max = np.zeros(total, np.float32), np.zeros(total, np.float32)
+        for lo, hi in zip(cuts[:-1], cuts[1:]):
+            bound_min[lo:hi], bound_max[lo:hi] = lo, hi
+        q, k, v, dy = (draw((1, 1, 128, total)) for _ in range(4))
+        as_bf16 = lambda a: torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16)  # noqa: E731 - convert_to_torch
+        out, lse, _ = compute_o_lse(as_bf16(q), as_bf16(k), as_bf16(v), True, True, softmax_scale=None,
+                                    sliding_window=window, sinks=None, bound_min=torch.from_numpy(bound_min),
+                                    bound_max=torch.from_numpy(bound_max))
+        return {"q_ref": q, "k_ref": k, "v_ref": v, "o_ref": out.float().numpy().astype(ml_dtypes.bfloat16),
+                "dy_ref": dy, "lse_ref": lse.float().numpy(), "sinks_ref": None, "use_causal_mask": True,
+                "mixed_precision": True, "softmax_scale": None, "sliding_window": window,
+                "bound_min": bound_min, "bound_max": bound_max}
+    return make
+
+
 CUMSUM = ("core.cumsum:cumsum", "core.cumsum.cumsum_torch:cumsum_torch_ref")
 CASCADED_MAX = ("core.max.cascaded_max:cascaded_max", "core.max.cascaded_max_torch:cascaded_max_torch_ref")
 ROPE = ("core.embeddings.rope:RoPE", "core.embeddings.rope_torch:rope_torch_ref")
@@ -539,6 +562,11 @@ CASES = [
     Case("attention_cte-f16-3x1024x512x128", "core.attention.attention_cte:attention_cte",
          _attention_cte_reference, _attention_cte(3, 1024, 512, 128, np.float16, False),
          "attention/test_attention_cte.py", rtol=2e-2, atol=1e-5, round_to_inputs=True),
+    # attention_bwd: sequence_packing_test_cases' fast sliding-window row (1 head, d 128, bf16, causal,
+    # sequences [256, 256], window 128), LNC=1 (one KV head); rtol 2e-2, atol 1e-5.
+    Case("attention_bwd-packed-256+256-window128", "core.attention.attention_bwd:attention_bwd",
+         "core.attention.attention_bwd_torch:attention_bwd_torch_ref", _attention_bwd([256, 256], 128),
+         "attention/test_attention_bwd.py", lnc=1, rtol=2e-2, atol=1e-5),
 ]
 
 
