@@ -1,8 +1,8 @@
 """Conformance: AWS's nki-library kernels run unchanged in the emulator.
 
 The vendored nki-library (``../shared/vendor/nki-library``) is imported as it is, with ``import
-nki`` resolving to the emulator (``aliases.install_as_nki``). Each case runs one kernel at the
-smallest shapes its own test file lists, with that test's LNC degree (nki-library's
+nki`` resolving to the emulator (``aliases.install_as_nki``). Each case runs one kernel at small
+shapes its own test file lists (its smallest or fast rows), with that test's LNC degree (nki-library's
 ``CompilerArgs`` default on trn2/trn3 is LNC=2), against the torch reference that test uses,
 under the test's tolerances and nki-library's comparison (``comparators.maxAllClose``, mode
 "max": ``|actual - expected| <= atol + rtol * max|expected|``), on trn2 and trn3 under NKI 0.3.0
@@ -570,6 +570,63 @@ CASES = [
 ]
 
 
+#: nki-library's kernels that are not in the suite: module under nkilib_src.nkilib -> (whether its
+#: API is NKI 0.3.0, why it does not run here). With the suite's modules these cover every module
+#: of the library that defines an ``@nki.jit`` kernel (``test_every_library_kernel_is_accounted_for``).
+NOT_RUN: dict[str, tuple[bool, str]] = {
+    "core.router_topk": (False, "imports `neuronxcc.nki.typing` (the NKI 0.1.0 namespace)"),
+    "core.moe_block.moe_block_tkg": (False, "imports `neuronxcc` (the compiler's private modules)"),
+    "core.utils.mx_torch_common": (False, "its test (test_quantize_to_mx.py) imports `neuronxcc.nki.typing`; "
+                                          "the module imports `neuron_dtypes` (Neuron SDK)"),
+    "core.mlp": (True, "the vendored `core/mlp/mlp.py`, through which the MLP CTE/TKG tests call it, does not "
+                       "parse (IndentationError, line 203); the MX projections' torch reference imports "
+                       "`neuron_dtypes`"),
+    "experimental.transformer.transformer_tkg": (True, "imports `core/mlp/mlp.py`, which does not parse"),
+    "core.topk.rotational_topk": (True, "imports SciPy, not a dependency of nkimoe"),
+    "core.moe.moe_cte": (True, "its torch reference (`moe_cte_torch`) imports `neuron_dtypes` (Neuron SDK)"),
+    "core.moe.moe_tkg": (True, "its torch reference (`moe_tkg_torch`) imports `neuron_dtypes` (Neuron SDK)"),
+    "core.output_projection.output_projection_cte": (True, "its torch reference imports `neuron_dtypes` "
+                                                           "(Neuron SDK)"),
+    "core.qkv": (True, "its goldens (`qkv_tkg_torch`, the tests' `test_qkv_common`) import nki-library's test "
+                       "harness, which needs `neuron_dtypes`"),
+    "experimental.transformer.attention_block_tkg": (True, "its torch reference imports nki-library's test "
+                                                           "harness"),
+    "experimental.collectives.fg_allgather": (True, "a collective across several ranks; the emulator runs one"),
+    "experimental.collectives.fgcc": (True, "a collective across several ranks; the emulator runs one"),
+    "experimental.collectives.sb2sb_allgather": (True, "a collective across several ranks; the emulator runs one"),
+    "experimental.moe.bwd": (True, "its golden (`test_bwmm_bwd_common`) imports SciPy"),
+    "core.attention.attention_tkg": (True, "not yet in the suite: its test runs it inside a harness kernel "
+                                           "with debug outputs (`attn_tkg_wrapper`) that no case restates yet"),
+    "core.rmsnorm.rmsnorm_quant": (True, "not yet in the suite: its test's quantizing golden (through "
+                                         "`neuron_dtypes`) is not restated yet"),
+    "core.subkernels.rmsnorm_mx_quantize_tkg": (True, "not yet in the suite: its golden is the harness's "
+                                                      "`quantize_mx_golden` (test/utils/mx_utils.py), not "
+                                                      "restated yet"),
+    "experimental.mxfp_subkernels": (True, "not yet in the suite: a Trn3 test whose golden is the harness's "
+                                           "`quantize_mx_golden`, not restated yet"),
+    "experimental.moe.forward.bwmm_shard_on_H": (True, "not yet in the suite: its golden (the test file's "
+                                                       "`generate_numpy_golden`) is not restated yet"),
+}
+
+PASSES = "passes on trn2 and trn3"
+
+
+def conformance_table() -> str:
+    """README's conformance table: each nki-library kernel module, its cases and its status."""
+    counts: dict[str, int] = {}
+    for case in CASES:
+        counts[case.module] = counts.get(case.module, 0) + 1
+    rows = [(module, str(n), PASSES) for module, n in sorted(counts.items())]
+    rows += [(module, "0", reason if api else f"not NKI 0.3.0: {reason}")
+             for module, (api, reason) in sorted(NOT_RUN.items())]
+    older = sum(not api for api, _ in NOT_RUN.values())
+    lines = [f"{len(counts)} of {len(counts) + len(NOT_RUN) - older} nki-library kernel modules whose API is "
+             f"NKI 0.3.0 pass ({len(CASES)} cases, each on trn2 and trn3); {older} more use an older NKI.", "",
+             "| nki-library kernel module | cases | status |", "|---|---|---|"]
+    lines += [f"| `{module}` | {n} | {status} |" for module, n, status in rows]
+    return "\n".join(lines)
+
+
 @pytest.fixture(scope="module")
 def nkilib() -> Iterator[str]:
     """nki-library importable, with ``import nki`` resolving to the emulator (undone afterwards)."""
@@ -636,3 +693,34 @@ def test_nkilib_kernel_matches_its_reference(nkilib: str, case: Case, target: st
         bound = case.atol + case.rtol * float(np.abs(e).max(initial=0.0))
         worst = float(np.abs(a - e).max(initial=0.0))
         assert worst <= bound, f"{case.id} on {target}: max |diff| {worst} over {bound} ({case.source})"
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+TABLE_START, TABLE_END = "<!-- nkilib-conformance-table -->", "<!-- /nkilib-conformance-table -->"
+
+
+def test_readme_shows_the_suites_table() -> None:
+    """README's table is generated from CASES and NOT_RUN (``python -m tests.nki.test_nkilib_conformance``)."""
+    text = README.read_text()
+    assert TABLE_START in text and TABLE_END in text, "README lacks the nki-library conformance table markers"
+    shown = text.split(TABLE_START, 1)[1].split(TABLE_END, 1)[0].strip()
+    assert shown == conformance_table(), "README's nki-library table is stale: regenerate it with " \
+                                         "python -m tests.nki.test_nkilib_conformance"
+
+
+def test_every_library_kernel_is_accounted_for() -> None:
+    """Each module of the vendored library that defines an ``@nki.jit`` kernel is in the suite or in
+    NOT_RUN, and each case names a test file of the library."""
+    root = LIBRARY / "src" / "nkilib_src" / "nkilib"
+    jitted = {".".join(path.relative_to(root).with_suffix("").parts) for path in root.rglob("*.py")
+              if "\n@nki.jit" in path.read_text()}
+    rows = {case.module for case in CASES} | set(NOT_RUN)
+    missing = {m for m in jitted if not any(m == r or m.startswith(r + ".") for r in rows)}
+    assert not missing, f"nki-library kernels neither in the suite nor in NOT_RUN: {sorted(missing)}"
+    assert not {case.module for case in CASES} & set(NOT_RUN)
+    for case in CASES:
+        assert (LIBRARY / TESTS / case.source).is_file(), f"{case.id}: no test file {case.source}"
+
+
+if __name__ == "__main__":
+    print(conformance_table())
