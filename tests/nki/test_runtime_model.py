@@ -301,6 +301,20 @@ def test_scan_cumulative_and_scalar_reduce_match_numpy() -> None:
         np.testing.assert_array_equal(res.data[:, 0], (a + 1).max(axis=1))
 
 
+def test_unary_alu_operators_apply_to_the_first_input() -> None:
+    """nl.abs, nl.rsqrt and nl.reciprocal are arithmetic ALU operators (the ISA's operator table):
+    rmsnorm_quant takes each row's absolute maximum with ``tensor_scalar_reduce(op0=nl.abs, operand0=0.0)``."""
+    x = np.random.default_rng(6).standard_normal((4, 16)).astype(F32)
+    with session("trn2"):
+        dst, res = nl.ndarray((4, 16), dtype=nl.float32, buffer=nl.sbuf), nl.ndarray((4, 1), dtype=nl.float32,
+                                                                                       buffer=nl.sbuf)
+        nisa.tensor_scalar_reduce(dst, _sbuf(x), nl.abs, 0.0, nl.maximum, res)
+        np.testing.assert_array_equal(dst.data, np.abs(x))
+        np.testing.assert_array_equal(res.data[:, 0], np.abs(x).max(axis=1))
+        nisa.tensor_scalar(dst, _sbuf(np.abs(x)), nl.rsqrt, 0.0)
+        np.testing.assert_allclose(dst.data, 1 / np.sqrt(np.abs(x)), rtol=1e-6)  # fp32 rsqrt vs NumPy's
+
+
 def test_range_select_nonzero_and_gather() -> None:
     r = np.random.default_rng(3)
     x = r.standard_normal((2, 8)).astype(F32)

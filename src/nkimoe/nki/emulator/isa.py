@@ -226,7 +226,8 @@ def _scalar_operand(instr: str, name: str, operand: Any, partitions: int) -> np.
 
 def _apply(op: Op, a: Any, b: Any) -> np.ndarray:
     with np.errstate(all="ignore"):
-        return np.asarray(op.fn(a, b), dtype=np.float64 if op.kind == "bitvec" else np.float32)
+        result = op.fn(a) if op.arity == 1 else op.fn(a, b)  # a unary operator ignores the second input
+        return np.asarray(result, dtype=np.float64 if op.kind == "bitvec" else np.float32)
 
 
 # --- data movement ------------------------------------------------------------------------------
