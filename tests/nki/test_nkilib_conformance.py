@@ -58,6 +58,11 @@ class Case:
     round_to_inputs: bool = False
     #: The nki-library module the case exercises, when ``kernel`` is a test file's wrapper.
     library: str = ""
+    #: What the test's validator reads from the kernel's outputs (given them and the inputs), where
+    #: it reinterprets them, e.g. fp8 values and an fp32 scale packed in each row.
+    decode: Callable[[list[np.ndarray], dict[str, Any]], list[np.ndarray]] | None = None
+    #: Relative tolerances per output, where the test gives each its own (else ``rtol``).
+    rtols: tuple[float, ...] = ()
 
     @property
     def module(self) -> str:
@@ -365,6 +370,54 @@ def _attention_bwd(seqlens: list[int], window: int) -> Callable[..., dict]:
     return make
 
 
+def _rmsnorm_quant(seq: int, quant_only: bool, row: bool, lower_bound: float) -> Callable[..., dict]:
+    def make(resolve: Callable[[str], Any]) -> dict[str, Any]:  # build_rmsnorm_quant_kernel_input, B 1, H 16384, bf16
+        types = "core.utils.common_types"
+        quant = getattr(resolve(f"{types}:QuantizationType"), "ROW" if row else "STATIC")
+        norm = getattr(resolve(f"{types}:NormType"), "NO_NORM" if quant_only else "RMS_NORM")
+        kargs = resolve("core.rmsnorm.rmsnorm_quant:RmsNormQuantKernelArgs")(
+            quantization_type=quant, lower_bound=lower_bound, norm_type=norm, eps=1e-6)
+        draw = _gaussian()
+        hidden, gamma = draw((1, seq, 16384)), draw((1, 16384))
+        return {"hidden": hidden, "ln_w": gamma, "kargs": kargs,
+                "input_dequant_scale": None if row else draw((128, 1), np.float32)}
+    return make
+
+
+def _rmsnorm_quant_decode(outputs: list[np.ndarray], inputs: dict[str, Any]) -> list[np.ndarray]:
+    """As the test's validator: fp8 values, then (row quantization) the fp32 dequantization scale
+    stored in the 4 bytes after each row's H values."""
+    out = outputs[0]
+    h = inputs["hidden"].shape[-1]
+    values = out[..., :h].astype(np.float32)
+    if out.shape[-1] == h:
+        return [values]
+    return [values, np.ascontiguousarray(out[..., h:h + 4]).view(np.uint8).view(np.float32)]
+
+
+def _rmsnorm_quant_reference(resolve: Callable[[str], Any]) -> Callable[..., Any]:
+    """``rmsnorm_quant_ref`` of test_rmsnorm_quant.py (NumPy, FP8 range 240, values cast to nl.float8_e4m3)."""
+    import nki.language as nl
+
+    def reference(hidden: torch.Tensor, ln_w: torch.Tensor, kargs: Any,
+                  input_dequant_scale: torch.Tensor | None) -> list[np.ndarray]:
+        x, gamma = hidden.numpy(), ln_w.numpy()
+        if kargs.norm_type.name == "NO_NORM":
+            norm = x
+        else:
+            norm = x * np.reciprocal(np.sqrt(np.mean(np.square(x), axis=-1, keepdims=True)) + kargs.eps) * gamma
+        if input_dequant_scale is not None:  # static quantization
+            quant = np.clip(norm / input_dequant_scale.numpy()[0, 0], -240.0, 240.0)
+            return [quant.astype(nl.float8_e4m3).astype(np.float32)]
+        abs_max = np.abs(norm).max(axis=-1, keepdims=True)
+        if kargs.lower_bound > 0:
+            abs_max = np.minimum(abs_max, kargs.lower_bound)
+            norm = np.clip(norm, -kargs.lower_bound, kargs.lower_bound)
+        dequant = abs_max / 240.0
+        return [(norm * np.reciprocal(dequant)).astype(nl.float8_e4m3).astype(np.float32), dequant]
+    return reference
+
+
 CUMSUM = ("core.cumsum:cumsum", "core.cumsum.cumsum_torch:cumsum_torch_ref")
 CASCADED_MAX = ("core.max.cascaded_max:cascaded_max", "core.max.cascaded_max_torch:cascaded_max_torch_ref")
 ROPE = ("core.embeddings.rope:RoPE", "core.embeddings.rope_torch:rope_torch_ref")
@@ -567,6 +620,13 @@ CASES = [
     Case("attention_bwd-packed-256+256-window128", "core.attention.attention_bwd:attention_bwd",
          "core.attention.attention_bwd_torch:attention_bwd_torch_ref", _attention_bwd([256, 256], 128),
          "attention/test_attention_bwd.py", lnc=1, rtol=2e-2, atol=1e-5),
+    # rmsnorm_quant: rmsnorm_quant_lnc_perms' short rows (S 2, quantize only or RMSNorm, row or static
+    # quantization, lower bound), B 1, H 16384, bf16, LNC=2; values rtol 0.072, row scales 0.007 (maxAllClose).
+    *[Case(f"rmsnorm_quant-{'quant_only' if only else 'rmsnorm'}-{'row' if row else 'static'}-bound{bound}",
+           "core.rmsnorm.rmsnorm_quant:rmsnorm_quant_kernel", _rmsnorm_quant_reference,
+           _rmsnorm_quant(2, only, row, bound), "rmsnorm/test_rmsnorm_quant.py", rtol=0.072,
+           decode=_rmsnorm_quant_decode, rtols=(0.072, 0.007))
+      for only, row, bound in ((True, True, 0.0), (False, True, 0.0), (False, True, 0.5), (False, False, 0.0))],
 ]
 
 
@@ -597,8 +657,6 @@ NOT_RUN: dict[str, tuple[bool, str]] = {
     "experimental.moe.bwd": (True, "its golden (`test_bwmm_bwd_common`) imports SciPy"),
     "core.attention.attention_tkg": (True, "not yet in the suite: its test runs it inside a harness kernel "
                                            "with debug outputs (`attn_tkg_wrapper`) that no case restates yet"),
-    "core.rmsnorm.rmsnorm_quant": (True, "not yet in the suite: its test's quantizing golden (through "
-                                         "`neuron_dtypes`) is not restated yet"),
     "core.subkernels.rmsnorm_mx_quantize_tkg": (True, "not yet in the suite: its golden is the harness's "
                                                       "`quantize_mx_golden` (test/utils/mx_utils.py), not "
                                                       "restated yet"),
@@ -687,10 +745,12 @@ def test_nkilib_kernel_matches_its_reference(nkilib: str, case: Case, target: st
     with session(target, nki_version="0.3.0"):
         actual = simulate(kernel)[case.lnc](**inputs)  # as the harness's nki.cpu_simulate(kernel)[lnc]
     actual = list(actual) if isinstance(actual, (tuple, list)) else [actual]
+    if case.decode is not None:
+        actual = case.decode([np.asarray(a) for a in actual], inputs)
     assert len(actual) == len(expected), f"{case.id}: {len(actual)} outputs, reference has {len(expected)}"
-    for a, e in zip(actual, expected):
+    for a, e, rtol in zip(actual, expected, case.rtols or [case.rtol] * len(expected)):
         a = np.asarray(a).astype(np.float32).reshape(e.shape)
-        bound = case.atol + case.rtol * float(np.abs(e).max(initial=0.0))
+        bound = case.atol + rtol * float(np.abs(e).max(initial=0.0))
         worst = float(np.abs(a - e).max(initial=0.0))
         assert worst <= bound, f"{case.id} on {target}: max |diff| {worst} over {bound} ({case.source})"
 
