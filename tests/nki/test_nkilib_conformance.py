@@ -633,27 +633,28 @@ CASES = [
 #: nki-library's kernels that are not in the suite: module under nkilib_src.nkilib -> (whether its
 #: API is NKI 0.3.0, why it does not run here). With the suite's modules these cover every module
 #: of the library that defines an ``@nki.jit`` kernel (``test_every_library_kernel_is_accounted_for``).
+_NEURON_DTYPES = "imports `neuron_dtypes` (Neuron SDK)"
+_SEVERAL_RANKS = (True, "a collective across several ranks; the emulator runs one")
 NOT_RUN: dict[str, tuple[bool, str]] = {
     "core.router_topk": (False, "imports `neuronxcc.nki.typing` (the NKI 0.1.0 namespace)"),
     "core.moe_block.moe_block_tkg": (False, "imports `neuronxcc` (the compiler's private modules)"),
     "core.utils.mx_torch_common": (False, "its test (test_quantize_to_mx.py) imports `neuronxcc.nki.typing`; "
-                                          "the module imports `neuron_dtypes` (Neuron SDK)"),
+                                          f"the module {_NEURON_DTYPES}"),
     "core.mlp": (True, "the vendored `core/mlp/mlp.py`, through which the MLP CTE/TKG tests call it, does not "
                        "parse (IndentationError, line 203); the MX projections' torch reference imports "
                        "`neuron_dtypes`"),
     "experimental.transformer.transformer_tkg": (True, "imports `core/mlp/mlp.py`, which does not parse"),
     "core.topk.rotational_topk": (True, "imports SciPy, not a dependency of nkimoe"),
-    "core.moe.moe_cte": (True, "its torch reference (`moe_cte_torch`) imports `neuron_dtypes` (Neuron SDK)"),
-    "core.moe.moe_tkg": (True, "its torch reference (`moe_tkg_torch`) imports `neuron_dtypes` (Neuron SDK)"),
-    "core.output_projection.output_projection_cte": (True, "its torch reference imports `neuron_dtypes` "
-                                                           "(Neuron SDK)"),
+    "core.moe.moe_cte": (True, f"its torch reference (`moe_cte_torch`) {_NEURON_DTYPES}"),
+    "core.moe.moe_tkg": (True, f"its torch reference (`moe_tkg_torch`) {_NEURON_DTYPES}"),
+    "core.output_projection.output_projection_cte": (True, f"its torch reference {_NEURON_DTYPES}"),
     "core.qkv": (True, "its goldens (`qkv_tkg_torch`, the tests' `test_qkv_common`) import nki-library's test "
                        "harness, which needs `neuron_dtypes`"),
     "experimental.transformer.attention_block_tkg": (True, "its torch reference imports nki-library's test "
                                                            "harness"),
-    "experimental.collectives.fg_allgather": (True, "a collective across several ranks; the emulator runs one"),
-    "experimental.collectives.fgcc": (True, "a collective across several ranks; the emulator runs one"),
-    "experimental.collectives.sb2sb_allgather": (True, "a collective across several ranks; the emulator runs one"),
+    "experimental.collectives.fg_allgather": _SEVERAL_RANKS,
+    "experimental.collectives.fgcc": _SEVERAL_RANKS,
+    "experimental.collectives.sb2sb_allgather": _SEVERAL_RANKS,
     "experimental.moe.bwd": (True, "its golden (`test_bwmm_bwd_common`) imports SciPy"),
     "core.attention.attention_tkg": (True, "not yet in the suite: its test runs it inside a harness kernel "
                                            "with debug outputs (`attn_tkg_wrapper`) that no case restates yet"),
