@@ -315,6 +315,21 @@ def test_unary_alu_operators_apply_to_the_first_input() -> None:
         np.testing.assert_allclose(dst.data, 1 / np.sqrt(np.abs(x)), rtol=1e-6)  # fp32 rsqrt vs NumPy's
 
 
+def test_a_matmul_into_an_access_pattern_of_psum_accumulates_as_into_a_slice() -> None:
+    """attention_tkg writes its QK matmuls through ``TensorView(...).get_view()`` (an ``ap`` pattern):
+    the pattern keeps PSUM's record of what matmuls wrote, so ``accumulate=None`` decides as for a slice."""
+    r = np.random.default_rng(7)
+    a, b = r.standard_normal((8, 4)).astype(F32), r.standard_normal((8, 6)).astype(F32)
+    with session("trn2"):
+        acc = nl.ndarray((4, 12), dtype=nl.float32, buffer=nl.psum)
+        half = acc.ap([[12, 4], [1, 6]], offset=6)  # columns 6..11
+        nisa.nc_matmul(half, _sbuf(a), _sbuf(b))
+        nisa.nc_matmul(half, _sbuf(a), _sbuf(b))  # accumulates: a matmul wrote there
+        np.testing.assert_allclose(acc.data[:, 6:], 2 * (a.T @ b), rtol=1e-5)
+        nisa.nc_matmul(acc[:, 0:6], _sbuf(a), _sbuf(b))  # starts fresh: nothing written there yet
+        np.testing.assert_allclose(acc.data[:, :6], a.T @ b, rtol=1e-5)
+
+
 def test_range_select_nonzero_and_gather() -> None:
     r = np.random.default_rng(3)
     x = r.standard_normal((2, 8)).astype(F32)

@@ -296,8 +296,8 @@ class NkiTensor:
     Axis 0 of an on-chip tensor is the partition axis (at most 128).
     """
 
-    __slots__ = ("data", "dtype", "buffer", "name", "storage_id", "mm_written", "root", "shape", "partitions",
-                 "free_size", "__weakref__")
+    __slots__ = ("data", "dtype", "buffer", "name", "storage_id", "mm_written", "mm_root", "root", "shape",
+                 "partitions", "free_size", "__weakref__")
 
     def __init__(self, data: np.ndarray, dtype: str, buffer: MemoryRegion, name: str = "",
                  storage_id: int | None = None, mm_written: np.ndarray | None = None,
@@ -315,6 +315,8 @@ class NkiTensor:
         self.root = data if root is None else root
         #: PSUM only: which elements a matmul has written since allocation (accumulate=None).
         self.mm_written = mm_written
+        #: PSUM only: ``mm_written`` of the whole allocation, laid out as ``root`` (for ``ap`` views).
+        self.mm_root: np.ndarray | None = None
 
     # --- construction --------------------------------------------------------------------------
     @classmethod
@@ -348,7 +350,7 @@ class NkiTensor:
         elif address is not None:
             raise EmulatorError(f"nl.ndarray: address= places on-chip tensors; {buf.value} tensor {name or 'unnamed'}")
         if buf is MemoryRegion.psum:
-            tensor.mm_written = np.zeros(shape, dtype=bool)
+            tensor.mm_written = tensor.mm_root = np.zeros(shape, dtype=bool)
         return tensor
 
     @classmethod
@@ -374,7 +376,9 @@ class NkiTensor:
 
     # --- views ---------------------------------------------------------------------------------
     def _view(self, data: np.ndarray, mm: np.ndarray | None = None) -> NkiTensor:
-        return NkiTensor(data, self.dtype, self.buffer, self.name, self.storage_id, mm, self.root)
+        view = NkiTensor(data, self.dtype, self.buffer, self.name, self.storage_id, mm, self.root)
+        view.mm_root = self.mm_root
+        return view
 
     def _key(self, key: Any) -> tuple[Any, ...]:
         key = key if isinstance(key, tuple) else (key,)
@@ -486,7 +490,10 @@ class NkiTensor:
                                                   f"of {self!r}", counts, dynamic=scalar_offset is not None),
                                 scalar_offset)
         view = np.lib.stride_tricks.as_strided(flat[start:], counts, [s * item for s in strides])
-        return _with_offset(self._view(view), scalar_offset)
+        mm = None
+        if self.mm_root is not None:  # a PSUM pattern keeps track of what matmuls wrote
+            mm = np.lib.stride_tricks.as_strided(self.mm_root.reshape(-1)[start:], counts, strides)
+        return _with_offset(self._view(view, mm), scalar_offset)
 
 
 #: Views whose address depends on a run-time offset, with the tensor holding it (read by the DMA).
