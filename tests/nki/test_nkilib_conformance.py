@@ -418,6 +418,70 @@ def _rmsnorm_quant_reference(resolve: Callable[[str], Any]) -> Callable[..., Any
     return reference
 
 
+def _attention_tkg_kernel(resolve: Callable[[str], Any]) -> Callable[..., Any]:
+    """``attn_tkg_wrapper`` of test_attention_tkg.py for outputs in HBM and no debug tensors."""
+    import nki
+    import nki.language as nl
+
+    tkg = "core.attention.attention_tkg"
+    attention_tkg, tile_constants, tile_params = (resolve(f"{tkg}:{name}") for name in
+                                                  ("attention_tkg", "TileConstants", "_compute_tile_params"))
+    sbuf_manager, logger = resolve("core.utils.allocator:SbufManager"), resolve("core.utils.logging:Logger")
+
+    @nki.jit
+    def kernel(q, k_active, v_active, k_prior, v_prior, mask, inv_freqs, rope_pos_ids,  # noqa: ANN001, ANN202
+               start_pos_ids, sink, active_blocks_table, attn_out_shape, k_out_shape, cfg, dtype):
+        tile_params(cfg, tile_constants.get_tile_constants(), q, k_prior, v_prior, k_active, v_active,
+                    active_blocks_table)  # the wrapper's early check of the configuration
+        sbm = sbuf_manager(0, nl.tile_size.total_available_sbuf_size - 16 * 1024, logger("SBM"))
+        sbm.open_scope()
+        out = nl.ndarray(attn_out_shape, dtype=dtype, buffer=nl.shared_hbm)
+        k_out = nl.ndarray(k_out_shape, dtype=dtype, buffer=nl.shared_hbm) if cfg.fuse_rope else None
+        out, k_out = attention_tkg(q, k_active, v_active, k_prior, v_prior, mask, out, cfg, sbm, inv_freqs,
+                                   rope_pos_ids, start_pos_ids, sink, active_blocks_table, k_out, DBG_TENSORS=None)
+        sbm.close_scope()
+        return (out, k_out) if cfg.fuse_rope else (out,)
+    return kernel
+
+
+def _attention_tkg(config: tuple[int, ...]) -> Callable[..., dict]:
+    """run_attention_tkg_test's inputs for a flat-KV config (bs, q heads, S_active, S_prior, full S_prior,
+    d_head) with K prior transposed, position ids and fused RoPE, bf16."""
+    def make(resolve: Callable[[str], Any]) -> dict[str, Any]:
+        cfg = resolve("core.attention.attention_tkg:AttnTKGConfig")(*config, 0, tp_k_prior=True, use_pos_id=True,
+                                                                     fuse_rope=True)
+        np.random.seed(0)  # np_random_sample()
+
+        def draw(*shape: int) -> np.ndarray:
+            return np.random.random_sample(shape).astype(ml_dtypes.bfloat16)
+        b, heads, active, d = cfg.bs, cfg.q_head, cfg.s_active, cfg.d_head
+        q, k_active, v_active = draw(b, heads, active, d), draw(b, 1, active, d), draw(b, 1, active, d)
+        k_prior, v_prior = draw(b, 1, cfg.full_sprior, d), draw(b, 1, cfg.full_sprior, d)
+        causal = np.tril(np.ones((active, active), np.uint8))  # build_active_attention_mask(transposed=True)
+        mask = np.ascontiguousarray(np.broadcast_to(causal, (b, heads, active, active)).transpose(3, 0, 1, 2))
+        inv_freqs = np.random.random(size=(d // 2, 1)).astype(np.float32)
+        pos_id = ((np.arange(b) * 3 + cfg.curr_sprior // 4 * 3) % (cfg.curr_sprior - active))[:, np.newaxis]
+        return {"q": q, "k_active": k_active, "v_active": v_active, "k_prior": k_prior, "v_prior": v_prior,
+                "mask": mask, "inv_freqs": inv_freqs,
+                "rope_pos_ids": np.broadcast_to(pos_id, (b, active)).astype(np.float32), "start_pos_ids": None,
+                "sink": None, "active_blocks_table": None, "attn_out_shape": (b, heads, d, active),
+                "k_out_shape": (b, 1, d, active), "cfg": cfg, "dtype": "bfloat16"}
+    return make
+
+
+def _attention_tkg_reference(lnc: int) -> Callable[[Callable[[str], Any]], Callable[..., Any]]:
+    """``attn_tkg_torch_wrapper``: ``attention_tkg_torch_ref[lnc]`` into fp32 outputs."""
+    def bind(resolve: Callable[[str], Any]) -> Callable[..., Any]:
+        torch_ref = resolve("core.attention.attention_tkg_torch:attention_tkg_torch_ref")[lnc]
+
+        def reference(attn_out_shape: tuple[int, ...], k_out_shape: tuple[int, ...], dtype: str,
+                      **inputs: Any) -> list[torch.Tensor]:
+            out, k_out = torch.zeros(attn_out_shape), torch.zeros(k_out_shape)
+            return list(torch_ref(out=out, sbm=None, k_out=k_out, DBG_TENSORS=None, **inputs))
+        return reference
+    return bind
+
+
 CUMSUM = ("core.cumsum:cumsum", "core.cumsum.cumsum_torch:cumsum_torch_ref")
 CASCADED_MAX = ("core.max.cascaded_max:cascaded_max", "core.max.cascaded_max_torch:cascaded_max_torch_ref")
 ROPE = ("core.embeddings.rope:RoPE", "core.embeddings.rope_torch:rope_torch_ref")
@@ -627,6 +691,12 @@ CASES = [
            _rmsnorm_quant(2, only, row, bound), "rmsnorm/test_rmsnorm_quant.py", rtol=0.072,
            decode=_rmsnorm_quant_decode, rtols=(0.072, 0.007))
       for only, row, bound in ((True, True, 0.0), (False, True, 0.0), (False, True, 0.5), (False, False, 0.0))],
+    # attention_tkg: the smallest attention_tkg_fast_configs row (bs 4, 2 q heads, 7 active, S_prior 256
+    # of 16384, d_head 128, K prior transposed, position ids, fused RoPE), bf16, LNC 1 and 2;
+    # rtol 1e-2, atol 1e-5 against the reference rounded to bf16.
+    *[Case(f"attention_tkg-lnc{lnc}-4x2x7x256", _attention_tkg_kernel, _attention_tkg_reference(lnc),
+           _attention_tkg((4, 2, 7, 256, 16384, 128)), "attention/test_attention_tkg.py", lnc=lnc, rtol=1e-2,
+           atol=1e-5, round_to_inputs=True, library="core.attention.attention_tkg") for lnc in (1, 2)],
 ]
 
 
@@ -656,8 +726,6 @@ NOT_RUN: dict[str, tuple[bool, str]] = {
     "experimental.collectives.fgcc": _SEVERAL_RANKS,
     "experimental.collectives.sb2sb_allgather": _SEVERAL_RANKS,
     "experimental.moe.bwd": (True, "its golden (`test_bwmm_bwd_common`) imports SciPy"),
-    "core.attention.attention_tkg": (True, "not yet in the suite: its test runs it inside a harness kernel "
-                                           "with debug outputs (`attn_tkg_wrapper`) that no case restates yet"),
     "core.subkernels.rmsnorm_mx_quantize_tkg": (True, "not yet in the suite: its golden is the harness's "
                                                       "`quantize_mx_golden` (test/utils/mx_utils.py), not "
                                                       "restated yet"),
