@@ -118,7 +118,8 @@ def _output_projection(batch: int, heads: int, seq: int, d_head: int, hidden: in
 
 
 def _tkg_norm(batch: int, seq: int, hidden: int, options: dict[str, Any], beta: bool = False) -> Callable[..., dict]:
-    def make(resolve: Callable[[str], Any]) -> dict[str, Any]:  # generate_inputs of test_rmsnorm_tkg / test_layernorm_tkg
+    # generate_inputs of test_rmsnorm_tkg / test_layernorm_tkg
+    def make(resolve: Callable[[str], Any]) -> dict[str, Any]:
         np.random.seed(42)
         inputs = {"input": np.random.randn(batch, seq, hidden).astype(np.float16),
                   "gamma": np.random.randn(1, hidden).astype(np.float16),
@@ -271,16 +272,16 @@ def _depthwise_conv1d(channels: int, width: int, size: int, stride: int, pad: in
 
 
 def _depthwise_conv1d_reference(resolve: Callable[[str], Any]) -> Callable[..., Any]:
-    """``golden_depthwise_conv1d``: torch's grouped conv2d, rounded to the inputs' bf16."""
+    """``golden_depthwise_conv1d``: torch's grouped conv2d (rounded to the inputs' bf16 by the case)."""
     def reference(img_ref: torch.Tensor, filter_ref: torch.Tensor, padding: Any, stride: Any, **_: Any) -> torch.Tensor:
-        out = torch.nn.functional.conv2d(img_ref, filter_ref, stride=stride, padding=(0, padding[1][0]),
-                                         groups=img_ref.shape[1])
-        return out.to(torch.bfloat16)
+        return torch.nn.functional.conv2d(img_ref, filter_ref, stride=stride, padding=(0, padding[1][0]),
+                                          groups=img_ref.shape[1])
     return reference
 
 
 def _cross_entropy(positions: int, vocab: int, per_batch: int, chunk: int, backward: bool) -> Callable[..., dict]:
-    def make(resolve: Callable[[str], Any]) -> dict[str, Any]:  # generate_kernel_inputs of the cross-entropy tests, bf16
+    # generate_kernel_inputs of the cross-entropy tests, bf16
+    def make(resolve: Callable[[str], Any]) -> dict[str, Any]:
         np.random.seed(42)
         logits = np.random.randn(positions, vocab).astype(ml_dtypes.bfloat16)
         targets = np.random.randint(0, vocab, size=(positions,), dtype=np.int32)
@@ -492,7 +493,8 @@ OUT_PROJ = ("core.output_projection.output_projection_tkg:output_projection_tkg"
             "core.output_projection.output_projection_tkg_torch:output_projection_tkg_torch_ref")
 RMSNORM_TKG = ("core.subkernels.rmsnorm_tkg:rmsnorm_tkg", "core.subkernels.rmsnorm_torch:rmsnorm_tkg_torch_ref")
 RMSNORM_TKG_LNC1 = (RMSNORM_TKG[0], "core.subkernels.rmsnorm_torch:rmsnorm_tkg_torch_ref_lnc1")
-LAYERNORM_TKG = ("core.subkernels.layernorm_tkg:layernorm_tkg", "core.subkernels.layernorm_torch:layernorm_tkg_torch_ref")
+LAYERNORM_TKG = ("core.subkernels.layernorm_tkg:layernorm_tkg",
+                 "core.subkernels.layernorm_torch:layernorm_tkg_torch_ref")
 LAYERNORM_TKG_LNC1 = (LAYERNORM_TKG[0], "core.subkernels.layernorm_torch:layernorm_tkg_torch_ref_lnc1")
 INDEXED_FLATTEN = ("core.subkernels.indexed_flatten:indexed_flatten",
                    "core.subkernels.indexed_flatten_torch:indexed_flatten_torch_ref")
@@ -653,11 +655,12 @@ CASES = [
     # depthwise_conv1d (experimental): fast_test_cases' small rows (C, W, K, stride, pad), bf16, LNC=2;
     # absolute and relative accuracy 1e-2.
     Case("depthwise_conv1d-16x512-k64", "experimental.conv.depthwise_conv1d:depthwise_conv1d_implicit_gemm",
-         _depthwise_conv1d_reference, _depthwise_conv1d(16, 512, 64, 1, 0), "../experimental/conv/test_depthwise_conv1d.py",
-         rtol=1e-2, atol=1e-2),
+         _depthwise_conv1d_reference, _depthwise_conv1d(16, 512, 64, 1, 0),
+         "../experimental/conv/test_depthwise_conv1d.py",
+         rtol=1e-2, atol=1e-2, round_to_inputs=True),
     Case("depthwise_conv1d-256x512-k64-s2-p5", "experimental.conv.depthwise_conv1d:depthwise_conv1d_implicit_gemm",
          _depthwise_conv1d_reference, _depthwise_conv1d(256, 512, 64, 2, 5),
-         "../experimental/conv/test_depthwise_conv1d.py", rtol=1e-2, atol=1e-2),
+         "../experimental/conv/test_depthwise_conv1d.py", rtol=1e-2, atol=1e-2, round_to_inputs=True),
     # cross entropy (experimental): the "minimal size" fast rows [B, T, V, PB, CS], bf16, LNC=2 (one
     # program has no positions); absolute and relative accuracy 1e-2.
     Case("cross_entropy_forward-1x1x32128", "experimental.loss:cross_entropy_forward",
@@ -667,7 +670,8 @@ CASES = [
          _cross_entropy_reference("cross_entropy_backward_torch_ref"), _cross_entropy(1, 32128, 1, 16384, True),
          "../experimental/loss/test_cross_entropy_backward.py", rtol=1e-2, atol=1e-2),
     # gen_mask_tkg_hbm: flat_kv_test_perms (B, heads, S_ctx, S_active, lnc), exact.
-    *[Case(f"gen_mask_tkg_hbm-lnc{lnc}-{batch}x{heads}x{s_ctx}x{s_active}", "core.attention.gen_mask_tkg:gen_mask_tkg_hbm",
+    *[Case(f"gen_mask_tkg_hbm-lnc{lnc}-{batch}x{heads}x{s_ctx}x{s_active}",
+           "core.attention.gen_mask_tkg:gen_mask_tkg_hbm",
            _gen_mask_reference(lnc), _gen_mask(batch, heads, s_ctx, s_active), "attention/test_gen_mask_tkg.py",
            lnc=lnc, rtol=0.0, atol=0.0)
       for batch, heads, s_ctx, s_active, lnc in ((4, 1, 256, 1, 1), (4, 1, 4096, 5, 2), (8, 8, 4096, 5, 2))],
