@@ -483,6 +483,38 @@ def _attention_tkg_reference(lnc: int) -> Callable[[Callable[[str], Any]], Calla
     return bind
 
 
+def _qkv_cte(seq: int, hidden: int, fused_dim: int) -> Callable[..., dict]:
+    """build_qkv_input for qkv_cte_kernel_accuracy_test_perms' rows: B 1, bf16, fused residual add,
+    RMSNorm, no bias or quantization, BSD output."""
+    def make(resolve: Callable[[str], Any]) -> dict[str, Any]:
+        types = "core.utils.common_types"
+        draw = _gaussian()
+        x, weights = draw((1, seq, hidden)), draw((hidden, fused_dim))
+        mlp_prev, attention_prev, gamma = draw((1, seq, hidden)), draw((1, seq, hidden)), draw((1, hidden))
+        return {"input": x, "fused_qkv_weights": weights, "output_layout": resolve(f"{types}:QKVOutputLayout").BSD,
+                "bias": None, "quantization_type": resolve(f"{types}:QuantizationType").NONE, "qkv_w_scale": None,
+                "qkv_in_scale": None, "fused_residual_add": True, "mlp_prev": mlp_prev,
+                "attention_prev": attention_prev, "fused_norm_type": resolve(f"{types}:NormType").RMS_NORM,
+                "gamma_norm_weights": gamma, "layer_norm_bias": None, "norm_eps": 1e-6, "hidden_actual": None,
+                "fused_rope": False, "cos_cache": None, "sin_cache": None, "d_head": None, "num_q_heads": None,
+                "num_kv_heads": None, "store_output_in_sbuf": False, "sbm": None, "use_auto_allocation": False,
+                "load_input_with_DMA_transpose": True,
+                "weight_layout": resolve(f"{types}:QKVWeightLayout").CONTIGUOUS, "is_h_dim_4h_transposed": False}
+    return make
+
+
+def _qkv_cte_reference(resolve: Callable[[str], Any]) -> Callable[..., Any]:
+    """golden_func_fused_add_qkv / norm_qkv_ref of the QKV tests for that configuration: in fp32, the
+    residual sum, RMSNorm (test_kernel_common.rms_norm), the projection (rounded to bf16 by the case)."""
+    def reference(input: torch.Tensor, fused_qkv_weights: torch.Tensor, mlp_prev: torch.Tensor,  # noqa: A002
+                  attention_prev: torch.Tensor, gamma_norm_weights: torch.Tensor, norm_eps: float,
+                  **_: Any) -> np.ndarray:
+        hidden = (input + mlp_prev + attention_prev).numpy()
+        rms = np.sqrt(np.mean(np.square(hidden), axis=-1, keepdims=True) + norm_eps)
+        return hidden * np.reciprocal(rms) * gamma_norm_weights.numpy() @ fused_qkv_weights.numpy()
+    return reference
+
+
 CUMSUM = ("core.cumsum:cumsum", "core.cumsum.cumsum_torch:cumsum_torch_ref")
 CASCADED_MAX = ("core.max.cascaded_max:cascaded_max", "core.max.cascaded_max_torch:cascaded_max_torch_ref")
 ROPE = ("core.embeddings.rope:RoPE", "core.embeddings.rope_torch:rope_torch_ref")
@@ -701,6 +733,11 @@ CASES = [
     *[Case(f"attention_tkg-lnc{lnc}-4x2x7x256", _attention_tkg_kernel, _attention_tkg_reference(lnc),
            _attention_tkg((4, 2, 7, 256, 16384, 128)), "attention/test_attention_tkg.py", lnc=lnc, rtol=1e-2,
            atol=1e-5, round_to_inputs=True, library="core.attention.attention_tkg") for lnc in (1, 2)],
+    # qkv (CTE): qkv_cte_kernel_accuracy_test_perms' rows (LNC 1, B 1, S, H, fused QKV dim), bf16, fused
+    # residual add and RMSNorm; relative accuracy 2e-2, absolute 1e-5.
+    *[Case(f"qkv_cte-{seq}x{hidden}x{fused}", "core.qkv.qkv:qkv", _qkv_cte_reference, _qkv_cte(seq, hidden, fused),
+           "qkv/test_qkv_cte.py", lnc=1, rtol=2e-2, atol=1e-5, round_to_inputs=True)
+      for seq, hidden, fused in ((128, 512, 512), (127, 512, 512))],
 ]
 
 
@@ -722,8 +759,8 @@ NOT_RUN: dict[str, tuple[bool, str]] = {
     "core.moe.moe_cte": (True, f"its torch reference (`moe_cte_torch`) {_NEURON_DTYPES}"),
     "core.moe.moe_tkg": (True, f"its torch reference (`moe_tkg_torch`) {_NEURON_DTYPES}"),
     "core.output_projection.output_projection_cte": (True, f"its torch reference {_NEURON_DTYPES}"),
-    "core.qkv": (True, "its goldens (`qkv_tkg_torch`, the tests' `test_qkv_common`) import nki-library's test "
-                       "harness, which needs `neuron_dtypes`"),
+    "core.qkv.qkv_tkg": (True, "its TKG test's torch reference (`qkv_tkg_torch`) imports nki-library's test "
+                               "harness (the CTE path of `core.qkv.qkv` is in the suite)"),
     "experimental.transformer.attention_block_tkg": (True, "its torch reference imports nki-library's test "
                                                            "harness"),
     "experimental.collectives.fg_allgather": _SEVERAL_RANKS,
