@@ -127,3 +127,19 @@ def test_bf16_psum_accumulation_on_trn3_rounds_each_step() -> None:
             nisa.nc_matmul(acc, a, b, accumulate=i > 0)  # adds 1.0 per step
         # bf16 has 8 significant bits: above 256 an add of 1.0 rounds to even and stalls at 256.
         assert float(acc.data.astype(np.float32)[0, 0]) == 256.0
+
+
+def test_dma_transpose_dtype_sizes() -> None:
+    """4-byte dtypes transpose by DMA, except under hardware DGE (2-byte only); 1-byte never."""
+    with session("trn2"):
+        src = _zeros((16, 128))
+        words = nl.ndarray((16, 128), dtype=nl.int32, buffer=nl.sbuf)
+        nisa.memset(words, 7)
+        out = nl.ndarray((128, 16), dtype=nl.int32, buffer=nl.sbuf)
+        nisa.dma_transpose(out, words)
+        np.testing.assert_array_equal(out.data, 7)
+        nisa.dma_transpose(sb((128, 16)), src, dge_mode=nisa.dge_mode.hwdge)
+        with pytest.raises(EmulatorError, match="dtype int32 is not a 2-byte dtype \\(hardware-DGE"):
+            nisa.dma_transpose(out, words, dge_mode=nisa.dge_mode.hwdge)
+        with pytest.raises(EmulatorError, match="dtype int8 is not a 2- or 4-byte dtype"):
+            nisa.dma_transpose(sb((128, 16), nl.int8), sb((16, 128), nl.int8))

@@ -153,14 +153,17 @@ def test_loop_tiles_are_reused_and_real_overflow_is_refused() -> None:
 
 
 def test_pinned_tiles_may_share_bytes_only_when_not_live_together() -> None:
+    """A pinned tile takes its bytes at its first use; tiles may be declared over the same bytes up front."""
     with session("trn2"):
         a = nl.ndarray((128, 512), dtype=nl.float32, buffer=nl.psum, address=(0, 0), name="a")
         nisa.memset(a, 0.0)
         b = nl.ndarray((128, 512), dtype=nl.float32, buffer=nl.psum, address=(0, 0), name="b")
         nisa.memset(b, 1.0)  # a is dead: reusing its bank is what the pin asks for
         c = nl.ndarray((128, 256), dtype=nl.float32, buffer=nl.psum, address=(0, 1024), name="c")
-        with pytest.raises(EmulatorError, match="b .* is used after c .* was placed over its bytes"):
-            nisa.memset(b, 2.0)
+        nisa.memset(b, 2.0)  # c is declared over b's bytes but holds none yet
+        nisa.memset(c, 3.0)
+        with pytest.raises(EmulatorError, match="b .* is used after c .* took its bytes"):
+            nisa.memset(b, 4.0)
         assert c.shape == (128, 256)
         with pytest.raises(EmulatorError, match="ends at byte 18432, past trn2's 16384 B of psum"):
             nl.ndarray((128, 512), dtype=nl.float32, buffer=nl.psum, address=(0, 16384))
@@ -228,6 +231,49 @@ def test_what_0_3_0_removed_is_refused(idiom: str, match: str) -> None:
         np.testing.assert_array_equal(kernel(x), x)
 
 
+def test_nki_object_fields_may_be_unannotated() -> None:
+    """``@dataclass`` over ``nl.NKIObject`` takes the class attributes as fields, as attention_cte's
+    ``SectionParams(section_idx=...)`` needs; methods stay methods."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class Params(nl.NKIObject):
+        index = None
+        size: int = 4
+
+        def twice(self) -> int:
+            return 2 * self.size
+
+    p = Params(index=3)
+    assert (p.index, p.size, p.twice()) == (3, 4, 8)
+
+
+def test_a_kernel_may_return_the_output_it_is_passed() -> None:
+    """nki-library passes outputs in (``must_alias_input``) and returns them; a tensor the kernel
+    allocates in ``nl.hbm`` still may not be returned under 0.3.0."""
+    @jit
+    def kernel(x, out):  # noqa: ANN001, ANN202
+        tile = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=tile, src=x)
+        nisa.dma_copy(dst=out, src=tile)
+        return out
+
+    x, out = np.arange(16, dtype=F32).reshape(4, 4), np.zeros((4, 4), F32)
+    with session("trn2", nki_version="0.3.0"):
+        np.testing.assert_array_equal(kernel(x, out), x)
+    np.testing.assert_array_equal(out, x)  # written in place
+
+
+def test_enum_parameters_take_their_documented_integer_values() -> None:
+    """``dge_mode=3`` (nki-library's ``_DGE_MODE_NONE``) is ``dge_mode.none``; no member has 7."""
+    with session("trn2", nki_version="0.3.0"):
+        src, dst = _sbuf(np.ones((2, 4), F32)), nl.ndarray((2, 4), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=dst, src=src, dge_mode=3)
+        np.testing.assert_array_equal(dst.data, 1.0)
+        with pytest.raises(EmulatorError, match=r"dge_mode 7 is not a dge_mode value \(unknown=0, swdge=1"):
+            nisa.dma_copy(dst=dst, src=src, dge_mode=7)
+
+
 # --- 0.3.0 instructions -------------------------------------------------------------------------
 
 
@@ -253,6 +299,35 @@ def test_scan_cumulative_and_scalar_reduce_match_numpy() -> None:
         res = nl.ndarray((4, 1), dtype=nl.float32, buffer=nl.sbuf)
         nisa.tensor_scalar_reduce(dst, _sbuf(a), nl.add, 1.0, nl.maximum, res)
         np.testing.assert_array_equal(res.data[:, 0], (a + 1).max(axis=1))
+
+
+def test_unary_alu_operators_apply_to_the_first_input() -> None:
+    """nl.abs, nl.rsqrt and nl.reciprocal are arithmetic ALU operators (the ISA's operator table):
+    rmsnorm_quant takes each row's absolute maximum with ``tensor_scalar_reduce(op0=nl.abs, operand0=0.0)``."""
+    x = np.random.default_rng(6).standard_normal((4, 16)).astype(F32)
+    with session("trn2"):
+        dst, res = nl.ndarray((4, 16), dtype=nl.float32, buffer=nl.sbuf), nl.ndarray((4, 1), dtype=nl.float32,
+                                                                                       buffer=nl.sbuf)
+        nisa.tensor_scalar_reduce(dst, _sbuf(x), nl.abs, 0.0, nl.maximum, res)
+        np.testing.assert_array_equal(dst.data, np.abs(x))
+        np.testing.assert_array_equal(res.data[:, 0], np.abs(x).max(axis=1))
+        nisa.tensor_scalar(dst, _sbuf(np.abs(x)), nl.rsqrt, 0.0)
+        np.testing.assert_allclose(dst.data, 1 / np.sqrt(np.abs(x)), rtol=1e-6)  # fp32 rsqrt vs NumPy's
+
+
+def test_a_matmul_into_an_access_pattern_of_psum_accumulates_as_into_a_slice() -> None:
+    """attention_tkg writes its QK matmuls through ``TensorView(...).get_view()`` (an ``ap`` pattern):
+    the pattern keeps PSUM's record of what matmuls wrote, so ``accumulate=None`` decides as for a slice."""
+    r = np.random.default_rng(7)
+    a, b = r.standard_normal((8, 4)).astype(F32), r.standard_normal((8, 6)).astype(F32)
+    with session("trn2"):
+        acc = nl.ndarray((4, 12), dtype=nl.float32, buffer=nl.psum)
+        half = acc.ap([[12, 4], [1, 6]], offset=6)  # columns 6..11
+        nisa.nc_matmul(half, _sbuf(a), _sbuf(b))
+        nisa.nc_matmul(half, _sbuf(a), _sbuf(b))  # accumulates: a matmul wrote there
+        np.testing.assert_allclose(acc.data[:, 6:], 2 * (a.T @ b), rtol=1e-5)
+        nisa.nc_matmul(acc[:, 0:6], _sbuf(a), _sbuf(b))  # starts fresh: nothing written there yet
+        np.testing.assert_allclose(acc.data[:, :6], a.T @ b, rtol=1e-5)
 
 
 def test_range_select_nonzero_and_gather() -> None:
@@ -341,6 +416,33 @@ def test_indirect_dma_skips_out_of_bounds_rows_only_when_asked() -> None:
         np.testing.assert_array_equal(cache, expected)
         with pytest.raises(EmulatorError, match=r"indirect rows \[1\] index past the end .*oob_mode.skip"):
             _gather_rows_kernel(cache, ids)
+
+
+def test_a_dynamic_address_out_of_bounds_skips_the_dma_only_when_asked() -> None:
+    """``scalar_offset`` past the end: ``oob_mode=skip`` skips the transfer (nki-library's
+    indexed_flatten parks unused rows at offset -1e6); the default raises."""
+    with session("trn2"):
+        cache = nl.ndarray((4, 8), dtype=nl.float32, buffer=nl.private_hbm)
+        cache.data[...] = 0.0
+        tile = _sbuf(np.ones((2, 8), F32))
+        for row in (1, -1000000):  # rows 1-2 written, then a transfer skipped
+            offset = _sbuf(np.array([[row]], np.int32), nl.int32)
+            nisa.dma_copy(dst=cache.ap([[8, 2], [1, 8]], scalar_offset=offset, indirect_dim=0), src=tile,
+                          oob_mode=nisa.oob_mode.skip)
+        np.testing.assert_array_equal(cache.data, np.array([[0.0] * 8, [1.0] * 8, [1.0] * 8, [0.0] * 8], F32))
+        with pytest.raises(EmulatorError, match="at element -8000000 reaches past the end"):
+            nisa.dma_copy(dst=cache.ap([[8, 2], [1, 8]], scalar_offset=offset, indirect_dim=0), src=tile)
+
+
+def test_an_empty_view_is_legal_to_build_not_to_access() -> None:
+    """nki-library's cross_entropy gives an LNC=2 program with no positions ``x[nl.ds(0, 0)]``
+    and never touches it; an instruction that does is refused."""
+    with session("trn2"):
+        hbm = nl.ndarray((4,), dtype=nl.int32, buffer=nl.shared_hbm)
+        empty = hbm[nl.ds(0, 0)]
+        assert empty.shape == (0,)
+        with pytest.raises(EmulatorError, match="nisa.dma_copy: src is empty"):
+            nisa.dma_copy(dst=nl.ndarray((1, 1), dtype=nl.int32, buffer=nl.sbuf), src=empty)
 
 
 def test_ap_dtype_reinterprets_the_bytes() -> None:

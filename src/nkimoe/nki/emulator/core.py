@@ -24,7 +24,21 @@ class EmulatorError(RuntimeError):
 
 
 class NKIObject:
-    """Base class for NKI kernel dataclasses and configuration objects (``nl.NKIObject``)."""
+    """Base class for NKI kernel dataclasses and configuration objects (``nl.NKIObject``).
+
+    A subclass's public class attributes are its fields, annotated or not: ``@dataclass`` then takes
+    them all as keyword arguments (nki-library's attention_cte builds ``SectionParams(section_idx=...)``
+    from attributes declared as ``section_idx = None``)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        annotations = cls.__dict__.get("__annotations__")
+        if annotations is None:
+            annotations = cls.__annotations__ = {}
+        for name, value in list(cls.__dict__.items()):
+            if not name.startswith("_") and name not in annotations and not callable(value) \
+                    and not isinstance(value, (property, classmethod, staticmethod)):
+                annotations[name] = Any
 
 
 def not_emulated(api: str, reason: str) -> EmulatorError:
@@ -282,8 +296,8 @@ class NkiTensor:
     Axis 0 of an on-chip tensor is the partition axis (at most 128).
     """
 
-    __slots__ = ("data", "dtype", "buffer", "name", "storage_id", "mm_written", "root", "shape", "partitions",
-                 "free_size", "__weakref__")
+    __slots__ = ("data", "dtype", "buffer", "name", "storage_id", "mm_written", "mm_root", "root", "shape",
+                 "partitions", "free_size", "__weakref__")
 
     def __init__(self, data: np.ndarray, dtype: str, buffer: MemoryRegion, name: str = "",
                  storage_id: int | None = None, mm_written: np.ndarray | None = None,
@@ -301,6 +315,8 @@ class NkiTensor:
         self.root = data if root is None else root
         #: PSUM only: which elements a matmul has written since allocation (accumulate=None).
         self.mm_written = mm_written
+        #: PSUM only: ``mm_written`` of the whole allocation, laid out as ``root`` (for ``ap`` views).
+        self.mm_root: np.ndarray | None = None
 
     # --- construction --------------------------------------------------------------------------
     @classmethod
@@ -334,7 +350,7 @@ class NkiTensor:
         elif address is not None:
             raise EmulatorError(f"nl.ndarray: address= places on-chip tensors; {buf.value} tensor {name or 'unnamed'}")
         if buf is MemoryRegion.psum:
-            tensor.mm_written = np.zeros(shape, dtype=bool)
+            tensor.mm_written = tensor.mm_root = np.zeros(shape, dtype=bool)
         return tensor
 
     @classmethod
@@ -360,7 +376,9 @@ class NkiTensor:
 
     # --- views ---------------------------------------------------------------------------------
     def _view(self, data: np.ndarray, mm: np.ndarray | None = None) -> NkiTensor:
-        return NkiTensor(data, self.dtype, self.buffer, self.name, self.storage_id, mm, self.root)
+        view = NkiTensor(data, self.dtype, self.buffer, self.name, self.storage_id, mm, self.root)
+        view.mm_root = self.mm_root
+        return view
 
     def _key(self, key: Any) -> tuple[Any, ...]:
         key = key if isinstance(key, tuple) else (key,)
@@ -381,9 +399,7 @@ class NkiTensor:
                     raise EmulatorError(
                         f"slice {k.start}:{k.stop} is out of bounds for axis {axis} of size {self.shape[axis]} in {self!r}"
                     )
-                if stop <= start:
-                    raise EmulatorError(f"empty slice {k.start}:{k.stop} on axis {axis} of {self!r}")
-                k = slice(start, stop, step)
+                k = slice(start, max(start, stop), step)  # an empty view is legal to build, not to access
             elif isinstance(k, (int, np.integer)):
                 if not -self.shape[axis] <= int(k) < self.shape[axis]:
                     raise EmulatorError(f"index {k} is out of bounds for axis {axis} of size {self.shape[axis]} in {self!r}")
@@ -470,10 +486,14 @@ class NkiTensor:
             return _with_offset(_Gather(gathered, self, [int(lo) for lo in lows], strides[1:], counts[1:],
                                         [int(i) for i in np.flatnonzero(~inside)]), vector_offset)
         if start < 0 or start + span >= flat.size:  # legal to build (kernels guard its use), illegal to access
-            return OutOfBounds(self, f"ap() pattern {pattern} at element {start} reaches past the end of {self!r}",
-                               counts)
+            return _with_offset(OutOfBounds(self, f"ap() pattern {pattern} at element {start} reaches past the end "
+                                                  f"of {self!r}", counts, dynamic=scalar_offset is not None),
+                                scalar_offset)
         view = np.lib.stride_tricks.as_strided(flat[start:], counts, [s * item for s in strides])
-        return _with_offset(self._view(view), scalar_offset)
+        mm = None
+        if self.mm_root is not None:  # a PSUM pattern keeps track of what matmuls wrote
+            mm = np.lib.stride_tricks.as_strided(self.mm_root.reshape(-1)[start:], counts, strides)
+        return _with_offset(self._view(view, mm), scalar_offset)
 
 
 #: Views whose address depends on a run-time offset, with the tensor holding it (read by the DMA).
@@ -526,14 +546,16 @@ class _Gather(NkiTensor):
 
 class OutOfBounds(NkiTensor):
     """An access pattern that reaches outside its tensor: building one is legal (kernels often
-    build it before a guard that skips its use); any instruction that accesses it is refused."""
+    build it before a guard that skips its use); any instruction that accesses it is refused,
+    except a DMA with ``oob_mode=skip`` when the address is dynamic (a ``scalar_offset``): that
+    DMA skips the transfer, as ``nisa.dma_copy`` documents."""
 
-    __slots__ = ("reason",)
+    __slots__ = ("reason", "dynamic")
 
-    def __init__(self, origin: NkiTensor, reason: str, counts: list[int]) -> None:
+    def __init__(self, origin: NkiTensor, reason: str, counts: list[int], dynamic: bool = False) -> None:
         super().__init__(np.zeros(counts, dtype=origin.data.dtype), origin.dtype, origin.buffer, origin.name,
                          origin.storage_id, root=origin.root)
-        self.reason = reason
+        self.reason, self.dynamic = reason, dynamic
 
 
 class VirtualRegister:

@@ -79,7 +79,19 @@ class oob_mode(enum.Enum):  # noqa: N801
     skip = 1
 
 
-_Oob, _DmaEngine = oob_mode, dma_engine  # the enums, under names their parameters do not shadow
+_Oob, _DmaEngine, _Dge = oob_mode, dma_engine, dge_mode  # the enums, under names their parameters do not shadow
+
+
+def _member(kind: type[enum.Enum], instr: str, name: str, value: Any) -> enum.Enum:
+    """An enum parameter as its member; an integer is taken as the member of that documented value
+    (nki-library's 0.3.0 kernels pass ``dge_mode=3``), any other value is refused."""
+    if isinstance(value, kind):
+        return value
+    try:
+        return kind(value)
+    except ValueError:
+        raise _limit(instr, name, f"{value!r} is not a {kind.__name__} value "
+                                  f"({', '.join(f'{m.name}={m.value}' for m in kind)})") from None
 
 
 class matmul_perf_mode(enum.Enum):  # noqa: N801
@@ -117,8 +129,10 @@ def _tile(instr: str, operand: str, t: Any, buffers: Sequence[MemoryRegion] = (M
           skip_out_of_bounds: bool = False) -> NkiTensor:
     if not isinstance(t, NkiTensor):
         raise _limit(instr, operand, f"must be a tensor, got {type(t).__name__}")
-    if isinstance(t, OutOfBounds):
+    if isinstance(t, OutOfBounds) and not (t.dynamic and skip_out_of_bounds):
         raise _limit(instr, operand, t.reason)
+    if t.data.size == 0:
+        raise _limit(instr, operand, f"is empty: {t!r}")
     if isinstance(t, _Gather) and t.out_of_bounds and not skip_out_of_bounds:
         raise _limit(instr, operand, f"indirect rows {t.out_of_bounds[:8]} index past the end of {t.origin!r} "
                                      "(a DMA with oob_mode=nisa.oob_mode.skip skips such rows)")
@@ -212,7 +226,8 @@ def _scalar_operand(instr: str, name: str, operand: Any, partitions: int) -> np.
 
 def _apply(op: Op, a: Any, b: Any) -> np.ndarray:
     with np.errstate(all="ignore"):
-        return np.asarray(op.fn(a, b), dtype=np.float64 if op.kind == "bitvec" else np.float32)
+        result = op.fn(a) if op.arity == 1 else op.fn(a, b)  # a unary operator ignores the second input
+        return np.asarray(result, dtype=np.float64 if op.kind == "bitvec" else np.float32)
 
 
 # --- data movement ------------------------------------------------------------------------------
@@ -222,9 +237,8 @@ def dma_copy(dst: NkiTensor, src: NkiTensor, oob_mode: Any = oob_mode.error,
              dge_mode: Any = dge_mode.unknown, engine: Any = engine.unknown, name: Any = None) -> None:
     """``dst = src`` with DMA; HBM or SBUF on either side; dtype converted through fp32."""
     allowed = (MemoryRegion.sbuf, MemoryRegion.hbm, MemoryRegion.shared_hbm, MemoryRegion.private_hbm)
-    if isinstance(oob_mode, int) or isinstance(dge_mode, int):
-        current().refuse_removed("a raw integer enum value", "pass nisa.oob_mode.* / nisa.dge_mode.* members")
-    skip = oob_mode is _Oob.skip or oob_mode == 1
+    skip = _member(_Oob, "dma_copy", "oob_mode", oob_mode) is _Oob.skip
+    _member(_Dge, "dma_copy", "dge_mode", dge_mode)
     _tile("dma_copy", "dst", dst, allowed, skip)
     _tile("dma_copy", "src", src, (*allowed, MemoryRegion.psum), skip)
     if src.buffer is MemoryRegion.psum:
@@ -233,7 +247,9 @@ def dma_copy(dst: NkiTensor, src: NkiTensor, oob_mode: Any = oob_mode.error,
         raise _limit("dma_copy", "dst/src", f"element counts differ: {dst.shape} vs {src.shape}")
     if (dst.dtype in dt.PACKED_X4 or src.dtype in dt.PACKED_X4) and dst.dtype != src.dtype:
         raise _limit("dma_copy", "dst/src", "x4 packed data moves only between tensors of the same x4 dtype")
-    if isinstance(src, _Gather) and src.out_of_bounds:  # oob_mode=skip: those rows of dst keep their values
+    if isinstance(dst, OutOfBounds) or isinstance(src, OutOfBounds):  # oob_mode=skip: the transfer is skipped
+        pass
+    elif isinstance(src, _Gather) and src.out_of_bounds:  # oob_mode=skip: those rows of dst keep their values
         if dst.shape[0] != src.shape[0]:
             raise _limit("dma_copy", "dst", f"must have the gathered rows ({src.shape[0]}) as its first axis "
                                             "when oob_mode=skip skips some")
@@ -265,11 +281,15 @@ def _contiguous_bytes(t: NkiTensor) -> int:
 
 
 def dma_transpose(dst: NkiTensor, src: NkiTensor, axes: Any = None, dge_mode: Any = dge_mode.unknown, oob_mode: Any = oob_mode.error, name: Any = None) -> None:
-    """Transpose with DMA (2-D: [1, 0]; 3-D: [2, 1, 0]; 4-D: [3, 1, 2, 0]); 2-byte dtypes only."""
+    """Transpose with DMA (2-D: [1, 0]; 3-D: [2, 1, 0]; 4-D: [3, 1, 2, 0]); 2- or 4-byte dtypes,
+    2-byte only under ``dge_mode=hwdge`` and for an indirect (``vector_offset``) source."""
     _tile("dma_transpose", "dst", dst, (MemoryRegion.sbuf,))
     _tile("dma_transpose", "src", src, (MemoryRegion.sbuf, MemoryRegion.hbm, MemoryRegion.shared_hbm, MemoryRegion.private_hbm))
-    if dt.itemsize(src.dtype) != 2:
-        raise _limit("dma_transpose", "src", f"dtype {src.dtype} is not a 2-byte dtype")
+    two_bytes = _member(_Dge, "dma_transpose", "dge_mode", dge_mode) is _Dge.hwdge or isinstance(src, _Gather)
+    if dt.itemsize(src.dtype) not in ((2,) if two_bytes else (2, 4)):
+        raise _limit("dma_transpose", "src", f"dtype {src.dtype} is not a {'2' if two_bytes else '2- or 4'}-byte dtype"
+                                             + (" (hardware-DGE and indirect transposes move 2-byte dtypes)"
+                                                if two_bytes else ""))
     perm = tuple(axes) if axes is not None else {2: (1, 0), 3: (2, 1, 0), 4: (3, 1, 2, 0)}.get(src.ndim)
     if perm is None:
         raise _limit("dma_transpose", "src", f"rank {src.ndim} is not 2, 3 or 4")

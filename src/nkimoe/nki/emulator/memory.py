@@ -5,8 +5,10 @@ Time is counted in allocations per buffer: ``usage[k]`` holds the bytes per part
 right after the k-th allocation. A tile allocated at ``k`` covers ``usage[k]``; each later use
 by an instruction extends its interval to the newest allocation and adds its bytes there. The
 peak of ``usage`` is what the compiler's allocator needs, so a kernel is refused as soon as a
-use proves that tiles live at the same time exceed the buffer. Tiles pinned with ``address=``
-must not overlap another pinned tile while both are live.
+use proves that tiles live at the same time exceed the buffer. A tile pinned with ``address=``
+takes its bytes when an instruction first touches it (declaring tiles over the same bytes up
+front, as nki-library's modular allocator does, is how a kernel reuses them); it must not be
+used after another pinned tile took bytes it overlaps.
 """
 
 from __future__ import annotations
@@ -78,6 +80,13 @@ class Buffer:
             if tile.address < 0 or end > self.capacity:
                 raise CapacityError(f"nl.ndarray: {tile.describe()} ends at byte {end}, past {self.target}'s "
                                     f"{self.capacity} B of {self.name} per partition")
+            tile.start = -1  # placed at its first use
+            return
+        self._place(tile)
+
+    def _place(self, tile: Tile) -> None:
+        """``tile`` takes its bytes now: the next point of the buffer's timeline."""
+        if tile.address is not None:
             self.pinned.append(tile)
         if self.clock == len(self.usage):
             self.usage = np.concatenate([self.usage, np.zeros_like(self.usage)])
@@ -90,6 +99,9 @@ class Buffer:
 
     def use(self, tile: Tile) -> None:
         """An instruction reads or writes ``tile`` now: it stays live across allocations since its last use."""
+        if tile.start < 0:
+            self._place(tile)
+            return
         now = self.clock - 1
         if now <= tile.last:
             return
@@ -98,7 +110,7 @@ class Buffer:
         if tile.address is not None:
             for other in self.pinned:
                 if other is not tile and tile.last < other.start <= now and tile.overlaps(other):
-                    raise CapacityError(f"{tile.describe()} is used after {other.describe()} was placed over "
+                    raise CapacityError(f"{tile.describe()} is used after {other.describe()} took "
                                         f"its bytes in {self.name}; pinned tiles that are live together "
                                         "must not overlap")
         peak_at = int(np.argmax(span)) + tile.last + 1

@@ -146,10 +146,12 @@ with np.errstate(all="ignore"):
     exp = _unary("exp", np.exp)
     log = _unary("log", np.log)
     sqrt = _unary("sqrt", np.sqrt)
-    rsqrt = _unary("rsqrt", lambda x: 1.0 / np.sqrt(x))
-    reciprocal = _unary("reciprocal", lambda x: 1.0 / x)
+    # The unary arithmetic ALU operators of the ISA's operator table (nki.api.shared.rst), also
+    # activation functions: as an ALU ``op`` they apply to the first input.
+    rsqrt = _unary("rsqrt", lambda x: 1.0 / np.sqrt(x), "arith")
+    reciprocal = _unary("reciprocal", lambda x: 1.0 / x, "arith")
     square = _unary("square", np.square)
-    abs = _unary("abs", np.abs)  # noqa: A001
+    abs = _unary("abs", np.abs, "arith")  # noqa: A001
     negative = _unary("negative", np.negative)
     sign = _unary("sign", np.sign)
     sin = _unary("sin", np.sin)

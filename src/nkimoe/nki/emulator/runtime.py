@@ -100,7 +100,8 @@ class Kernel:
                 out = self.fn(*args, **kwargs)
             else:
                 out = self._run_programs(s, args, kwargs)
-            return _convert_outputs(s, out, torch_in)
+            arguments = [a for a in (*args, *kwargs.values()) if isinstance(a, NkiTensor)]
+            return _convert_outputs(s, out, torch_in, arguments)
         finally:
             s.memory, s.running = outer, False
 
@@ -136,16 +137,18 @@ class Kernel:
         return results[0]
 
 
-def _convert_outputs(s: Session, out: Any, as_torch: bool) -> Any:
+def _convert_outputs(s: Session, out: Any, as_torch: bool, arguments: list[NkiTensor]) -> Any:
+    """A kernel's result as arrays; an argument the kernel wrote in place may be returned (an output
+    the caller passes in, nki-library's ``must_alias_input``), a tensor it allocated only in ``shared_hbm``."""
     if isinstance(out, NkiTensor):
         if out.buffer.on_chip:
             raise EmulatorError(f"a kernel returns HBM tensors; {out!r} is on chip")
-        if out.buffer is not MemoryRegion.shared_hbm:
+        if out.buffer is not MemoryRegion.shared_hbm and not any(out is a for a in arguments):
             s.refuse_removed(f"returning the {out.buffer.value} tensor {out.name or 'unnamed'} from a kernel",
                              "allocate kernel outputs with buffer=nl.shared_hbm")
         return _from_numpy(out.data, as_torch)
     if isinstance(out, (tuple, list)):
-        return type(out)(_convert_outputs(s, o, as_torch) for o in out)
+        return type(out)(_convert_outputs(s, o, as_torch, arguments) for o in out)
     return out
 
 
