@@ -458,3 +458,14 @@ def test_ap_dtype_reinterprets_the_bytes() -> None:
         odd = src[:, 1:4]
         with pytest.raises(EmulatorError, match="do not split into float32 elements"):
             odd.ap([[4, 4], [1, 1]], dtype=nl.float32)
+
+
+def test_storage_ids_are_never_reused() -> None:
+    """Each allocation keeps its own storage id even after Python frees an earlier one (``id()``
+    reuse would hand a new tile the pending accesses of a dead one, and with them false
+    dependencies in the cost model's schedule)."""
+    seen = []
+    with session("trn2"):
+        for _ in range(200):
+            seen.append(nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf).storage_id)
+    assert len(set(seen)) == len(seen)

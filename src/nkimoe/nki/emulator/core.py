@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import enum
+import itertools
 import math
 import os
 import weakref
@@ -285,9 +286,14 @@ def _track(s: Session, tensor: NkiTensor, shape: tuple[int, ...], address: Any) 
     tile = Tile(tensor.name, tensor.buffer.value, per_partition, allocation_site(), 0, 0,
                 (first_partition, shape[0]), offset)
     try:
-        s.memory.allocate(tensor.data, tensor.buffer.value, tile)
+        s.memory.allocate(tensor.storage_id, tensor.buffer.value, tile)
     except CapacityError as exc:
         raise EmulatorError(str(exc)) from None
+
+
+#: Storage ids, never reused in a process: an id names one allocation for good, so a trace's
+#: dependencies cannot attach a dead tile's pending accesses to a new one (as ``id()`` reuse would).
+_STORAGE_IDS = itertools.count(1)
 
 
 class NkiTensor:
@@ -310,7 +316,7 @@ class NkiTensor:
         self.dtype = dtype
         self.buffer = buffer
         self.name = name
-        self.storage_id = id(data) if storage_id is None else storage_id
+        self.storage_id = next(_STORAGE_IDS) if storage_id is None else storage_id
         #: The whole allocation this view belongs to.
         self.root = data if root is None else root
         #: PSUM only: which elements a matmul has written since allocation (accumulate=None).

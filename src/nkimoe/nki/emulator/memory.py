@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import sys
-import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -131,19 +130,16 @@ class Memory:
 
     def __init__(self, target: str, sbuf_capacity: int, psum_capacity: int) -> None:
         self.buffers = {"sbuf": Buffer("sbuf", sbuf_capacity, target), "psum": Buffer("psum", psum_capacity, target)}
-        #: storage id -> (buffer, tile, the storage while it exists: a dead one's id may be reused)
-        self.by_storage: dict[int, tuple[Buffer, Tile, weakref.ref[np.ndarray]]] = {}
+        #: storage id (unique in the process) -> (buffer, tile)
+        self.by_storage: dict[int, tuple[Buffer, Tile]] = {}
 
-    def allocate(self, owner: np.ndarray, buffer: str, tile: Tile) -> None:
+    def allocate(self, storage_id: int, buffer: str, tile: Tile) -> None:
         buf = self.buffers[buffer]
         buf.allocate(tile)
-        self.by_storage[id(owner)] = (buf, tile, weakref.ref(owner))
+        self.by_storage[storage_id] = (buf, tile)
 
     def use(self, storage_ids: tuple[int, ...]) -> None:
         for sid in storage_ids:
             entry = self.by_storage.get(sid)
             if entry is not None:
-                if entry[2]() is None:  # that storage is gone; the id now names other data
-                    del self.by_storage[sid]
-                else:
-                    entry[0].use(entry[1])
+                entry[0].use(entry[1])
