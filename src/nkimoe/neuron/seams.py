@@ -246,15 +246,44 @@ def moe_partial(kernels: Kernels, x: torch.Tensor, gate: torch.Tensor, gate_layo
     return out.reshape(x.shape)
 
 
+def moe_layer_partial(kernels: Kernels, attn: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
+                      eps: float, gate: torch.Tensor, gate_layout: Layout, gate_up: torch.Tensor, down: torch.Tensor,
+                      expert_layouts: Mapping[str, Layout], top_k: int,
+                      norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MoE half of a layer on one rank: ``(attn + residual, this rank's share of the sparse MoE
+    block of rmsnorm(attn + residual))``, through the bound ``moe_block`` composite: one fused
+    variant where one is bound, else its chain (``add_rms_norm`` then :func:`moe_partial`). Weights
+    as :func:`moe_partial` takes them."""
+    rows, res = attn.reshape(-1, attn.shape[-1]), residual.reshape(-1, attn.shape[-1])
+    h_axis, i_axis = expert_layouts["w_down"].index(1), expert_layouts["w_down"].index(2)
+    block = kernels.bound("moe_block", attn.dtype, T=rows.shape[0], H=rows.shape[1], E=gate.shape[gate_layout.index(0)],
+                          K=top_k, I=down.shape[i_axis])
+    if block.is_chain:
+        summed, normed = add_rms_norm(kernels, attn, residual, norm_weight, eps)
+        return summed, moe_partial(kernels, normed, gate, gate_layout, gate_up, down, expert_layouts, top_k,
+                                   norm_topk_prob)
+    assert down.shape[h_axis] == rows.shape[1]
+    stored = {"w_gate": gate_layout, **expert_layouts}
+    summed, out = call_bound(block, (rows, res, norm_weight.to(attn.dtype), gate, gate_up, down, top_k, norm_topk_prob,
+                                     eps), stored)
+    return summed.reshape(attn.shape), out.reshape(attn.shape)
+
+
 def decode_layouts(kernels: Kernels, dtype: torch.dtype, tokens: int, hidden: int, inter_local: int, experts: int,
                    top_k: int) -> tuple[Layout, dict[str, Layout]]:
     """Storage layouts of the router gate and the expert weights: those of the variants bound for
-    decode (the phase the contest's latency is made of); prefill variants that want another
-    layout get their weights re-laid-out per call."""
-    gate = kernels.bound("linear", dtype, T=tokens, K=hidden, N=experts)
-    expert = kernels.bound("expert_mlp", dtype, T=tokens, H=hidden, I=inter_local, E=experts, K=top_k)
-    layouts = {"w_gate_up": variant_layout(expert, "w_gate_up", 3), "w_down": variant_layout(expert, "w_down", 3)}
-    gate_layout = variant_layout(gate, "w", 2)
+    decode (the phase the contest's latency is made of): the fused ``moe_block`` variant where one
+    is bound, else the router gate's and the experts'; variants that want another layout get
+    their weights re-laid-out per call."""
+    block = kernels.bound("moe_block", dtype, T=tokens, H=hidden, E=experts, K=top_k, I=inter_local)
+    if block.is_chain:
+        gate = kernels.bound("linear", dtype, T=tokens, K=hidden, N=experts)
+        expert = kernels.bound("expert_mlp", dtype, T=tokens, H=hidden, I=inter_local, E=experts, K=top_k)
+        owners = {"w_gate": (gate, "w"), "w_gate_up": (expert, "w_gate_up"), "w_down": (expert, "w_down")}
+    else:
+        owners = {name: (block, name) for name in ("w_gate", "w_gate_up", "w_down")}
+    layouts = {name: variant_layout(bound, arg, 2 if name == "w_gate" else 3) for name, (bound, arg) in owners.items()}
+    gate_layout = layouts.pop("w_gate")
     return gate_layout or (0, 1), {k: v or (0, 1, 2) for k, v in layouts.items()}
 
 

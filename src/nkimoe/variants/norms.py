@@ -135,13 +135,12 @@ def qk_norm_kernel(q, k, q_weight, k_weight, eps: float = 1e-6, square_on_scalar
     return q_out, k_out
 
 
-def _normalize_spread(out, x, weight, eps: float) -> None:  # noqa: ANN001
-    """Decode layout: each token's H values spread over 128 partitions (H/128 per partition); the
-    sum of squares crosses partitions through one fp32 ones-matmul, which also broadcasts it."""
-    t, h = x.shape
-    f = h // P
-    xt = nl.ndarray((P, t, f), dtype=x.dtype, buffer=nl.sbuf)
-    nisa.dma_copy(dst=xt, src=x.reshape((t, P, f)).permute((1, 0, 2)))
+def normalize_spread(xt, weight, eps: float):  # noqa: ANN001, ANN201
+    """Decode layout: RMSNorm of ``xt [128, T, H/128]`` (SBUF; token i's hidden p * H/128 + k at
+    [p, i, k]) into a new SBUF tile of that layout; the sum of squares crosses partitions through one
+    fp32 ones-matmul, which also broadcasts it. ``weight`` [H] is in HBM."""
+    _, t, f = xt.shape
+    h = f * P
     w = nl.ndarray((P, f), dtype=weight.dtype, buffer=nl.sbuf)
     nisa.dma_copy(dst=w, src=weight.reshape((P, f)))
     sq = nl.ndarray((P, t, f), dtype=nl.float32, buffer=nl.sbuf)
@@ -155,12 +154,34 @@ def _normalize_spread(out, x, weight, eps: float) -> None:  # noqa: ANN001
     rstd = nl.ndarray((P, t), dtype=nl.float32, buffer=nl.sbuf)
     nisa.tensor_scalar(dst=rstd, data=total, op0=nl.multiply, operand0=1.0 / h, op1=nl.add, operand1=eps)
     nisa.activation(dst=rstd, op=nl.rsqrt, data=rstd)
-    y = nl.ndarray((P, t, f), dtype=x.dtype, buffer=nl.sbuf)
+    y = nl.ndarray((P, t, f), dtype=xt.dtype, buffer=nl.sbuf)
     for i in nl.affine_range(t):
-        normed = nl.ndarray((P, f), dtype=x.dtype, buffer=nl.sbuf)
+        normed = nl.ndarray((P, f), dtype=xt.dtype, buffer=nl.sbuf)
         nisa.tensor_scalar(dst=normed, data=xt[:, i, :], op0=nl.multiply, operand0=rstd[:, i:i + 1])
         nisa.tensor_tensor(dst=y[:, i, :], data1=normed, data2=w, op=nl.multiply)
-    nisa.dma_copy(dst=out.reshape((t, P, f)).permute((1, 0, 2)), src=y)
+    return y
+
+
+def _spread(x):  # noqa: ANN001, ANN202
+    """The HBM matrix ``x [T, H]`` viewed in the decode layout [128, T, H/128]."""
+    t, h = x.shape
+    return x.reshape((t, P, h // P)).permute((1, 0, 2))
+
+
+def add_rmsnorm_spread(x, residual, weight, summed, eps: float):  # noqa: ANN001, ANN201
+    """Residual add then RMSNorm of HBM ``x, residual [T, H]`` in the decode layout: stores the sum
+    (rounded to x.dtype, as the reference rounds it) to HBM ``summed`` and returns the normalised
+    tokens as an SBUF tile [128, T, H/128] (see :func:`normalize_spread`)."""
+    t, h = x.shape
+    f = h // P
+    xt = nl.ndarray((P, t, f), dtype=x.dtype, buffer=nl.sbuf)
+    rt = nl.ndarray((P, t, f), dtype=x.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=xt, src=_spread(x))
+    nisa.dma_copy(dst=rt, src=_spread(residual))
+    st = nl.ndarray((P, t, f), dtype=x.dtype, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=st, data1=xt, data2=rt, op=nl.add)
+    nisa.dma_copy(dst=_spread(summed), src=st)
+    return normalize_spread(st, weight, eps)
 
 
 @nki.jit
@@ -172,8 +193,11 @@ def rmsnorm_tkg_kernel(x, weight, eps: float = 1e-6):
     Dimensions: T tokens (<= 8), H hidden (multiple of 128).
     Args: x [T, H] HBM; weight [H] HBM. Returns: [T, H] HBM, x.dtype.
     """
+    t, h = x.shape
     out = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
-    _normalize_spread(out, x, weight, eps)
+    xt = nl.ndarray((P, t, h // P), dtype=x.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=xt, src=_spread(x))
+    nisa.dma_copy(dst=_spread(out), src=normalize_spread(xt, weight, eps))
     return out
 
 
@@ -184,18 +208,9 @@ def add_rmsnorm_tkg_kernel(x, residual, weight, eps: float = 1e-6):
     Dimensions: T tokens (<= 8), H hidden (multiple of 128).
     Returns: (x + residual, rmsnorm(x + residual)), [T, H] HBM each.
     """
-    t, h = x.shape
-    f = h // P
-    summed = nl.ndarray((t, h), dtype=x.dtype, buffer=nl.shared_hbm)
-    out = nl.ndarray((t, h), dtype=x.dtype, buffer=nl.shared_hbm)
-    xt = nl.ndarray((P, t * f), dtype=x.dtype, buffer=nl.sbuf)
-    rt = nl.ndarray((P, t * f), dtype=x.dtype, buffer=nl.sbuf)
-    nisa.dma_copy(dst=xt, src=x.reshape((t, P, f)).permute((1, 0, 2)))
-    nisa.dma_copy(dst=rt, src=residual.reshape((t, P, f)).permute((1, 0, 2)))
-    st = nl.ndarray((P, t * f), dtype=x.dtype, buffer=nl.sbuf)
-    nisa.tensor_tensor(dst=st, data1=xt, data2=rt, op=nl.add)
-    nisa.dma_copy(dst=summed.reshape((t, P, f)).permute((1, 0, 2)), src=st)
-    _normalize_spread(out, summed, weight, eps)
+    summed = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
+    out = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
+    nisa.dma_copy(dst=_spread(out), src=add_rmsnorm_spread(x, residual, weight, summed, eps))
     return summed, out
 
 
