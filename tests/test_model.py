@@ -11,7 +11,12 @@ import pytest
 import torch
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-from nkimoe.model import CheckpointError, Qwen3Moe
+from nkimoe.bench.cache import entry_key, make_entry, write_entries
+from nkimoe.model import CheckpointError, ModelConfig, Qwen3Moe
+from nkimoe.ops import add_rmsnorm, linear, router
+from nkimoe.plugins import load_registry
+from nkimoe.registry import CHAIN
+from nkimoe.shapes import call_sites
 
 NEW_TOKENS = 16
 
@@ -86,18 +91,44 @@ def hf_routing(directory: Path, sequence: list[int]) -> torch.Tensor:
     return torch.softmax(logits.float(), dim=-1)
 
 
+def chain_cache(path: Path, target: str, directory: Path) -> Path:
+    """A benchmark cache in which the chain won decode's moe_block on ``target`` (an entry as
+    ``bench select`` writes it), so that the model binds the chain there."""
+    shapes = ModelConfig.from_json(directory / "config.json").shapes
+    problem = call_sites(shapes, "decode", 1024)["decode.moe_block"]
+    tgt = load_registry({}).target(target)
+    entry = make_entry(tgt, problem, "fastest", CHAIN, "", "estimate", [])
+    write_entries(path, {entry_key(tgt, problem, "fastest"): entry})
+    return path
+
+
+def block_routing(args: tuple) -> torch.Tensor:  # noqa: ANN001
+    """The experts a fused moe_block call routes to, recomputed by the references from its inputs
+    (the gate arrives K-major); the kernel's agree unless the logits tie at bf16 resolution."""
+    x, residual, norm_weight, w_gate_t, *_ = args
+    _, normed = add_rmsnorm(x, residual, norm_weight)
+    return router(linear(normed, w_gate_t.t()))[1][0]
+
+
+@pytest.mark.parametrize("moe", ["fused", "chain"])
 @pytest.mark.parametrize("target", ["trn2", "trn3"])
-def test_emulated_nki_path_matches_hf(one_layer: Path, target: str) -> None:
+def test_emulated_nki_path_matches_hf(one_layer: Path, target: str, moe: str, tmp_path: Path) -> None:
     expected_tokens, expected_logits = hf_reference(one_layer, PROMPT)
     routes: list[torch.Tensor] = []
 
     def record_routing(site: str, args: tuple, result: tuple) -> None:  # noqa: ANN001
         if site == "decode.router":
             routes.append(result[1][0])
+        elif site == "decode.moe_block":
+            routes.append(block_routing(args))
 
+    cache = chain_cache(tmp_path / "bench.yaml", target, one_layer) if moe == "chain" else "/nonexistent"
     model = Qwen3Moe.from_pretrained(one_layer, max_context=1024, observer=record_routing,
-                                     env={"NKIMOE_TARGET": target, "NKIMOE_CACHE": "/nonexistent"})
-    assert all(b.variant.nki for b in model.binding.ops.values())  # every op runs an NKI variant
+                                     env={"NKIMOE_TARGET": target, "NKIMOE_CACHE": str(cache)})
+    # every op runs an NKI variant: decode's MoE half as one fused kernel, or as the chain of its parts
+    assert model.binding.fused("decode.moe_block") == (moe == "fused")
+    assert all(b.variant.nki for b in model.binding.ops.values() if not b.is_chain)
+    assert all(p.variant.nki for b in model.binding.ops.values() for p in b.parts)
     # Teacher-forced on HF's tokens, as logit validation does.
     forced = model.generate(PROMPT, NEW_TOKENS, forced=expected_tokens)
     steps = [forced.prefill_logits, *forced.step_logits]

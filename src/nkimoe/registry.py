@@ -330,7 +330,7 @@ class Registry:
             ops[site] = bound
             if note:
                 notes.append(note)
-        return Binding(target, policy, ops, tuple(notes))
+        return Binding(target, policy, ops, tuple(dict.fromkeys(notes)))  # a composite repeats its parts' notes
 
     def _bind_one(
         self, site: str, target: Target, problem: Problem, policy: str, cache: CacheLookup | None
