@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -192,3 +193,41 @@ def test_bad_checkpoints_name_the_problem(one_layer: Path, tmp_path: Path) -> No
 
     with pytest.raises(CheckpointError, match="does not exist"):
         Qwen3Moe.from_pretrained(tmp_path / "nowhere", env=env)
+
+
+#: A plugin's fused attention_block for cpu: the composed reference, declared bit-exact.
+ATTENTION_BLOCK_PLUGIN = """
+from nkimoe.hookspecs import hookimpl
+from nkimoe.registry import Variant
+from nkimoe import ops
+
+@hookimpl
+def register_variants(register):
+    register(Variant(op="attention_block", name="test_attention_block_cpu", targets=("cpu",),
+                     kernel=ops.attention_block, nki=False, priority=10, exactness="bitexact"))
+"""
+
+
+def test_a_fused_attention_block_runs_every_decode_layer(two_layer: Path, tmp_path: Path,
+                                                         plugin_dir: Callable[[str, str], str]) -> None:
+    """Decode through a (plugin's, verified) fused attention_block gives the chain's logits bit for
+    bit: layer 0 adds a zero residual (x + 0 == x), and the block's new k/v land in the cache."""
+    env = {"NKIMOE_TARGET": "cpu", "NKIMOE_PLUGINS": plugin_dir("attention_block_plugin", ATTENTION_BLOCK_PLUGIN),
+           "NKIMOE_CACHE": str(tmp_path / "bench.yaml")}
+    variant = load_registry(env).variants["test_attention_block_cpu"]
+    problem = call_sites(ModelConfig.from_json(two_layer / "config.json").shapes, "decode", 1024)["decode.attention_block"]
+    cpu = load_registry(env).target("cpu")
+    record = {"variant": variant.name, "status": "ok", "time_us": None, "method": "unmeasured",
+              "source_hash": variant.source_hash}
+    entry = make_entry(cpu, problem, "fastest", variant.name, variant.source_hash, "unmeasured", [record])
+    write_entries(tmp_path / "bench.yaml", {entry_key(cpu, problem, "fastest"): entry})
+    calls: list[str] = []
+    fused = Qwen3Moe.from_pretrained(two_layer, max_context=1024, env=env, observer=lambda site, *_: calls.append(site))
+    assert fused.binding.ops["decode.attention_block"].variant.name == variant.name
+    chain = Qwen3Moe.from_pretrained(two_layer, max_context=1024, env={"NKIMOE_TARGET": "cpu",
+                                                                       "NKIMOE_CACHE": "/nonexistent"})
+    assert chain.binding.ops["decode.attention_block"].is_chain
+    a, b = fused.generate(PROMPT, 4), chain.generate(PROMPT, 4)
+    assert a.tokens == b.tokens and all(torch.equal(x, y) for x, y in zip(a.step_logits, b.step_logits))
+    assert calls.count("decode.attention_block") == 3 * 2  # 3 decode steps x 2 layers
+    assert "decode.attention" not in calls and "decode.first_norm" not in calls

@@ -151,3 +151,41 @@ def test_select_table_shows_eligible_candidates_within_120_columns(capsys, tmp_p
     out = capsys.readouterr().out
     assert "ineligible: built for trn3, not trn2" in out
     assert max(len(line) for line in out.splitlines() if str(tmp_path) not in line) <= 120
+
+
+class PartCosts:
+    """A cache stub recording the same time for every part variant of a chain."""
+
+    def __init__(self, us: float) -> None:
+        self.us = us
+
+    def winner(self, target, problem, policy):  # noqa: ANN001, ANN201
+        return None
+
+    def verified(self, target, problem, policy, variant, source_hash):  # noqa: ANN001, ANN201
+        return True
+
+    def cost_us(self, target, problem, policy, variant, source_hash):  # noqa: ANN001, ANN201
+        return self.us
+
+
+def test_a_composite_selection_records_the_chain_and_binds_the_winner(tmp_path: Path) -> None:
+    from nkimoe.plugins import load_registry
+    from nkimoe.registry import CHAIN
+
+    registry = load_registry({})
+    target = registry.target("trn3")
+    problem = Problem.of("moe_block", T=1, H=2048, E=128, K=8, I=192)
+    for part_us, winner in ((100.0, "moe_block_tkg_trn3"), (1.0, CHAIN)):  # 4 parts: 400 us or 4 us
+        selection = select_problem(registry, target, problem, ["decode.moe_block"], "fastest", cache=PartCosts(part_us))
+        chain = next(c for c in selection.candidates if c.variant == CHAIN)
+        assert chain.status == "ok" and chain.time_us == 4 * part_us
+        assert chain.parts == ["add_rmsnorm_tkg_nki", "linear_nki_trn3", "router_nki_trn3", "expert_mlp_tkg_nki"]
+        fused = next(c for c in selection.candidates if c.variant == "moe_block_tkg_trn3")
+        assert fused.status == "ok" and fused.method == "estimate" and 4 < fused.time_us < 400
+        assert selection.winner == winner
+        path = tmp_path / f"{winner}.yaml"
+        write_entries(path, cache_entries(target, [selection], "fastest"))
+        bound = registry.bind(target, {"decode.moe_block": problem},
+                              cache=BenchCache(CacheFile.read(path))).ops["decode.moe_block"]
+        assert bound.decided_by == "cache" and bound.is_chain == (winner == CHAIN)
