@@ -56,7 +56,7 @@ def test_wrong_variant_is_rejected_and_never_wins(registry_with: Callable[..., R
 def test_default_problems_cover_every_op_in_both_phases() -> None:
     problems = default_problems(ModelShapes(), 1024, (128,))
     ops = {p.op for p in problems}
-    assert len(ops) == 9
+    assert len(ops) == 11  # 9 ops and the composites moe_block and attention_block
     assert Problem.of("attention_decode", L=1024, Hq=32, Hkv=4, D=128) in problems
     assert Problem.of("attention_prefill", S=128, Hq=32, Hkv=4, D=128) in problems
     assert Problem.of("linear", T=1, K=2048, N=151_936) in problems
@@ -64,8 +64,8 @@ def test_default_problems_cover_every_op_in_both_phases() -> None:
 
 def test_default_problems_at_tp4_are_one_ranks_shapes() -> None:
     problems = default_problems(ModelShapes(), 1024, (128,), tp=4)
-    # NxDI's q/k norm modules take head rows: rmsnorm problems, no qk_norm.
-    assert {p.op for p in problems} == set(OP_NAMES) - {"qk_norm"}
+    # NxDI's q/k norm modules take head rows: rmsnorm problems, no qk_norm (nor its attention_block).
+    assert {p.op for p in problems} == set(OP_NAMES) - {"qk_norm", "attention_block"}
     assert Problem.of("attention_decode", L=1024, Hq=8, Hkv=1, D=128) in problems
     assert Problem.of("expert_mlp", T=1, H=2048, I=192, E=128, K=8) in problems  # 768 / 4, unpadded
     assert Problem.of("linear", T=1, K=2048, N=151_936 // 4) in problems  # lm_head's vocabulary slice
