@@ -47,7 +47,7 @@ class Kernels:
         if hit is None:
             binding, detection = bind_model({str(problem): problem})
             hit = binding.ops[str(problem)]
-            log.info("nkimoe %s: %s -> %s (%s: %s)", detection.target.name, problem, hit.variant.name,
+            log.info("nkimoe %s: %s -> %s (%s: %s)", detection.target.name, problem, hit.name,
                      hit.decided_by, hit.reason)
             self._bound[problem] = hit
         return hit
@@ -255,14 +255,12 @@ def moe_layer_partial(kernels: Kernels, attn: torch.Tensor, residual: torch.Tens
     variant where one is bound, else its chain (``add_rms_norm`` then :func:`moe_partial`). Weights
     as :func:`moe_partial` takes them."""
     rows, res = attn.reshape(-1, attn.shape[-1]), residual.reshape(-1, attn.shape[-1])
-    h_axis, i_axis = expert_layouts["w_down"].index(1), expert_layouts["w_down"].index(2)
     block = kernels.bound("moe_block", attn.dtype, T=rows.shape[0], H=rows.shape[1], E=gate.shape[gate_layout.index(0)],
-                          K=top_k, I=down.shape[i_axis])
+                          K=top_k, I=down.shape[expert_layouts["w_down"].index(2)])
     if block.is_chain:
         summed, normed = add_rms_norm(kernels, attn, residual, norm_weight, eps)
         return summed, moe_partial(kernels, normed, gate, gate_layout, gate_up, down, expert_layouts, top_k,
                                    norm_topk_prob)
-    assert down.shape[h_axis] == rows.shape[1]
     stored = {"w_gate": gate_layout, **expert_layouts}
     summed, out = call_bound(block, (rows, res, norm_weight.to(attn.dtype), gate, gate_up, down, top_k, norm_topk_prob,
                                      eps), stored)
