@@ -15,7 +15,7 @@ The router gate ``w_gate`` is prepared K-major ``[H, E]`` (``linear.weight_k_maj
 stream, so the logits land as one row, the router's layout (tokens on partitions). The routing
 weights are broadcast to all partitions by a ones-matmul (exact: products with 1.0, fp32 PSUM).
 
-The building blocks are the chain's: ``norms.add_rmsnorm_spread``, ``routing.route_rows`` and
+The building blocks are the chain's: ``norms.add_spread`` and ``spread_rmsnorm``, ``routing.route_rows`` and
 ``experts.expert_pass``; only the gate matmul's summation order differs from ``linear_kernel``'s
 (hidden partition-major instead of tile-major). Rounding points are the chain's: the sum, the
 normalised value and its weight product, the logits and the routing weights are rounded to the
@@ -39,7 +39,7 @@ from nkimoe.targets import Target
 from nkimoe.variants.experts import EXPERT_TOLERANCE, _expert_sbuf_bytes, down_i_major, expert_pass, gate_up_h_major, \
     store_feature_major
 from nkimoe.variants.linear import weight_k_major
-from nkimoe.variants.norms import add_rmsnorm_spread
+from nkimoe.variants.norms import add_spread, spread_rmsnorm, store_spread
 from nkimoe.variants.routing import route_rows
 from nkimoe.variants.tiles import matmul_accumulate
 
@@ -74,7 +74,9 @@ def moe_block_tkg_kernel(x, residual, norm_weight, w_gate_t, w_gu, w_dn, top_k: 
     out = nl.ndarray((t, h), dtype=x.dtype, buffer=nl.shared_hbm)
     gate = nl.ndarray((P, hf, e), dtype=w_gate_t.dtype, buffer=nl.sbuf)
     nisa.dma_copy(dst=gate, src=w_gate_t.reshape((P, hf, e)))  # issued first: no dependency on the norm
-    normed = add_rmsnorm_spread(x, residual, norm_weight, summed, eps).reshape((P, hf, t))
+    st = add_spread(x, residual)
+    store_spread(summed, st)
+    normed = spread_rmsnorm(st, norm_weight, eps).reshape((P, hf, t))
     # logits [1, E]: rounded to x.dtype as the gate projection's output is, then fp32 for the router
     ps = nl.ndarray((t, e), dtype=nl.float32, buffer=nl.psum)
     matmul_accumulate(ps, normed, gate)

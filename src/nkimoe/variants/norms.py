@@ -44,7 +44,7 @@ def _broadcast_rows(vec, width: int, rows: int):  # noqa: ANN001, ANN202
     return tile
 
 
-def _normalize_rows(out_rows, x_rows, w_tile, rows: int, width: int, eps: float, square_on_scalar: bool) -> None:  # noqa: ANN001
+def normalize_rows(out_rows, x_rows, w_tile, rows: int, width: int, eps: float, square_on_scalar: bool) -> None:  # noqa: ANN001
     """out[r] = w * (x[r] * rsqrt(mean(x[r]^2) + eps)) for ``rows`` <= 128 rows already in SBUF."""
     sq = nl.ndarray((P, width), dtype=nl.float32, buffer=nl.sbuf)
     ss = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
@@ -72,7 +72,7 @@ def _rmsnorm_2d(x, weight, out, eps: float, square_on_scalar: bool) -> None:  # 
         xt = nl.ndarray((P, width), dtype=x.dtype, buffer=nl.sbuf)
         nisa.dma_copy(dst=xt[0:p], src=x[t * P:t * P + p, :])
         yt = nl.ndarray((P, width), dtype=x.dtype, buffer=nl.sbuf)
-        _normalize_rows(yt, xt, w_tile, p, width, eps, square_on_scalar)
+        normalize_rows(yt, xt, w_tile, p, width, eps, square_on_scalar)
         nisa.dma_copy(dst=out[t * P:t * P + p, :], src=yt[0:p])
 
 
@@ -113,7 +113,7 @@ def add_rmsnorm_kernel(x, residual, weight, eps: float = 1e-6, square_on_scalar:
         nisa.tensor_tensor(dst=st[0:p], data1=xt[0:p], data2=rt[0:p], op=nl.add)
         nisa.dma_copy(dst=summed[t * P:t * P + p, :], src=st[0:p])
         yt = nl.ndarray((P, width), dtype=x.dtype, buffer=nl.sbuf)
-        _normalize_rows(yt, st, w_tile, p, width, eps, square_on_scalar)
+        normalize_rows(yt, st, w_tile, p, width, eps, square_on_scalar)
         nisa.dma_copy(dst=out[t * P:t * P + p, :], src=yt[0:p])
     return summed, out
 
@@ -135,12 +135,34 @@ def qk_norm_kernel(q, k, q_weight, k_weight, eps: float = 1e-6, square_on_scalar
     return q_out, k_out
 
 
-def normalize_spread(xt, weight, eps: float):  # noqa: ANN001, ANN201
-    """Decode layout: RMSNorm of ``xt [128, T, H/128]`` (SBUF; token i's hidden p * H/128 + k at
-    [p, i, k]) into a new SBUF tile of that layout; the sum of squares crosses partitions through one
-    fp32 ones-matmul, which also broadcasts it. ``weight`` [H] is in HBM."""
+def load_spread(x):  # noqa: ANN001, ANN202
+    """Decode layout of an HBM matrix [T, H]: a [128, T, H/128] SBUF tile, partition p holding
+    columns p*H/128 .. (p+1)*H/128 - 1 of every row (one contiguous run per partition and row)."""
+    t, h = x.shape
+    tile = nl.ndarray((P, t, h // P), dtype=x.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=tile, src=x.reshape((t, P, h // P)).permute((1, 0, 2)))
+    return tile
+
+
+def store_spread(out, y) -> None:  # noqa: ANN001
+    """Write a decode-layout tile [128, T, F] to the HBM matrix ``out`` [T, 128*F]."""
+    _, t, f = y.shape
+    nisa.dma_copy(dst=out.reshape((t, P, f)).permute((1, 0, 2)), src=y)
+
+
+def add_spread(x, residual):  # noqa: ANN001, ANN202
+    """``x + residual`` (HBM [T, H] each) as a decode-layout tile, rounded to x.dtype as the reference adds."""
+    xt, rt = load_spread(x), load_spread(residual)
+    st = nl.ndarray(xt.shape, dtype=x.dtype, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=st, data1=xt, data2=rt, op=nl.add)
+    return st
+
+
+def spread_rmsnorm(xt, weight, eps: float):  # noqa: ANN001, ANN202
+    """RMSNorm of the rows of a decode-layout tile xt [128, T, F] (``load_spread``) with the HBM
+    weight [128*F] spread the same way; the sum of squares crosses partitions through one fp32
+    ones-matmul, which also broadcasts it. Returns [128, T, F] in xt.dtype (SBUF)."""
     _, t, f = xt.shape
-    h = f * P
     w = nl.ndarray((P, f), dtype=weight.dtype, buffer=nl.sbuf)
     nisa.dma_copy(dst=w, src=weight.reshape((P, f)))
     sq = nl.ndarray((P, t, f), dtype=nl.float32, buffer=nl.sbuf)
@@ -152,7 +174,7 @@ def normalize_spread(xt, weight, eps: float):  # noqa: ANN001, ANN201
     total = nl.ndarray((P, t), dtype=nl.float32, buffer=nl.psum)
     nisa.nc_matmul(dst=total, stationary=ones, moving=partial)
     rstd = nl.ndarray((P, t), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_scalar(dst=rstd, data=total, op0=nl.multiply, operand0=1.0 / h, op1=nl.add, operand1=eps)
+    nisa.tensor_scalar(dst=rstd, data=total, op0=nl.multiply, operand0=1.0 / (P * f), op1=nl.add, operand1=eps)
     nisa.activation(dst=rstd, op=nl.rsqrt, data=rstd)
     y = nl.ndarray((P, t, f), dtype=xt.dtype, buffer=nl.sbuf)
     for i in nl.affine_range(t):
@@ -160,28 +182,6 @@ def normalize_spread(xt, weight, eps: float):  # noqa: ANN001, ANN201
         nisa.tensor_scalar(dst=normed, data=xt[:, i, :], op0=nl.multiply, operand0=rstd[:, i:i + 1])
         nisa.tensor_tensor(dst=y[:, i, :], data1=normed, data2=w, op=nl.multiply)
     return y
-
-
-def _spread(x):  # noqa: ANN001, ANN202
-    """The HBM matrix ``x [T, H]`` viewed in the decode layout [128, T, H/128]."""
-    t, h = x.shape
-    return x.reshape((t, P, h // P)).permute((1, 0, 2))
-
-
-def add_rmsnorm_spread(x, residual, weight, summed, eps: float):  # noqa: ANN001, ANN201
-    """Residual add then RMSNorm of HBM ``x, residual [T, H]`` in the decode layout: stores the sum
-    (rounded to x.dtype, as the reference rounds it) to HBM ``summed`` and returns the normalised
-    tokens as an SBUF tile [128, T, H/128] (see :func:`normalize_spread`)."""
-    t, h = x.shape
-    f = h // P
-    xt = nl.ndarray((P, t, f), dtype=x.dtype, buffer=nl.sbuf)
-    rt = nl.ndarray((P, t, f), dtype=x.dtype, buffer=nl.sbuf)
-    nisa.dma_copy(dst=xt, src=_spread(x))
-    nisa.dma_copy(dst=rt, src=_spread(residual))
-    st = nl.ndarray((P, t, f), dtype=x.dtype, buffer=nl.sbuf)
-    nisa.tensor_tensor(dst=st, data1=xt, data2=rt, op=nl.add)
-    nisa.dma_copy(dst=_spread(summed), src=st)
-    return normalize_spread(st, weight, eps)
 
 
 @nki.jit
@@ -193,24 +193,24 @@ def rmsnorm_tkg_kernel(x, weight, eps: float = 1e-6):
     Dimensions: T tokens (<= 8), H hidden (multiple of 128).
     Args: x [T, H] HBM; weight [H] HBM. Returns: [T, H] HBM, x.dtype.
     """
-    t, h = x.shape
     out = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
-    xt = nl.ndarray((P, t, h // P), dtype=x.dtype, buffer=nl.sbuf)
-    nisa.dma_copy(dst=xt, src=_spread(x))
-    nisa.dma_copy(dst=_spread(out), src=normalize_spread(xt, weight, eps))
+    store_spread(out, spread_rmsnorm(load_spread(x), weight, eps))
     return out
 
 
 @nki.jit
 def add_rmsnorm_tkg_kernel(x, residual, weight, eps: float = 1e-6):
-    """Residual add then RMSNorm for decode, hidden spread over 128 partitions (see rmsnorm_tkg_kernel).
+    """Residual add then RMSNorm for decode, hidden spread over 128 partitions (see rmsnorm_tkg_kernel);
+    the sum is normalised from SBUF.
 
     Dimensions: T tokens (<= 8), H hidden (multiple of 128).
     Returns: (x + residual, rmsnorm(x + residual)), [T, H] HBM each.
     """
     summed = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
     out = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
-    nisa.dma_copy(dst=_spread(out), src=add_rmsnorm_spread(x, residual, weight, summed, eps))
+    st = add_spread(x, residual)
+    store_spread(summed, st)
+    store_spread(out, spread_rmsnorm(st, weight, eps))
     return summed, out
 
 
