@@ -252,12 +252,13 @@ def moe_layer_partial(kernels: Kernels, attn: torch.Tensor, residual: torch.Tens
                       norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The MoE half of a layer on one rank: ``(attn + residual, this rank's share of the sparse MoE
     block of rmsnorm(attn + residual))``, through the bound ``moe_block`` composite: one fused
-    variant where one is bound, else its chain (``add_rms_norm`` then :func:`moe_partial`). Weights
-    as :func:`moe_partial` takes them."""
+    variant where one is bound (and the router gate is stored in the activations' dtype, the
+    composite's contract), else its chain (``add_rms_norm`` then :func:`moe_partial`). Weights as
+    :func:`moe_partial` takes them."""
     rows, res = attn.reshape(-1, attn.shape[-1]), residual.reshape(-1, attn.shape[-1])
     block = kernels.bound("moe_block", attn.dtype, T=rows.shape[0], H=rows.shape[1], E=gate.shape[gate_layout.index(0)],
                           K=top_k, I=down.shape[expert_layouts["w_down"].index(2)])
-    if block.is_chain:
+    if block.is_chain or gate.dtype != attn.dtype:
         summed, normed = add_rms_norm(kernels, attn, residual, norm_weight, eps)
         return summed, moe_partial(kernels, normed, gate, gate_layout, gate_up, down, expert_layouts, top_k,
                                    norm_topk_prob)
