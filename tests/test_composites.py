@@ -157,7 +157,8 @@ def test_chain_callable_composes_the_bound_parts_with_their_layouts() -> None:
     problem = Problem.of("moe_block", "float32", **SMALL_MOE)
     bound = REGISTRY.bind("cpu", {"decode.moe_block": problem}).ops["decode.moe_block"]
     args, kwargs = get_op("moe_block").make_inputs(problem.dim, torch.float32, torch.Generator().manual_seed(1))
-    assert all(torch.equal(a, e) for a, e in zip(bound.fn(*args, **kwargs), get_op("moe_block").reference(*args, **kwargs)))
+    expected = get_op("moe_block").reference(*args, **kwargs)
+    assert all(torch.equal(a, e) for a, e in zip(bound.fn(*args, **kwargs), expected))
 
 
 def test_a_fused_composite_replaces_its_parts_in_estimates_and_coverage() -> None:

@@ -215,7 +215,8 @@ def test_a_fused_attention_block_runs_every_decode_layer(two_layer: Path, tmp_pa
     env = {"NKIMOE_TARGET": "cpu", "NKIMOE_PLUGINS": plugin_dir("attention_block_plugin", ATTENTION_BLOCK_PLUGIN),
            "NKIMOE_CACHE": str(tmp_path / "bench.yaml")}
     variant = load_registry(env).variants["test_attention_block_cpu"]
-    problem = call_sites(ModelConfig.from_json(two_layer / "config.json").shapes, "decode", 1024)["decode.attention_block"]
+    shapes = ModelConfig.from_json(two_layer / "config.json").shapes
+    problem = call_sites(shapes, "decode", 1024)["decode.attention_block"]
     cpu = load_registry(env).target("cpu")
     record = {"variant": variant.name, "status": "ok", "time_us": None, "method": "unmeasured",
               "source_hash": variant.source_hash}

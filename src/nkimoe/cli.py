@@ -123,8 +123,8 @@ def cmd_registry_explain(args: argparse.Namespace) -> int:
             for c in candidates
         ]
         if problem.parts:
-            rows = [{**r, "cache_us": cache.cost_us(target, problem, args.policy, c.variant.name, c.variant.source_hash)}
-                    for r, c in zip(rows, candidates)]
+            rows = [{**r, "cache_us": cache.cost_us(target, problem, args.policy, c.variant.name,
+                                                    c.variant.source_hash)} for r, c in zip(rows, candidates)]
             rows.append(_chain_row(registry, target, problem, args.policy, cache, bound))
         if not any(r["binds"] for r in rows):
             ref = bound.variant

@@ -436,7 +436,8 @@ def _separating_gate(normed: Tensor, experts: int, dtype: torch.dtype, gen: torc
     return w
 
 
-def _moe_block_inputs(d: Mapping[str, int], dt: torch.dtype, g: torch.Generator) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def _moe_block_inputs(d: Mapping[str, int], dt: torch.dtype,
+                      g: torch.Generator) -> tuple[tuple[Any, ...], dict[str, Any]]:
     t, h, i, e = d["T"], d["H"], d["I"], d["E"]
     (x, residual, norm_weight), kwargs = _add_norm_inputs(d, dt, g)
     _, normed = add_rmsnorm(x, residual, norm_weight, kwargs["eps"])

@@ -188,7 +188,8 @@ if NEURON_AVAILABLE:  # pragma: no cover - needs the Neuron SDK
                                   self.experts.down_proj, self.expert_layouts, self.top_k, self.norm_topk_prob)
             return (reduce_from_tensor_model_parallel_region(partial),)
 
-        def with_norm(self, attn: torch.Tensor, residual: torch.Tensor, norm: BoundRMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        def with_norm(self, attn: torch.Tensor, residual: torch.Tensor,
+                      norm: BoundRMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
             """``(attn + residual, the block's output on norm(attn + residual))`` through the bound
             ``moe_block`` composite (one fused kernel or its chain)."""
             summed, partial = moe_layer_partial(
