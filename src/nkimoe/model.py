@@ -4,7 +4,9 @@ Loads real HF checkpoint directories (``config.json`` plus ``model.safetensors``
 ``model.safetensors.index.json``), binds every call site once at load (target detection, the
 benchmark cache, ``NKIMOE_POLICY``), then runs prefill and greedy decode with a KV cache. On
 ``cpu`` the ops are the torch references; with ``NKIMOE_TARGET=trn2`` or ``trn3`` the NKI
-variants run in the emulator (or on the device where the Neuron SDK is present).
+variants run in the emulator (or on the device where the Neuron SDK is present). A layer's
+attention half and its MoE half each run as one call of the composite ``attention_block`` /
+``moe_block`` where a fused variant is bound, and as the chain of their parts otherwise.
 
 KV cache layout (per layer): K transposed ``[Hkv, D, capacity]`` and V ``[Hkv, capacity, D]``,
 the layout the ``attention_decode`` contract takes.
