@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-from nkimoe.model import CheckpointError, Qwen3Moe
+from nkimoe.bench.cache import entry_key, make_entry, write_entries
+from nkimoe.model import CheckpointError, ModelConfig, Qwen3Moe
+from nkimoe.ops import add_rmsnorm, linear, router
+from nkimoe.plugins import load_registry
+from nkimoe.registry import CHAIN
+from nkimoe.shapes import call_sites
 
 NEW_TOKENS = 16
 
@@ -86,18 +92,44 @@ def hf_routing(directory: Path, sequence: list[int]) -> torch.Tensor:
     return torch.softmax(logits.float(), dim=-1)
 
 
+def chain_cache(path: Path, target: str, directory: Path) -> Path:
+    """A benchmark cache in which the chain won decode's moe_block on ``target`` (an entry as
+    ``bench select`` writes it), so that the model binds the chain there."""
+    shapes = ModelConfig.from_json(directory / "config.json").shapes
+    problem = call_sites(shapes, "decode", 1024)["decode.moe_block"]
+    tgt = load_registry({}).target(target)
+    entry = make_entry(tgt, problem, "fastest", CHAIN, "", "estimate", [])
+    write_entries(path, {entry_key(tgt, problem, "fastest"): entry})
+    return path
+
+
+def block_routing(args: tuple) -> torch.Tensor:  # noqa: ANN001
+    """The experts a fused moe_block call routes to, recomputed by the references from its inputs
+    (the gate arrives K-major); the kernel's agree unless the logits tie at bf16 resolution."""
+    x, residual, norm_weight, w_gate_t, *_ = args
+    _, normed = add_rmsnorm(x, residual, norm_weight)
+    return router(linear(normed, w_gate_t.t()))[1][0]
+
+
+@pytest.mark.parametrize("moe", ["fused", "chain"])
 @pytest.mark.parametrize("target", ["trn2", "trn3"])
-def test_emulated_nki_path_matches_hf(one_layer: Path, target: str) -> None:
+def test_emulated_nki_path_matches_hf(one_layer: Path, target: str, moe: str, tmp_path: Path) -> None:
     expected_tokens, expected_logits = hf_reference(one_layer, PROMPT)
     routes: list[torch.Tensor] = []
 
     def record_routing(site: str, args: tuple, result: tuple) -> None:  # noqa: ANN001
         if site == "decode.router":
             routes.append(result[1][0])
+        elif site == "decode.moe_block":
+            routes.append(block_routing(args))
 
+    cache = chain_cache(tmp_path / "bench.yaml", target, one_layer) if moe == "chain" else "/nonexistent"
     model = Qwen3Moe.from_pretrained(one_layer, max_context=1024, observer=record_routing,
-                                     env={"NKIMOE_TARGET": target, "NKIMOE_CACHE": "/nonexistent"})
-    assert all(b.variant.nki for b in model.binding.ops.values())  # every op runs an NKI variant
+                                     env={"NKIMOE_TARGET": target, "NKIMOE_CACHE": str(cache)})
+    # every op runs an NKI variant: decode's MoE half as one fused kernel, or as the chain of its parts
+    assert model.binding.fused("decode.moe_block") == (moe == "fused")
+    assert all(b.variant.nki for b in model.binding.ops.values() if not b.is_chain)
+    assert all(p.variant.nki for b in model.binding.ops.values() for p in b.parts)
     # Teacher-forced on HF's tokens, as logit validation does.
     forced = model.generate(PROMPT, NEW_TOKENS, forced=expected_tokens)
     steps = [forced.prefill_logits, *forced.step_logits]
@@ -161,3 +193,42 @@ def test_bad_checkpoints_name_the_problem(one_layer: Path, tmp_path: Path) -> No
 
     with pytest.raises(CheckpointError, match="does not exist"):
         Qwen3Moe.from_pretrained(tmp_path / "nowhere", env=env)
+
+
+#: A plugin's fused attention_block for cpu: the composed reference, declared bit-exact.
+ATTENTION_BLOCK_PLUGIN = """
+from nkimoe.hookspecs import hookimpl
+from nkimoe.registry import Variant
+from nkimoe import ops
+
+@hookimpl
+def register_variants(register):
+    register(Variant(op="attention_block", name="test_attention_block_cpu", targets=("cpu",),
+                     kernel=ops.attention_block, nki=False, priority=10, exactness="bitexact"))
+"""
+
+
+def test_a_fused_attention_block_runs_every_decode_layer(two_layer: Path, tmp_path: Path,
+                                                         plugin_dir: Callable[[str, str], str]) -> None:
+    """Decode through a (plugin's, verified) fused attention_block gives the chain's logits bit for
+    bit: layer 0 adds a zero residual (x + 0 == x), and the block's new k/v land in the cache."""
+    env = {"NKIMOE_TARGET": "cpu", "NKIMOE_PLUGINS": plugin_dir("attention_block_plugin", ATTENTION_BLOCK_PLUGIN),
+           "NKIMOE_CACHE": str(tmp_path / "bench.yaml")}
+    variant = load_registry(env).variants["test_attention_block_cpu"]
+    shapes = ModelConfig.from_json(two_layer / "config.json").shapes
+    problem = call_sites(shapes, "decode", 1024)["decode.attention_block"]
+    cpu = load_registry(env).target("cpu")
+    record = {"variant": variant.name, "status": "ok", "time_us": None, "method": "unmeasured",
+              "source_hash": variant.source_hash}
+    entry = make_entry(cpu, problem, "fastest", variant.name, variant.source_hash, "unmeasured", [record])
+    write_entries(tmp_path / "bench.yaml", {entry_key(cpu, problem, "fastest"): entry})
+    calls: list[str] = []
+    fused = Qwen3Moe.from_pretrained(two_layer, max_context=1024, env=env, observer=lambda site, *_: calls.append(site))
+    assert fused.binding.ops["decode.attention_block"].variant.name == variant.name
+    chain = Qwen3Moe.from_pretrained(two_layer, max_context=1024, env={"NKIMOE_TARGET": "cpu",
+                                                                       "NKIMOE_CACHE": "/nonexistent"})
+    assert chain.binding.ops["decode.attention_block"].is_chain
+    a, b = fused.generate(PROMPT, 4), chain.generate(PROMPT, 4)
+    assert a.tokens == b.tokens and all(torch.equal(x, y) for x, y in zip(a.step_logits, b.step_logits))
+    assert calls.count("decode.attention_block") == 3 * 2  # 3 decode steps x 2 layers
+    assert "decode.attention" not in calls and "decode.first_norm" not in calls

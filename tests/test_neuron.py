@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -28,6 +29,7 @@ from nkimoe.neuron import (
     decode_layouts,
     launch,
     linear_rows,
+    moe_layer_partial,
     moe_partial,
     permuted_shape,
     prefill_attention,
@@ -41,6 +43,7 @@ from nkimoe.ops import (
     attention_decode,
     attention_prefill,
     compare,
+    rmsnorm,
     rope_cos_sin,
     untied_logits,
 )
@@ -49,6 +52,7 @@ from nkimoe.ops import router as ops_router
 from nkimoe.shapes import ModelShapes, intermediate_per_rank, neuron_call_sites
 from nkimoe.variants.attention import ATTENTION_TOLERANCE
 from nkimoe.variants.experts import EXPERT_TOLERANCE
+from nkimoe.variants.fused import MOE_BLOCK_TOLERANCE
 from nkimoe.variants.linear import LINEAR_TOLERANCE
 
 H, I, E, K = 2048, 768, 128, 8  # Qwen3-30B-A3B
@@ -173,6 +177,33 @@ def test_moe_ranks_sum_to_hf_sparse_moe_block(kernels: Kernels, moe: MoeLayer, t
     # What the adapters bound is what `bench select --tp 4` measures (layouts come from the decode binding).
     sites = {**neuron_call_sites(ModelShapes(), TP, "prefill", tokens), **neuron_call_sites(ModelShapes(), TP, "decode", 1024)}
     assert set(kernels.problems()) <= set(sites.values())
+
+
+@pytest.mark.parametrize("kernels", TARGETS, indirect=True)
+def test_moe_layer_ranks_sum_to_hf_norm_and_sparse_moe_block(kernels: Kernels, moe: MoeLayer) -> None:
+    """The MoE half of a decode layer through the bound moe_block: one fused kernel per rank on
+    trn2/trn3, the chain of references on cpu."""
+    attn, residual = moe.x[0, :1], torch.zeros(1, H, dtype=torch.bfloat16)  # x + 0 == x: HF's gate sees x's norm
+    norm_weight = torch.ones(H, dtype=torch.bfloat16)
+    gate_layout, expert_layouts = decode_layouts(kernels, torch.bfloat16, 1, H, intermediate_per_rank(I, TP), E, K)
+    gate = moe.sd["mlp.gate.weight"].permute(gate_layout).contiguous()
+    gate_up, down = (w.permute(expert_layouts[a]).contiguous() for w, a in zip(moe.full, ("w_gate_up", "w_down")))
+    results = [moe_layer_partial(kernels, attn, residual, norm_weight, 1e-6, gate, gate_layout,
+                                 shard(gate_up, expert_layouts["w_gate_up"].index(1), 2, r),
+                                 shard(down, expert_layouts["w_down"].index(2), 1, r), expert_layouts, K, True)
+               for r in range(TP)]
+    block = kernels.bound("moe_block", torch.bfloat16, T=1, H=H, E=E, K=K, I=intermediate_per_rank(I, TP))
+    assert block.is_chain == (os.environ["NKIMOE_TARGET"] == "cpu")  # fused wherever NKI variants run
+    partials = torch.stack([out for _, out in results])
+    assert all(torch.equal(summed, attn) for summed, _ in results)
+    total = partials.float().sum(0).to(torch.bfloat16)
+    with torch.no_grad():
+        expected = moe.block(rmsnorm(attn, norm_weight)[None])[0]
+    # The fused block's tolerance (fused.py: the experts' plus what the norm and router pass on) and
+    # the rounding of each rank's bf16 partial (half an ulp of each of the 4, at most 2^-9 of the largest).
+    atol, rtol = MOE_BLOCK_TOLERANCE["bfloat16"]
+    ok, detail = compare(total, expected, atol + TP * 2**-9 * float(partials.float().abs().max()), rtol)
+    assert ok, detail
 
 
 def _heads(seed: int, *shape: int) -> torch.Tensor:

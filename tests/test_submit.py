@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Callable
@@ -70,3 +71,49 @@ def test_broken_variant_fails_submit_and_writes_nothing(registry_with: Callable[
     with pytest.raises(SubmitError, match=r"(?s)failed on cpu in an isolated interpreter.*No module named 'broken_helper'"):
         submit(out, ["trn2"], registry, root=ROOT, progress=lambda _: None, nxdi_sdks=())
     assert not out.exists() and not out.with_name("qwen.py.partial").exists()
+
+
+_BIND_IN_BUNDLE = """
+import json, sys
+sys.modules["nkimoe"] = None
+sys.path.insert(0, {where!r})
+import qwen
+from _nkimoe_bundle.autoselect import bind_model
+from _nkimoe_bundle.shapes import ModelShapes, call_sites
+problem = call_sites(ModelShapes(), "decode", 1024)["decode.moe_block"]
+out = {{}}
+for target in ("trn2", "trn3"):
+    bound = bind_model({{"decode.moe_block": problem}}, env={{"NKIMOE_TARGET": target}})[0].ops["decode.moe_block"]
+    out[target] = [bound.name, bound.decided_by]
+print(json.dumps(out))
+"""
+
+
+def test_bundle_carries_the_fused_variants_and_the_composites_selection(tmp_path: Path) -> None:
+    from nkimoe.bench.cache import CacheFile, entry_key, make_entry, shipped_path, write_entries
+    from nkimoe.registry import CHAIN
+    from nkimoe.shapes import ModelShapes, call_sites
+
+    registry = load_registry({})
+    trn3 = registry.target("trn3")
+    problem = call_sites(ModelShapes(), "decode", 1024)["decode.moe_block"]
+    fused = registry.variants["moe_block_tkg_trn3"]
+    candidates = [{"variant": fused.name, "status": "ok", "time_us": 180.0, "method": "estimate",
+                   "source_hash": fused.source_hash},
+                  {"variant": CHAIN, "status": "ok", "time_us": 150.0, "method": "estimate", "source_hash": ""}]
+    local = tmp_path / "bench.yaml"
+    write_entries(local, {entry_key(trn3, problem, "fastest", sdk="emulator"):
+                          make_entry(trn3, problem, "fastest", CHAIN, "", "estimate", candidates)})
+    cache = BenchCache(CacheFile.read(local), [CacheFile.read(shipped_path(t)) for t in ("trn2", "trn3")])
+    text = build_bundle(registry, cache, ["trn2", "trn3"], (ROOT / "qwen.py").read_text())
+    assert "'_nkimoe_bundle.variants.fused'" in text and "def moe_block_tkg_kernel" in text
+    (tmp_path / "qwen.py").write_text(text)
+    out = subprocess.run([sys.executable, "-I", "-c", _BIND_IN_BUNDLE.format(where=str(tmp_path))], capture_output=True,
+                         text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    bound = json.loads(out.stdout.strip().splitlines()[-1])
+    # trn3: the bundled table records the chain as faster; trn2: no entry, the fused variant by priority
+    assert bound["trn3"][0].startswith("chain(") and bound["trn3"][1] == "cache"
+    assert bound["trn2"] == ["moe_block_tkg_trn2", "priority"]
+    package = registry.bind(trn3, {"decode.moe_block": problem}, cache=cache).ops["decode.moe_block"]
+    assert package.name == bound["trn3"][0]

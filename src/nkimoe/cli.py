@@ -14,11 +14,11 @@ from tabulate import tabulate
 
 from nkimoe import __version__
 from nkimoe.bench.cache import BenchCache, CacheError
-from nkimoe.ops import OP_NAMES, OpError
+from nkimoe.ops import OP_NAMES, OpError, get_op
 from nkimoe.plugins import get_registry
 from nkimoe.bench.trial import run_trial
 from nkimoe.ops import Problem
-from nkimoe.registry import POLICIES, Binding, Candidate, Registry, RegistryError
+from nkimoe.registry import CHAIN, CHAIN_BOUNDARY_US, POLICIES, Binding, BoundOp, Candidate, Registry, RegistryError
 from nkimoe.targets import Target
 from nkimoe.shapes import ConfigError, ModelShapes, call_sites
 from nkimoe.targets import TargetError, detect
@@ -90,11 +90,13 @@ def cmd_registry_list(args: argparse.Namespace) -> int:
         family = registry.target(args.target).family
         variants = [v for v in variants if family in v.targets]
     rows = [
-        {"op": v.op, "name": v.name, "targets": list(v.targets), "nki": v.nki, "priority": v.priority,
-         "exactness": v.exactness, "plugin": v.plugin, "description": v.description}
+        {"op": v.op, "replaces": [part.op for part in get_op(v.op).parts], "name": v.name, "targets": list(v.targets),
+         "nki": v.nki, "priority": v.priority, "exactness": v.exactness, "plugin": v.plugin,
+         "description": v.description}
         for v in variants
     ]
-    _emit(rows, args.format, ["op", "name", "targets", "nki", "priority", "exactness", "plugin", "description"])
+    _emit(rows, args.format, ["op", "replaces", "name", "targets", "nki", "priority", "exactness", "plugin",
+                              "description"])
     return 0
 
 
@@ -116,16 +118,20 @@ def cmd_registry_explain(args: argparse.Namespace) -> int:
         candidates, bound = registry.explain(target, problem, policy=args.policy, cache=cache)
         rows = [
             {"variant": c.variant.name, "nki": c.variant.nki, "priority": c.variant.priority,
-             "eligible": c.eligible, "reason": c.reason, "binds": c.variant.name == bound.variant.name,
+             "eligible": c.eligible, "reason": c.reason, "binds": c.variant.name == bound.name,
              **_estimate_columns(c, problem, target, args.estimate)}
             for c in candidates
         ]
+        if problem.parts:
+            rows = [{**r, "cache_us": cache.cost_us(target, problem, args.policy, c.variant.name,
+                                                    c.variant.source_hash)} for r, c in zip(rows, candidates)]
+            rows.append(_chain_row(registry, target, problem, args.policy, cache, bound))
         if not any(r["binds"] for r in rows):
             ref = bound.variant
             rows.append({"variant": ref.name, "nki": ref.nki, "priority": ref.priority, "eligible": True,
                          "reason": "reference fallback", "binds": True})
         out.append({"problem": str(problem), "macs": problem.macs, "target": target.name,
-                    "binds": bound.variant.name, "decided_by": bound.decided_by, "why": bound.reason,
+                    "binds": bound.name, "decided_by": bound.decided_by, "why": bound.reason,
                     "candidates": rows})
     if args.format == "json":
         print(json.dumps(out, indent=2))
@@ -133,9 +139,26 @@ def cmd_registry_explain(args: argparse.Namespace) -> int:
     columns = ["variant", "nki", "priority", "eligible", "binds", "est_us", "bound_by", "verified", "reason"]
     for block in out:
         print(f"{block['problem']} on {block['target']} ({block['macs']:,} MACs; est_us = cost-model estimate)")
-        _emit(block["candidates"], "table", columns if args.estimate else columns[:5] + columns[-1:])
+        shown = columns if args.estimate else columns[:5] + columns[-1:]
+        if any("cache_us" in r for r in block["candidates"]):  # a composite: the costs the binder compared
+            shown = [*shown[:-1], "cache_us", shown[-1]]
+        _emit(block["candidates"], "table", shown)
         print(f"binds {block['binds']}: {block['why']}\n")
     return 0
+
+
+def _chain_row(registry: Registry, target: Target, problem: Problem, policy: str, cache: Any,
+               bound: BoundOp) -> dict[str, Any]:
+    """The explain row of a composite's chain: its parts' variants and recorded costs (estimates
+    unless the cache says hardware), boundaries included, and whether it binds."""
+    parts, chain_us, _ = registry.bind_chain(problem.op, target, problem, policy, cache)
+    costs = [cache.cost_us(target, p.problem, policy, p.variant.name, p.variant.source_hash) for p in parts]
+    listed = " -> ".join(f"{p.site}: {p.variant.name} ({'?' if c is None else f'{c:.2f}'} us)"
+                         for p, c in zip(parts, costs))
+    boundary = f"; {len(parts) - 1} boundaries at {CHAIN_BOUNDARY_US} us each"
+    return {"variant": CHAIN, "nki": all(p.variant.nki for p in parts), "priority": None, "eligible": True,
+            "binds": bound.is_chain, "cache_us": chain_us, "reason": listed + boundary,
+            "parts": [{"site": p.site, "variant": p.variant.name, "cache_us": c} for p, c in zip(parts, costs)]}
 
 
 def _estimate_columns(candidate: Candidate, problem: Problem, target: Target, wanted: bool) -> dict[str, Any]:
@@ -220,7 +243,7 @@ def cmd_bench_select(args: argparse.Namespace) -> int:
     with bar:
         selections = run_select(registry, target, problems, args.policy,
                                 starting=lambda p: bar.set_postfix_str(f"{p.op} {p.signature}", refresh=True),
-                                finished=save)
+                                finished=save, cache=lambda: BenchCache.load({"NKIMOE_CACHE": str(path)}))
     rows = []
     for sel in sorted(selections, key=lambda s: (OP_NAMES.index(s.problem.op), s.problem.dims)):
         for c in sel.candidates:

@@ -4,7 +4,9 @@ Loads real HF checkpoint directories (``config.json`` plus ``model.safetensors``
 ``model.safetensors.index.json``), binds every call site once at load (target detection, the
 benchmark cache, ``NKIMOE_POLICY``), then runs prefill and greedy decode with a KV cache. On
 ``cpu`` the ops are the torch references; with ``NKIMOE_TARGET=trn2`` or ``trn3`` the NKI
-variants run in the emulator (or on the device where the Neuron SDK is present).
+variants run in the emulator (or on the device where the Neuron SDK is present). A layer's
+attention half and its MoE half each run as one call of the composite ``attention_block`` /
+``moe_block`` where a fused variant is bound, and as the chain of their parts otherwise.
 
 KV cache layout (per layer): K transposed ``[Hkv, D, capacity]`` and V ``[Hkv, capacity, D]``,
 the layout the ``attention_decode`` contract takes.
@@ -247,15 +249,18 @@ class Qwen3Moe:
         return self._prepared[key]
 
     def _prepare(self, phase: str) -> list[dict[str, Any]]:
+        """Each layer's weights in the layouts of the variants that take them: a composite bound to a
+        fused variant takes its weights, otherwise its parts do."""
+        attention, moe = f"{phase}.attention_block", f"{phase}.moe_block"
+        attention_sites = ((attention, "w_qkv"), (attention, "w_o")) if self.binding.fused(attention) else \
+            ((f"{phase}.qkv_proj", "w"), (f"{phase}.o_proj", "w"))
+        moe_sites = ((moe, "w_gate"), (moe, "w_gate_up"), (moe, "w_down")) if self.binding.fused(moe) else \
+            ((f"{phase}.router_gate", "w"), (f"{phase}.experts", "w_gate_up"), (f"{phase}.experts", "w_down"))
         out = []
         for lw in self.weights.layers:
-            out.append({
-                "qkv": self._prepared_weight(f"{phase}.qkv_proj", "w", lw.qkv),
-                "o": self._prepared_weight(f"{phase}.o_proj", "w", lw.o),
-                "router_gate": self._prepared_weight(f"{phase}.router_gate", "w", lw.router_gate),
-                "gate_up": self._prepared_weight(f"{phase}.experts", "w_gate_up", lw.gate_up),
-                "down": self._prepared_weight(f"{phase}.experts", "w_down", lw.down),
-            })
+            tensors = {"qkv": lw.qkv, "o": lw.o, "router_gate": lw.router_gate, "gate_up": lw.gate_up, "down": lw.down}
+            out.append({key: self._prepared_weight(site, arg, tensors[key])
+                        for key, (site, arg) in zip(tensors, (*attention_sites, *moe_sites))})
         out.append({"lm_head": self._prepared_weight(f"{phase}.lm_head", "w", self.weights.lm_head)})
         return out
 
@@ -267,32 +272,45 @@ class Qwen3Moe:
         cos, sin = rope_cos_sin(positions, s.head_dim, c.rope_theta, c.dtype)
         q_out, kv_out = s.heads * s.head_dim, s.kv_heads * s.head_dim
         prepared = self.site_weights[phase]
+        attention_fused = self.binding.fused(f"{phase}.attention_block")
+        moe_fused = self.binding.fused(f"{phase}.moe_block")
         residual, mlp_out = h, None
+        start, scale = cache.length, s.head_dim ** -0.5
         for i, lw in enumerate(self.weights.layers):
             pw = prepared[i]
-            if mlp_out is None:
-                normed = fn[f"{phase}.first_norm"](h, lw.first_norm, eps)
+            if attention_fused:  # layer 0 adds a zero residual: h + 0 == h, so its norm is rmsnorm(h)
+                x, res = (h, torch.zeros_like(h)) if mlp_out is None else (mlp_out, residual)
+                residual, attn_out, k, v = fn[f"{phase}.attention_block"](
+                    x, res, lw.first_norm, pw["qkv"], lw.q_norm, lw.k_norm, cos, sin, cache.k_t[i], cache.v[i],
+                    start, pw["o"], scale, eps)
+                cache.k_t[i][:, :, start:start + t] = k.permute(1, 2, 0)
+                cache.v[i][:, start:start + t] = v.transpose(0, 1)
             else:
-                residual, normed = fn[f"{phase}.add_norm"](mlp_out, residual, lw.first_norm, eps)
-            qkv = fn[f"{phase}.qkv_proj"](normed, pw["qkv"])
-            q = qkv[:, :q_out].reshape(t, s.heads, s.head_dim)
-            k = qkv[:, q_out:q_out + kv_out].reshape(t, s.kv_heads, s.head_dim)
-            v = qkv[:, q_out + kv_out:].reshape(t, s.kv_heads, s.head_dim)
-            q, k = fn[f"{phase}.qk_norm"](q, k, lw.q_norm, lw.k_norm, eps)
-            q, k = fn[f"{phase}.rope"](q, k, cos, sin)
-            start = cache.length
-            cache.k_t[i][:, :, start:start + t] = k.permute(1, 2, 0)
-            cache.v[i][:, start:start + t] = v.transpose(0, 1)
-            scale = s.head_dim ** -0.5
-            if phase == "prefill":
-                attn = fn["prefill.attention"](q, k, v, scale)
+                if mlp_out is None:
+                    normed = fn[f"{phase}.first_norm"](h, lw.first_norm, eps)
+                else:
+                    residual, normed = fn[f"{phase}.add_norm"](mlp_out, residual, lw.first_norm, eps)
+                qkv = fn[f"{phase}.qkv_proj"](normed, pw["qkv"])
+                q = qkv[:, :q_out].reshape(t, s.heads, s.head_dim)
+                k = qkv[:, q_out:q_out + kv_out].reshape(t, s.kv_heads, s.head_dim)
+                v = qkv[:, q_out + kv_out:].reshape(t, s.kv_heads, s.head_dim)
+                q, k = fn[f"{phase}.qk_norm"](q, k, lw.q_norm, lw.k_norm, eps)
+                q, k = fn[f"{phase}.rope"](q, k, cos, sin)
+                cache.k_t[i][:, :, start:start + t] = k.permute(1, 2, 0)
+                cache.v[i][:, start:start + t] = v.transpose(0, 1)
+                if phase == "prefill":
+                    attn = fn["prefill.attention"](q, k, v, scale)
+                else:
+                    attn = fn["decode.attention"](q, cache.k_t[i], cache.v[i], start + t, scale)
+                attn_out = fn[f"{phase}.o_proj"](attn.reshape(t, q_out), pw["o"])
+            if moe_fused:
+                residual, mlp_out = fn[f"{phase}.moe_block"](attn_out, residual, lw.post_norm, pw["router_gate"],
+                                                             pw["gate_up"], pw["down"], s.top_k, c.norm_topk_prob, eps)
             else:
-                attn = fn["decode.attention"](q, cache.k_t[i], cache.v[i], start + t, scale)
-            attn_out = fn[f"{phase}.o_proj"](attn.reshape(t, q_out), pw["o"])
-            residual, normed = fn[f"{phase}.add_norm"](attn_out, residual, lw.post_norm, eps)
-            logits = fn[f"{phase}.router_gate"](normed, pw["router_gate"])
-            weights, ids = fn[f"{phase}.router"](logits, s.top_k, c.norm_topk_prob)
-            mlp_out = fn[f"{phase}.experts"](normed, weights, ids, pw["gate_up"], pw["down"])
+                residual, normed = fn[f"{phase}.add_norm"](attn_out, residual, lw.post_norm, eps)
+                logits = fn[f"{phase}.router_gate"](normed, pw["router_gate"])
+                weights, ids = fn[f"{phase}.router"](logits, s.top_k, c.norm_topk_prob)
+                mlp_out = fn[f"{phase}.experts"](normed, weights, ids, pw["gate_up"], pw["down"])
         cache.length += t
         _, final = fn[f"{phase}.final_norm"](mlp_out[-1:], residual[-1:], self.weights.final_norm, eps)
         return fn[f"{phase}.lm_head"](final, prepared[-1]["lm_head"])[0]

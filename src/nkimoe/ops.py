@@ -176,6 +176,66 @@ def linear(x: Tensor, w: Tensor) -> Tensor:
     return torch.nn.functional.linear(x, w)
 
 
+# --- composite references: compositions of the references above ----------------------------------
+
+
+def moe_block_of(add_rmsnorm: Callable[..., Any], linear: Callable[..., Any], router: Callable[..., Any],
+                 expert_mlp: Callable[..., Any]) -> Callable[..., tuple[Tensor, Tensor]]:
+    """The ``moe_block`` composite built from implementations of its parts (in the order of its
+    contract's ``parts``): the references give the reference, bound variants give the chain."""
+
+    def moe_block(x: Tensor, residual: Tensor, norm_weight: Tensor, w_gate: Tensor, w_gate_up: Tensor,
+                  w_down: Tensor, top_k: int = 8, norm_topk_prob: bool = True,
+                  eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+        """add_rmsnorm -> router gate (linear) -> router -> expert_mlp.
+        x, residual [T, H]; norm_weight [H]; w_gate [E, H]; w_gate_up [E, 2I, H]; w_down [E, H, I].
+        Returns (summed [T, H], out [T, H]): the residual sum and the experts' output."""
+        summed, normed = add_rmsnorm(x, residual, norm_weight, eps)
+        weights, ids = router(linear(normed, w_gate), top_k, norm_topk_prob)
+        return summed, expert_mlp(normed, weights, ids, w_gate_up, w_down)
+
+    return moe_block
+
+
+def attention_block_of(add_rmsnorm: Callable[..., Any], qkv_proj: Callable[..., Any], qk_norm: Callable[..., Any],
+                       rope: Callable[..., Any], attention_decode: Callable[..., Any],
+                       o_proj: Callable[..., Any]) -> Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """The ``attention_block`` composite built from implementations of its parts (see :func:`moe_block_of`)."""
+
+    def attention_block(x: Tensor, residual: Tensor, norm_weight: Tensor, w_qkv: Tensor, q_norm_weight: Tensor,
+                        k_norm_weight: Tensor, cos: Tensor, sin: Tensor, k_cache_t: Tensor, v_cache: Tensor,
+                        length: int | Tensor, w_o: Tensor, scale: float,
+                        eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Decode (T = 1): add_rmsnorm -> fused q|k|v linear -> qk_norm -> rope -> attention over the
+        cache plus the new position -> o_proj.
+        x, residual [1, H]; norm_weight [H]; w_qkv [(Hq + 2 Hkv) D, H] (q rows, then k, then v);
+        q_norm_weight, k_norm_weight [D]; cos, sin [1, D]; k_cache_t [Hkv, D, C] and v_cache [Hkv, C, D]
+        hold positions [0, length) (C > length); w_o [H, Hq D].
+        Returns (summed [1, H], out [1, H], k [1, Hkv, D], v [1, Hkv, D]): the residual sum, the o_proj
+        output, and the new position's key (after QK-norm and RoPE) and value, which the caller writes
+        into the caches at position ``length`` afterwards (the block does not mutate its inputs)."""
+        hkv, d = k_cache_t.shape[0], k_cache_t.shape[1]
+        hq = w_o.shape[1] // d
+        summed, normed = add_rmsnorm(x, residual, norm_weight, eps)
+        qkv = qkv_proj(normed, w_qkv)
+        q = qkv[:, :hq * d].reshape(1, hq, d)
+        k = qkv[:, hq * d:(hq + hkv) * d].reshape(1, hkv, d)
+        v = qkv[:, (hq + hkv) * d:].reshape(1, hkv, d)
+        q, k = rope(*qk_norm(q, k, q_norm_weight, k_norm_weight, eps), cos, sin)
+        at = int(length)
+        k_all, v_all = k_cache_t.clone(), v_cache.clone()
+        k_all[:, :, at] = k[0]
+        v_all[:, at] = v[0]
+        attn = attention_decode(q, k_all, v_all, at + 1, scale)
+        return summed, o_proj(attn.reshape(1, hq * d), w_o), k, v
+
+    return attention_block
+
+
+moe_block = moe_block_of(add_rmsnorm, linear, router, expert_mlp)
+attention_block = attention_block_of(add_rmsnorm, linear, qk_norm, rope, attention_decode, linear)
+
+
 # --- contracts --------------------------------------------------------------------------------
 
 InputMaker = Callable[[Mapping[str, int], torch.dtype, torch.Generator], tuple[tuple[Any, ...], dict[str, Any]]]
@@ -210,8 +270,26 @@ class Problem:
     def macs(self) -> int:
         return get_op(self.op).macs(self.dim)
 
+    @property
+    def parts(self) -> dict[str, Problem]:
+        """A composite's chain as problems keyed by part site name (empty for a plain op)."""
+        return {part.site: part.problem(self) for part in get_op(self.op).parts}
+
     def __str__(self) -> str:
         return f"{self.op}[{self.signature}] {self.dtype}"
+
+
+@dataclass(frozen=True)
+class Part:
+    """One op of a composite's chain: the model's call-site name for it (``add_norm``, ``experts``),
+    its op, and its dims as a function of the composite's dims."""
+
+    site: str
+    op: str
+    dims: Callable[[Mapping[str, int]], dict[str, int]]
+
+    def problem(self, composite: Problem) -> Problem:
+        return Problem.of(self.op, composite.dtype, **self.dims(composite.dim))
 
 
 @dataclass(frozen=True)
@@ -226,6 +304,14 @@ class OpContract:
     macs: Callable[[Mapping[str, int]], int]
     make_inputs: InputMaker
     extra_checks: Callable[[Mapping[str, int]], str | None] = field(default=lambda d: None)
+    #: A composite's chain, in call order (empty for a plain op); ``compose`` builds the composite
+    #: from one implementation per part, in that order (the references compose to ``reference``).
+    parts: tuple[Part, ...] = ()
+    compose: Callable[..., Callable[..., Any]] | None = None
+
+    @property
+    def is_composite(self) -> bool:
+        return bool(self.parts)
 
     @property
     def arg_names(self) -> tuple[str, ...]:
@@ -333,6 +419,46 @@ def _linear_inputs(d: Mapping[str, int], dt: torch.dtype, g: torch.Generator) ->
     return (_randn((d["T"], d["K"]), dt, g), _randn((d["N"], d["K"]), dt, g, 1.0 / math.sqrt(d["K"]))), {}
 
 
+def _separating_gate(normed: Tensor, experts: int, dtype: torch.dtype, gen: torch.Generator,
+                     margin: float = 0.02) -> Tensor:
+    """A router gate ``w [E, H]`` whose logits ``normed @ w.T`` are a permuted ladder over -4..4 per
+    token (plus a random part orthogonal to the tokens, so the weights look random), checked to
+    differ pairwise by ``margin`` after rounding: top-k is unambiguous through the whole block."""
+    n = normed.to(torch.float64)
+    ladder = torch.linspace(-4.0, 4.0, experts, dtype=torch.float64)
+    target = torch.stack([ladder[torch.randperm(experts, generator=gen)] for _ in range(n.shape[0])])
+    inverse = torch.linalg.pinv(n)  # [H, T]
+    noise = torch.randn(experts, n.shape[1], generator=gen, dtype=torch.float64) / math.sqrt(n.shape[1])
+    w = (target.T @ inverse.T + noise - noise @ inverse @ n).to(dtype)
+    logits = linear(normed, w).to(torch.float32).sort(dim=-1).values
+    if experts > 1 and float((logits[:, 1:] - logits[:, :-1]).min()) < margin:
+        raise OpError(f"cannot build a router gate with logit margin {margin} for E={experts} in {dtype}")
+    return w
+
+
+def _moe_block_inputs(d: Mapping[str, int], dt: torch.dtype,
+                      g: torch.Generator) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    t, h, i, e = d["T"], d["H"], d["I"], d["E"]
+    (x, residual, norm_weight), kwargs = _add_norm_inputs(d, dt, g)
+    _, normed = add_rmsnorm(x, residual, norm_weight, kwargs["eps"])
+    w_gate = _separating_gate(normed, e, dt, g)
+    return ((x, residual, norm_weight, w_gate, _expert_bank(e, (2 * i, h), dt, g), _expert_bank(e, (h, i), dt, g)),
+            {"top_k": d["K"], "norm_topk_prob": True, **kwargs})
+
+
+def _attention_block_inputs(d: Mapping[str, int], dt: torch.dtype,
+                            g: torch.Generator) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    h, hq, hkv, dd, length = d["H"], d["Hq"], d["Hkv"], d["D"], d["L"] - 1
+    cos, sin = rope_cos_sin(torch.tensor([length]), dd, 1_000_000.0, dt)
+    return (
+        _randn((1, h), dt, g), _randn((1, h), dt, g), _randn((h,), dt, g, 0.1, 1.0),
+        _randn(((hq + 2 * hkv) * dd, h), dt, g, 1.0 / math.sqrt(h)),
+        _randn((dd,), dt, g, 0.1, 1.0), _randn((dd,), dt, g, 0.1, 1.0), cos, sin,
+        _randn((hkv, dd, d["L"]), dt, g), _randn((hkv, d["L"], dd), dt, g), length,
+        _randn((h, hq * dd), dt, g, 1.0 / math.sqrt(hq * dd)), dd**-0.5,
+    ), {"eps": 1e-6}
+
+
 def _gqa_check(d: Mapping[str, int]) -> str | None:
     if d["Hq"] % d["Hkv"]:
         return f"Hq={d['Hq']} must be a multiple of Hkv={d['Hkv']}"
@@ -345,7 +471,7 @@ def _topk_check(d: Mapping[str, int]) -> str | None:
     return f"K={d['K']} must not exceed E={d['E']}" if d["K"] > d["E"] else None
 
 
-OPS: Mapping[str, OpContract] = {
+OPS: dict[str, OpContract] = {
     c.name: c
     for c in (
         OpContract(
@@ -396,7 +522,61 @@ OPS: Mapping[str, OpContract] = {
     )
 }
 
+
+def _composite(name: str, summary: str, dims: tuple[str, ...], args: tuple[str, ...], parts: tuple[Part, ...],
+               compose: Callable[..., Callable[..., Any]], make_inputs: InputMaker,
+               extra_checks: Callable[[Mapping[str, int]], str | None]) -> OpContract:
+    """A composite contract: its reference composes the parts' references, its MACs are theirs."""
+    reference = compose(*(OPS[part.op].reference for part in parts))
+    return OpContract(name, summary, dims, args, reference,
+                      lambda d: sum(OPS[part.op].macs(part.dims(d)) for part in parts),
+                      make_inputs, extra_checks, parts, compose)
+
+
+_HEADS = ("Hq", "Hkv", "D")
+
+
+def _heads(d: Mapping[str, int]) -> dict[str, int]:
+    return {k: d[k] for k in _HEADS}
+
+
+def _attention_block_check(d: Mapping[str, int]) -> str | None:
+    return _gqa_check(d) or (f"L={d['L']} must be at least 1 (the new position)" if d["L"] < 1 else None)
+
+
+OPS = {
+    **OPS,
+    "moe_block": _composite(
+        "moe_block", "composite: add_rmsnorm -> router gate -> router -> expert_mlp; returns (summed, out)",
+        ("T", "H", "E", "K", "I"),
+        ("x: [T, H]", "residual: [T, H]", "norm_weight: [H]", "w_gate: [E, H]", "w_gate_up: [E, 2I, H]",
+         "w_down: [E, H, I]", "top_k: int = 8", "norm_topk_prob: bool = True", "eps: float = 1e-6"),
+        (Part("add_norm", "add_rmsnorm", lambda d: {"T": d["T"], "H": d["H"]}),
+         Part("router_gate", "linear", lambda d: {"T": d["T"], "K": d["H"], "N": d["E"]}),
+         Part("router", "router", lambda d: {"T": d["T"], "E": d["E"], "K": d["K"]}),
+         Part("experts", "expert_mlp", lambda d: {k: d[k] for k in ("T", "H", "I", "E", "K")})),
+        moe_block_of, _moe_block_inputs, _topk_check,
+    ),
+    "attention_block": _composite(
+        "attention_block", "composite, decode: add_rmsnorm -> q|k|v linear -> qk_norm -> rope -> attention "
+        "-> o_proj; returns (summed, out, k, v)",
+        ("H", "Hq", "Hkv", "D", "L"),
+        ("x: [1, H]", "residual: [1, H]", "norm_weight: [H]", "w_qkv: [(Hq + 2 Hkv) D, H]", "q_norm_weight: [D]",
+         "k_norm_weight: [D]", "cos: [1, D]", "sin: [1, D]", "k_cache_t: [Hkv, D, C > L - 1]",
+         "v_cache: [Hkv, C, D]", "length: int = L - 1", "w_o: [H, Hq D]", "scale: float", "eps: float = 1e-6"),
+        (Part("add_norm", "add_rmsnorm", lambda d: {"T": 1, "H": d["H"]}),
+         Part("qkv_proj", "linear", lambda d: {"T": 1, "K": d["H"], "N": (d["Hq"] + 2 * d["Hkv"]) * d["D"]}),
+         Part("qk_norm", "qk_norm", lambda d: {"T": 1, **_heads(d)}),
+         Part("rope", "rope", lambda d: {"T": 1, **_heads(d)}),
+         Part("attention", "attention_decode", lambda d: {"L": d["L"], **_heads(d)}),
+         Part("o_proj", "linear", lambda d: {"T": 1, "K": d["Hq"] * d["D"], "N": d["H"]})),
+        attention_block_of, _attention_block_inputs, _attention_block_check,
+    ),
+}
+
 OP_NAMES: tuple[str, ...] = tuple(OPS)
+#: The composite ops: each names the consecutive ops it replaces.
+COMPOSITES: tuple[str, ...] = tuple(name for name, c in OPS.items() if c.is_composite)
 
 
 def get_op(name: str) -> OpContract:

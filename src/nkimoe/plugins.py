@@ -35,6 +35,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "nkimoe.variants.routing",
     "nkimoe.variants.linear",
     "nkimoe.variants.experts",
+    "nkimoe.variants.fused",
     "nkimoe.variants.attention",
 )
 

@@ -22,6 +22,15 @@ from nkimoe.targets import Target, TargetError, resolve
 Exactness = Literal["bitexact", "tolerance"]
 POLICIES: tuple[str, ...] = ("fastest", "bitexact")
 Supports = Callable[[Mapping[str, int], str, Target], "tuple[bool, str]"]
+#: The name a composite's chain of part variants goes by in the benchmark cache and in explain.
+CHAIN = "chain"
+#: Estimated cost of one op boundary inside a chain, on top of the parts' own estimates: zero. Each
+#: part's estimate already runs from its first input DMA to the completion of its last output store,
+#: so the HBM round trip of the activations across a boundary (the producer's store, the consumer's
+#: load, each with the DMA fixed latency of nki/deep-dives/nki-dma-bandwidth-guide.rst) is counted
+#: in the parts; the parts run back to back without overlap (as ``nkimoe estimate`` adds them), and
+#: no AWS document gives a further fixed cost per kernel boundary inside one graph.
+CHAIN_BOUNDARY_US = 0.0
 
 
 class RegistryError(ValueError):
@@ -136,6 +145,11 @@ class CacheLookup(Protocol):
 
     def verified(self, target: Target, problem: Problem, policy: str, variant: str, source_hash: str) -> bool: ...
 
+    def cost_us(self, target: Target, problem: Problem, policy: str, variant: str, source_hash: str) -> float | None:
+        """The recorded time of ``variant`` at ``source_hash`` on the problem (``CHAIN``: the chain's
+        recorded sum, any hash), or None."""
+        ...
+
 
 @dataclass(frozen=True)
 class CacheHit:
@@ -154,17 +168,42 @@ class Candidate:
 
 @dataclass(frozen=True)
 class BoundOp:
-    """A resolved call site: ``fn`` is the variant's plain callable."""
+    """A resolved call site: ``fn`` is the variant's plain callable.
+
+    A composite site bound to its chain has ``parts`` (one bound part site each, in call order) and
+    the composite's reference as ``variant`` (what the chain computes); its ``fn`` calls the parts'
+    variants, preparing their weights on every call (callers on a hot path call the parts with
+    weights prepared once instead). ``fused_us`` and ``chain_us`` are the costs the binder compared.
+    """
 
     site: str
     problem: Problem
     variant: Variant
     decided_by: Literal["cache", "priority", "fallback"]
     reason: str
+    parts: tuple[BoundOp, ...] = ()
+    fused_us: float | None = None
+    chain_us: float | None = None
+
+    @property
+    def is_chain(self) -> bool:
+        return bool(self.parts)
+
+    @property
+    def name(self) -> str:
+        """The bound variant's name, or ``chain(<part variants>)``."""
+        if self.parts:
+            return f"{CHAIN}({', '.join(p.variant.name for p in self.parts)})"
+        return self.variant.name
 
     @property
     def fn(self) -> Callable[..., Any]:
-        return self.variant.kernel
+        if not self.parts:
+            return self.variant.kernel
+        prepared = [(lambda *a, _v=p.variant, **k: _v.kernel(*_v.prepare_args(a), **k)) for p in self.parts]
+        compose = get_op(self.problem.op).compose
+        assert compose is not None  # parts are only bound for a composite
+        return compose(*prepared)
 
 
 @dataclass(frozen=True)
@@ -179,7 +218,20 @@ class Binding:
 
     def summary(self) -> list[tuple[str, str, str, str]]:
         """Rows ``(site, variant, decided_by, reason)`` in site order."""
-        return [(s, b.variant.name, b.decided_by, b.reason) for s, b in self.ops.items()]
+        return [(s, b.name, b.decided_by, b.reason) for s, b in self.ops.items()]
+
+    def fused(self, site: str) -> bool:
+        """Whether ``site`` is bound and runs one variant (a plain op, or a composite's fused variant)."""
+        return site in self.ops and not self.ops[site].is_chain
+
+    def runs(self, site: str) -> bool:
+        """Whether ``site`` issues calls of its own in a pass: not a composite bound to its chain, nor a
+        part site every composite of its phase that lists it replaces with a fused variant."""
+        if not self.fused(site):
+            return False
+        phase, _, name = site.rpartition(".")
+        users = [b for s, b in self.ops.items() if s.rpartition(".")[0] == phase and name in b.problem.parts]
+        return not users or any(b.is_chain for b in users)
 
 
 @dataclass
@@ -238,7 +290,10 @@ class Registry:
         if policy not in POLICIES:
             raise RegistryError(f"unknown policy {policy!r}; valid: {', '.join(POLICIES)}")
         rows = []
+        composite = get_op(problem.op).is_composite
         for v in self.for_op(problem.op):
+            if composite and v.name == f"ref_{problem.op}":
+                continue  # a composite's reference is its chain of references, bound as the chain
             ok, reason = self._eligible(v, target, problem, policy)
             rows.append(Candidate(v, ok, reason))
         return rows
@@ -275,11 +330,13 @@ class Registry:
             ops[site] = bound
             if note:
                 notes.append(note)
-        return Binding(target, policy, ops, tuple(notes))
+        return Binding(target, policy, ops, tuple(dict.fromkeys(notes)))  # a composite repeats its parts' notes
 
     def _bind_one(
         self, site: str, target: Target, problem: Problem, policy: str, cache: CacheLookup | None
     ) -> tuple[BoundOp, str | None]:
+        if get_op(problem.op).is_composite:
+            return self._bind_composite(site, target, problem, policy, cache)
         candidates = self.load_candidates(target, problem, policy, cache)
         eligible = {c.variant.name: c.variant for c in candidates if c.eligible}
         note = None
@@ -302,6 +359,71 @@ class Registry:
         rejected = "; ".join(f"{c.variant.name}: {c.reason}" for c in candidates) or "no variants"
         reason = f"no eligible variant on {target.name} ({rejected}); torch reference"
         return BoundOp(site, problem, self.reference(problem.op), "fallback", reason), note
+
+    def bind_chain(
+        self, site: str, target: Target, problem: Problem, policy: str, cache: CacheLookup | None
+    ) -> tuple[tuple[BoundOp, ...], float | None, list[str]]:
+        """A composite's parts bound as their own sites (``<phase>.<part>`` beside ``site``), the chain's
+        cost from the cache (the parts' recorded times plus ``CHAIN_BOUNDARY_US`` per boundary; None
+        when a part has no recorded time) and the parts' binding notes."""
+        prefix = site.rpartition(".")[0]
+        parts: list[BoundOp] = []
+        notes: list[str] = []
+        total: float | None = 0.0
+        for name, part in problem.parts.items():
+            bound, note = self._bind_one(f"{prefix}.{name}" if prefix else name, target, part, policy, cache)
+            parts.append(bound)
+            notes.extend([note] if note else [])
+            cost = None if cache is None else cache.cost_us(target, part, policy, bound.variant.name,
+                                                            bound.variant.source_hash)
+            total = None if cost is None or total is None else total + cost
+        if total is not None:
+            total += CHAIN_BOUNDARY_US * (len(parts) - 1)
+        return tuple(parts), total, notes
+
+    def _bind_composite(
+        self, site: str, target: Target, problem: Problem, policy: str, cache: CacheLookup | None
+    ) -> tuple[BoundOp, str | None]:
+        """A composite site: its fastest fused variant or its chain, by the cache's costs; without
+        them the highest-priority eligible fused variant, else the chain."""
+        parts, chain_us, notes = self.bind_chain(site, target, problem, policy, cache)
+        reference = self.reference(problem.op)
+        candidates = self.load_candidates(target, problem, policy, cache)
+        eligible = {c.variant.name: c.variant for c in candidates if c.eligible}
+        hit = cache.winner(target, problem, policy) if cache is not None else None
+        fused = None
+        if hit is not None and hit.variant != CHAIN:
+            known = self.variants.get(hit.variant)
+            if known is not None and known.source_hash != hit.source_hash:
+                notes.append(f"{site}: cached winner {hit.variant!r} ({hit.key}) has a stale source hash")
+            elif hit.variant not in eligible:
+                notes.append(f"{site}: cached winner {hit.variant!r} ({hit.key}) is unknown or not eligible")
+            else:
+                fused = eligible[hit.variant]
+        note = "; ".join(notes) or None
+        if fused is not None:
+            fused_us = cache.cost_us(target, problem, policy, fused.name, fused.source_hash) if cache else None
+            if chain_us is None and cache is not None:
+                chain_us = cache.cost_us(target, problem, policy, CHAIN, "")
+            if fused_us is not None and chain_us is not None and chain_us <= fused_us:
+                reason = (f"benchmark cache ({hit.method}) {hit.key}: chain {chain_us:.2f} us <= {fused.name} "
+                          f"{fused_us:.2f} us")
+                return BoundOp(site, problem, reference, "cache", reason, parts, fused_us, chain_us), note
+            costs = "" if fused_us is None or chain_us is None else f": {fused_us:.2f} us < chain {chain_us:.2f} us"
+            reason = f"benchmark cache ({hit.method}) entry {hit.key}{costs}"
+            return BoundOp(site, problem, fused, "cache", reason, (), fused_us, chain_us), note
+        if hit is not None and hit.variant == CHAIN:
+            reason = f"benchmark cache ({hit.method}) entry {hit.key}: the chain beat every fused variant"
+            return BoundOp(site, problem, reference, "cache", reason, parts, None, chain_us), note
+        if eligible:
+            chosen = next(iter(eligible.values()))
+            reason = f"fused variant of highest priority ({chosen.priority}) eligible on {target.name}"
+            if cache is not None:
+                reason += "; no cache entry"
+            return BoundOp(site, problem, chosen, "priority", reason, (), None, chain_us), note
+        rejected = "; ".join(f"{c.variant.name}: {c.reason}" for c in candidates) or "no fused variants"
+        reason = f"chain of its parts: no eligible fused variant on {target.name} ({rejected})"
+        return BoundOp(site, problem, reference, "fallback", reason, parts, None, chain_us), note
 
     def load_candidates(
         self, target: Target, problem: Problem, policy: str, cache: CacheLookup | None

@@ -87,6 +87,8 @@ def coverage(binding: Binding, shapes: ModelShapes, seq_len: int, new_tokens: in
     for phase in ("prefill", "decode"):
         rows = []
         for site, problem in call_sites(shapes, phase, seq_len).items():
+            if site in binding.ops and not binding.runs(site):
+                continue  # a chain's MACs count at its parts, a fused variant's at the composite
             calls = 1 if site.split(".", 1)[1] in _ONCE else shapes.layers
             bound = binding.ops.get(site)
             variant = bound.variant if bound is not None else None

@@ -95,7 +95,9 @@ def call_sites(shapes: ModelShapes, phase: str, tokens: int, dtype: str = "bfloa
 
     The sites are the model's (``nkimoe.model``): the first layer's input norm is a plain RMSNorm,
     every later norm fuses the residual add; q, k and v are one fused projection; in prefill only
-    the last position reaches the final norm and lm_head.
+    the last position reaches the final norm and lm_head. The composite sites ``moe_block`` (both
+    phases) and ``attention_block`` (decode) bind a fused variant or the chain of the part sites
+    named in their contracts.
     """
     if phase not in ("prefill", "decode"):
         raise ValueError(f"unknown phase {phase!r}; valid: prefill, decode")
@@ -115,10 +117,13 @@ def call_sites(shapes: ModelShapes, phase: str, tokens: int, dtype: str = "bfloa
         "experts": Problem.of("expert_mlp", dtype, T=t, H=s.hidden, I=s.moe_intermediate, E=s.experts, K=s.top_k),
         "lm_head": Problem.of("linear", dtype, T=1, K=s.hidden, N=s.vocab),
     }
+    sites["moe_block"] = Problem.of("moe_block", dtype, T=t, H=s.hidden, E=s.experts, K=s.top_k,
+                                    I=s.moe_intermediate)
     if phase == "prefill":
         sites["attention"] = Problem.of("attention_prefill", dtype, S=t, **heads)
     else:
         sites["attention"] = Problem.of("attention_decode", dtype, L=tokens, **heads)
+        sites["attention_block"] = Problem.of("attention_block", dtype, H=s.hidden, L=tokens, **heads)
     return {f"{phase}.{name}": problem for name, problem in sites.items()}
 
 
@@ -138,7 +143,8 @@ def neuron_call_sites(shapes: ModelShapes, tp: int, phase: str, tokens: int, dty
     features, the vocabulary and the expert intermediate axis split over the ranks; KV
     heads split, or replicated to one per rank when there are fewer than ``tp`` (NxDI's
     ``GQA.REPLICATE_TO_TP_DEGREE``). q/k norms run per head row; every position reaches the final
-    norm and only the last one lm_head.
+    norm and only the last one lm_head. The composite ``moe_block`` covers add_norm, router_gate,
+    router and experts (a fused variant, or their chain).
     """
     if phase not in ("prefill", "decode"):
         raise ValueError(f"unknown phase {phase!r}; valid: prefill, decode")
@@ -162,6 +168,8 @@ def neuron_call_sites(shapes: ModelShapes, tp: int, phase: str, tokens: int, dty
         "router": Problem.of("router", dtype, T=t, E=s.experts, K=s.top_k),
         "experts": Problem.of("expert_mlp", dtype, T=t, H=s.hidden, I=intermediate_per_rank(s.moe_intermediate, tp),
                               E=s.experts, K=s.top_k),
+        "moe_block": Problem.of("moe_block", dtype, T=t, H=s.hidden, E=s.experts, K=s.top_k,
+                                I=intermediate_per_rank(s.moe_intermediate, tp)),
         "final_norm": Problem.of("rmsnorm", dtype, T=t, H=s.hidden),
         "lm_head": Problem.of("linear", dtype, T=1, K=s.hidden, N=s.vocab // tp),
     }

@@ -29,7 +29,7 @@ from typing import Any
 
 from nkimoe import __version__
 from nkimoe.bench.cache import BenchCache
-from nkimoe.registry import Registry
+from nkimoe.registry import CHAIN, Registry
 
 BUNDLE_PACKAGE = "_nkimoe_bundle"
 
@@ -61,13 +61,14 @@ import os
 import warnings
 
 from {pkg}.ops import OP_NAMES
-from {pkg}.registry import CacheHit, Registry, default_policy, reference_variant
+from {pkg}.registry import CHAIN, CacheHit, Registry, default_policy, reference_variant
 from {pkg}.targets import BUILTIN_TARGETS, detect
 
 VARIANT_MODULES = {modules!r}
 #: variant name -> source hash of the package's code it was bundled from
 SOURCE_HASHES = {hashes!r}
-#: "target|policy|op|shape|dtype" -> (winner, source hash, how it was chosen)
+#: "target|policy|op|shape|dtype" -> (winner, source hash, how it was chosen,
+#: {{candidate: (source hash, time in us)}}); a composite's winner may be its chain
 TABLES = {tables!r}
 
 
@@ -103,6 +104,13 @@ class Tables:
     def verified(self, target, problem, policy, variant, source_hash):
         entry = self._row(target, problem, policy)
         return entry is not None and entry[:2] == (variant, source_hash)
+
+    def cost_us(self, target, problem, policy, variant, source_hash):
+        entry = self._row(target, problem, policy)
+        recorded = None if entry is None else entry[3].get(variant)
+        if recorded is None or (variant != CHAIN and recorded[0] != source_hash):
+            return None
+        return recorded[1]
 
 
 def bind_model(problems, *, env=None, registry=None):
@@ -181,15 +189,21 @@ def variant_modules(registry: Registry) -> list[str]:
     return sorted(names)
 
 
-def selection_tables(registry: Registry, cache: BenchCache, targets: Sequence[str]) -> dict[str, tuple[str, str, str]]:
-    """The cache's winners for ``targets`` (local entries over shipped ones), keyed without SDK or LNC."""
-    tables: dict[str, tuple[str, str, str]] = {}
+def selection_tables(registry: Registry, cache: BenchCache,
+                     targets: Sequence[str]) -> dict[str, tuple[str, str, str, dict[str, tuple[str, float]]]]:
+    """The cache's winners for ``targets`` (local entries over shipped ones), keyed without SDK or LNC,
+    with the recorded times of the verified candidates (a composite's binding compares them)."""
+    tables: dict[str, tuple[str, str, str, dict[str, tuple[str, float]]]] = {}
     for source in (*reversed(cache.shipped), cache.local):
         for entry in source.entries.values():
-            if entry.get("target") not in targets or entry.get("winner") not in registry.variants:
+            winner = entry.get("winner")
+            if entry.get("target") not in targets or (winner not in registry.variants and winner != CHAIN):
                 continue
             key = "|".join(str(entry.get(k)) for k in ("target", "policy", "op", "shape", "dtype"))
-            tables[key] = (str(entry["winner"]), str(entry.get("winner_hash", "")), str(entry.get("method", "")))
+            costs = {str(c["variant"]): (str(c.get("source_hash", "")), float(c["time_us"]))
+                     for c in entry.get("candidates", []) if c.get("status") == "ok" and c.get("time_us") is not None}
+            tables[key] = (str(winner), str(entry.get("winner_hash", "")), str(entry.get("method", "")),
+                           dict(sorted(costs.items())))
     return dict(sorted(tables.items()))
 
 
@@ -239,7 +253,7 @@ import qwen
 model = qwen.Qwen3Moe.from_pretrained({checkpoint!r}, max_context=1024, env={env!r})
 out = model.generate({prompt!r}, {new_tokens})
 print(json.dumps({{"tokens": out.tokens, "logits": out.prefill_logits.float().tolist(),
-                  "bindings": {{s: b.variant.name for s, b in model.binding.ops.items()}}}}))
+                  "bindings": {{s: b.name for s, b in model.binding.ops.items()}}}}))
 """
 
 
@@ -249,7 +263,7 @@ def _package_run(checkpoint: Path, env: Mapping[str, str], prompt: list[int], ne
     model = Qwen3Moe.from_pretrained(checkpoint, max_context=1024, env=env)
     out = model.generate(prompt, new_tokens)
     return {"tokens": out.tokens, "logits": out.prefill_logits.float().tolist(),
-            "bindings": {s: b.variant.name for s, b in model.binding.ops.items()}}
+            "bindings": {s: b.name for s, b in model.binding.ops.items()}}
 
 
 def verify_bundle(bundle: Path, targets: Iterable[str], cache_env: Mapping[str, str],

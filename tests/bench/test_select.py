@@ -56,7 +56,7 @@ def test_wrong_variant_is_rejected_and_never_wins(registry_with: Callable[..., R
 def test_default_problems_cover_every_op_in_both_phases() -> None:
     problems = default_problems(ModelShapes(), 1024, (128,))
     ops = {p.op for p in problems}
-    assert len(ops) == 9
+    assert len(ops) == 11  # 9 ops and the composites moe_block and attention_block
     assert Problem.of("attention_decode", L=1024, Hq=32, Hkv=4, D=128) in problems
     assert Problem.of("attention_prefill", S=128, Hq=32, Hkv=4, D=128) in problems
     assert Problem.of("linear", T=1, K=2048, N=151_936) in problems
@@ -64,8 +64,8 @@ def test_default_problems_cover_every_op_in_both_phases() -> None:
 
 def test_default_problems_at_tp4_are_one_ranks_shapes() -> None:
     problems = default_problems(ModelShapes(), 1024, (128,), tp=4)
-    # NxDI's q/k norm modules take head rows: rmsnorm problems, no qk_norm.
-    assert {p.op for p in problems} == set(OP_NAMES) - {"qk_norm"}
+    # NxDI's q/k norm modules take head rows: rmsnorm problems, no qk_norm (nor its attention_block).
+    assert {p.op for p in problems} == set(OP_NAMES) - {"qk_norm", "attention_block"}
     assert Problem.of("attention_decode", L=1024, Hq=8, Hkv=1, D=128) in problems
     assert Problem.of("expert_mlp", T=1, H=2048, I=192, E=128, K=8) in problems  # 768 / 4, unpadded
     assert Problem.of("linear", T=1, K=2048, N=151_936 // 4) in problems  # lm_head's vocabulary slice
@@ -151,3 +151,41 @@ def test_select_table_shows_eligible_candidates_within_120_columns(capsys, tmp_p
     out = capsys.readouterr().out
     assert "ineligible: built for trn3, not trn2" in out
     assert max(len(line) for line in out.splitlines() if str(tmp_path) not in line) <= 120
+
+
+class PartCosts:
+    """A cache stub recording the same time for every part variant of a chain."""
+
+    def __init__(self, us: float) -> None:
+        self.us = us
+
+    def winner(self, target, problem, policy):  # noqa: ANN001, ANN201
+        return None
+
+    def verified(self, target, problem, policy, variant, source_hash):  # noqa: ANN001, ANN201
+        return True
+
+    def cost_us(self, target, problem, policy, variant, source_hash):  # noqa: ANN001, ANN201
+        return self.us
+
+
+def test_a_composite_selection_records_the_chain_and_binds_the_winner(tmp_path: Path) -> None:
+    from nkimoe.plugins import load_registry
+    from nkimoe.registry import CHAIN
+
+    registry = load_registry({})
+    target = registry.target("trn3")
+    problem = Problem.of("moe_block", T=1, H=2048, E=128, K=8, I=192)
+    for part_us, winner in ((100.0, "moe_block_tkg_trn3"), (1.0, CHAIN)):  # 4 parts: 400 us or 4 us
+        selection = select_problem(registry, target, problem, ["decode.moe_block"], "fastest", cache=PartCosts(part_us))
+        chain = next(c for c in selection.candidates if c.variant == CHAIN)
+        assert chain.status == "ok" and chain.time_us == 4 * part_us
+        assert chain.parts == ["add_rmsnorm_tkg_nki", "linear_nki_trn3", "router_nki_trn3", "expert_mlp_tkg_nki"]
+        fused = next(c for c in selection.candidates if c.variant == "moe_block_tkg_trn3")
+        assert fused.status == "ok" and fused.method == "estimate" and 4 < fused.time_us < 400
+        assert selection.winner == winner
+        path = tmp_path / f"{winner}.yaml"
+        write_entries(path, cache_entries(target, [selection], "fastest"))
+        bound = registry.bind(target, {"decode.moe_block": problem},
+                              cache=BenchCache(CacheFile.read(path))).ops["decode.moe_block"]
+        assert bound.decided_by == "cache" and bound.is_chain == (winner == CHAIN)

@@ -32,7 +32,7 @@ from platformdirs import user_cache_dir
 
 from nkimoe.nki import BACKEND, nki
 from nkimoe.ops import Problem
-from nkimoe.registry import CacheHit
+from nkimoe.registry import CHAIN, CacheHit
 from nkimoe.targets import Target
 
 SCHEMA = 1
@@ -308,6 +308,17 @@ class BenchCache:
         key, entry, where = found
         return CacheHit(str(entry["winner"]), str(entry.get("winner_hash", "")), f"{where} {key}",
                         str(entry.get("method", "estimate")))
+
+    def cost_us(self, target: Target, problem: Problem, policy: str, variant: str, source_hash: str) -> float | None:
+        """The time the first entry that ran ``variant`` on the problem records for it at ``source_hash``
+        (for ``chain``, a composite's recorded chain sum, whatever the hash), or None."""
+        for _, entry, _ in self.entries_for(target, problem, policy):
+            record = next((c for c in entry.get("candidates", []) if c.get("variant") == variant), None)
+            if record is not None:
+                fresh = variant == CHAIN or record.get("source_hash") == source_hash
+                time_us = record.get("time_us")
+                return float(time_us) if fresh and record.get("status") == "ok" and time_us is not None else None
+        return None
 
     def verified(self, target: Target, problem: Problem, policy: str, variant: str, source_hash: str) -> bool:
         """Whether the first entry that ran ``variant`` on the problem records it as verified at

@@ -8,7 +8,8 @@ with no overlap across it (no AWS document gives a fixed cost per boundary insid
 none is added). Collectives at TP N > 1 come from documented link bandwidth and per-hop latency
 (``Target.neuronlink_bytes_per_s``, ``Target.collective_hop_ns``): the Neuron path all-reduces the
 hidden state after o_proj and after the experts in every layer, and all-gathers lm_head's
-vocabulary slices once per pass.
+vocabulary slices once per pass. A composite site counts where it runs a fused variant (and its
+part sites then do not); bound to its chain, its parts count.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def all_gather_seconds(nbytes_per_rank: int, ranks: int, target: Target) -> floa
 def must_read_bytes(problem: Problem) -> int:
     """HBM bytes one call of ``problem`` cannot avoid reading: its weights (and a KV cache)."""
     d = problem.dim
+    if problem.parts:
+        return sum(must_read_bytes(part) for part in problem.parts.values())
     if problem.op == "linear":
         return d["K"] * d["N"] * BF16_BYTES
     if problem.op == "expert_mlp":
@@ -156,6 +159,8 @@ def estimate_model(registry: Registry, target: Target, *, tp: int = 1, seq_len: 
         binding = registry.bind(target, problems, policy=default_policy(), cache=cache)
         sites = []
         for site, problem in problems.items():
+            if not binding.runs(site):
+                continue
             calls = 1 if site.split(".", 1)[1] in ONCE_PER_PASS else shapes.layers
             sites.append(_estimate_site(binding, site, calls, cache, target))
             if phase == "decode":

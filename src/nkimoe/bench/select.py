@@ -4,6 +4,12 @@ survivors, and record the winners in the benchmark cache.
 Off-hardware, candidates run in the NKI emulator and their time is the cost-model ESTIMATE of
 their trace. On a Trainium host with the real SDK, candidates run on the device and are timed
 (warm-up, repetitions, median and spread): the method is recorded per entry.
+
+A composite problem's candidates are its fused variants and its chain: the chain's time is the sum
+of the times of the variants its parts bind (the cache's records, or a fresh run where the cache
+has none) plus ``CHAIN_BOUNDARY_US`` per boundary; it is recorded as the candidate ``chain`` and
+wins where no fused variant is faster. Composite problems are selected after the plain ones, so
+that their parts' fresh selections decide the chain.
 """
 
 from __future__ import annotations
@@ -17,8 +23,8 @@ from typing import Any
 from nkimoe.bench.cache import entry_key, make_entry
 from nkimoe.bench.trial import Trial, make_inputs, run_trial
 from nkimoe.nki import EMULATED
-from nkimoe.ops import Problem
-from nkimoe.registry import Registry, Variant
+from nkimoe.ops import Problem, get_op
+from nkimoe.registry import CHAIN, CHAIN_BOUNDARY_US, CacheLookup, Registry, Variant
 from nkimoe.shapes import ModelShapes, call_sites, neuron_call_sites
 from nkimoe.targets import Target
 
@@ -35,6 +41,7 @@ class CandidateResult:
     source_hash: str = ""
     bound_by: str = ""
     busy_us: dict[str, float] = field(default_factory=dict)  #: per engine, for estimates
+    parts: list[str] = field(default_factory=list)  #: a composite's chain: the variants of its parts
 
 
 @dataclass
@@ -83,12 +90,34 @@ def _measure(variant: Variant, problem: Problem) -> tuple[float, float]:
     return statistics.median(samples), max(samples) - min(samples)
 
 
+def chain_result(registry: Registry, target: Target, problem: Problem, policy: str,
+                 cache: CacheLookup | None) -> CandidateResult:
+    """A composite's chain as a candidate: the parts bound as the cache binds them, each timed by its
+    cache record or, without one, by a fresh trial (rejected if a part fails its verification)."""
+    parts, _, _ = registry.bind_chain(problem.op, target, problem, policy, cache)
+    total, method = CHAIN_BOUNDARY_US * (len(parts) - 1), "estimate"
+    for part in parts:
+        v = part.variant
+        recorded = cache.cost_us(target, part.problem, policy, v.name, v.source_hash) if cache is not None else None
+        if recorded is None:
+            measured = select_problem(registry, target, part.problem, [part.site], policy, only=v.name)
+            timed = next((c for c in measured.verified if c.time_us is not None), None)
+            if timed is None:
+                return CandidateResult(CHAIN, f"rejected: part {part.site} ({v.name}) has no verified time")
+            recorded, method = timed.time_us, timed.method if timed.method == "hardware" else method
+        total += recorded
+    return CandidateResult(CHAIN, "ok", total, None, method, parts=[p.variant.name for p in parts])
+
+
 def select_problem(registry: Registry, target: Target, problem: Problem, sites: list[str], policy: str,
-                   seed: int = 0) -> Selection:
-    """Verify and time every candidate of one problem; the fastest verified one wins."""
+                   seed: int = 0, *, only: str | None = None, cache: CacheLookup | None = None) -> Selection:
+    """Verify and time every candidate of one problem (or only the variant named ``only``); the fastest
+    verified one wins. A composite's chain competes, its parts' times taken from ``cache``."""
     result = Selection(problem, sites)
     for candidate in registry.candidates(target, problem, policy):
         v = candidate.variant
+        if only is not None and v.name != only:
+            continue
         if not candidate.eligible:
             result.candidates.append(CandidateResult(v.name, f"ineligible: {candidate.reason}", source_hash=v.source_hash))
             continue
@@ -105,6 +134,8 @@ def select_problem(registry: Registry, target: Target, problem: Problem, sites: 
                                                      est.bound_by, est.busy_us))
         else:
             result.candidates.append(CandidateResult(v.name, "ok", None, None, "unmeasured", v.source_hash))
+    if get_op(problem.op).is_composite and only is None:
+        result.candidates.append(chain_result(registry, target, problem, policy, cache))
     timed = [c for c in result.verified if c.time_us is not None]
     if timed:
         best = min(timed, key=lambda c: (c.time_us, c.variant))
@@ -114,14 +145,17 @@ def select_problem(registry: Registry, target: Target, problem: Problem, sites: 
 
 def run_select(registry: Registry, target: Target, problems: Mapping[Problem, list[str]], policy: str, *,
                starting: Callable[[Problem], None] | None = None,
-               finished: Callable[[Selection], None] | None = None) -> list[Selection]:
-    """Select every problem in turn; ``starting`` hears of each problem before it runs and
-    ``finished`` gets each selection as soon as it is made (to save it, or show progress)."""
+               finished: Callable[[Selection], None] | None = None,
+               cache: Callable[[], CacheLookup] | None = None) -> list[Selection]:
+    """Select every problem in turn, composites last; ``starting`` hears of each problem before it
+    runs and ``finished`` gets each selection as soon as it is made (to save it, or show progress);
+    ``cache`` gives the cache as it stands (read again before each composite, after its parts)."""
     selections = []
-    for problem, sites in problems.items():
+    for problem, sites in sorted(problems.items(), key=lambda item: get_op(item[0].op).is_composite):
         if starting is not None:
             starting(problem)
-        selection = select_problem(registry, target, problem, sites, policy)
+        current = cache() if cache is not None and get_op(problem.op).is_composite else None
+        selection = select_problem(registry, target, problem, sites, policy, cache=current)
         if finished is not None:
             finished(selection)
         selections.append(selection)
@@ -138,7 +172,8 @@ def cache_entries(target: Target, selections: Iterable[Selection], policy: str) 
              "spread_us": None if c.spread_us is None else round(c.spread_us, 3), "method": c.method,
              "source_hash": c.source_hash,
              **({"bound_by": c.bound_by, "busy_us": {e: round(t, 3) for e, t in c.busy_us.items()}}
-                if c.busy_us else {})}
+                if c.busy_us else {}),
+             **({"parts": c.parts} if c.parts else {})}
             for c in s.candidates
             if not c.status.startswith("ineligible")
         ]

@@ -61,6 +61,7 @@ from nkimoe.neuron.seams import (
     decode_layouts,
     launch,
     linear_rows,
+    moe_layer_partial,
     moe_partial,
     permuted_shape,
     prefill_attention,
@@ -75,6 +76,6 @@ __all__ = [
     "KERNELS", "NEURON_AVAILABLE", "BoundRMSNorm", "Kernels", "Layout", "LocalMatmul", "NeuronQwen3MoeForCausalLM",
     "NeuronQwen3MoeModel", "NeuronUnavailable", "NeuronWiringError", "Qwen3MoeInferenceConfig", "add_rms_norm",
     "axis_permutation", "call_bound", "check_neuron_config", "convert_qwen3_moe_hf_to_neuron_state_dict",
-    "decode_attention", "decode_layouts", "launch", "linear_rows", "moe_partial", "permuted_shape", "prefill_attention",
-    "rms_norm", "rotary", "stack_experts", "takes_grid", "variant_layout",
+    "decode_attention", "decode_layouts", "launch", "linear_rows", "moe_layer_partial", "moe_partial",
+    "permuted_shape", "prefill_attention", "rms_norm", "rotary", "stack_experts", "takes_grid", "variant_layout",
 ]

@@ -16,10 +16,10 @@ from nkimoe.neuron.seams import (
     BoundRMSNorm,
     Layout,
     LocalMatmul,
-    add_rms_norm,
     check_neuron_config,
     decode_attention,
     decode_layouts,
+    moe_layer_partial,
     moe_partial,
     permuted_shape,
     prefill_attention,
@@ -203,6 +203,15 @@ if NEURON_AVAILABLE:  # pragma: no cover - needs the Neuron SDK
                                   self.experts.down_proj, self.expert_layouts, self.top_k, self.norm_topk_prob)
             return (reduce_from_tensor_model_parallel_region(partial),)
 
+        def with_norm(self, attn: torch.Tensor, residual: torch.Tensor,
+                      norm: BoundRMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+            """``(attn + residual, the block's output on norm(attn + residual))`` through the bound
+            ``moe_block`` composite (one fused kernel or its chain)."""
+            summed, partial = moe_layer_partial(
+                KERNELS, attn, residual, norm.weight, norm.variance_epsilon, self.gate.weight, self.gate_layout,
+                self.experts.gate_up_proj, self.experts.down_proj, self.expert_layouts, self.top_k, self.norm_topk_prob)
+            return summed, reduce_from_tensor_model_parallel_region(partial)
+
     class NeuronQwen3MoeDecoderLayer(nn.Module):
         """Norm, attention, residual add fused with the post-attention norm, MoE, residual add."""
 
@@ -221,9 +230,8 @@ if NEURON_AVAILABLE:  # pragma: no cover - needs the Neuron SDK
             attn, present_key_value, cos_cache, sin_cache = self.self_attn(
                 hidden_states=self.input_layernorm(residual), attention_mask=attention_mask, position_ids=position_ids,
                 past_key_value=past_key_value, **kwargs)
-            norm = self.post_attention_layernorm
-            residual, normed = add_rms_norm(KERNELS, attn, residual, norm.weight, norm.variance_epsilon)
-            hidden_states = ModuleMarkerEndWrapper()(residual + self.mlp(normed)[0])
+            residual, moe_out = self.mlp.with_norm(attn, residual, self.post_attention_layernorm)
+            hidden_states = ModuleMarkerEndWrapper()(residual + moe_out)
             return hidden_states, present_key_value, cos_cache, sin_cache, None
 
     class NeuronQwen3MoeModel(_nxdi.NeuronQwen3MoeModel):

@@ -53,7 +53,7 @@ class Kernels:
         if hit is None:
             binding, detection = bind_model({str(problem): problem})
             hit = binding.ops[str(problem)]
-            log.info("nkimoe %s: %s -> %s (%s: %s)", detection.target.name, problem, hit.variant.name,
+            log.info("nkimoe %s: %s -> %s (%s: %s)", detection.target.name, problem, hit.name,
                      hit.decided_by, hit.reason)
             self._bound[problem] = hit
         return hit
@@ -280,15 +280,44 @@ def moe_partial(kernels: Kernels, x: torch.Tensor, gate: torch.Tensor, gate_layo
     return out.reshape(x.shape)
 
 
+def moe_layer_partial(kernels: Kernels, attn: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
+                      eps: float, gate: torch.Tensor, gate_layout: Layout, gate_up: torch.Tensor, down: torch.Tensor,
+                      expert_layouts: Mapping[str, Layout], top_k: int,
+                      norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MoE half of a layer on one rank: ``(attn + residual, this rank's share of the sparse MoE
+    block of rmsnorm(attn + residual))``, through the bound ``moe_block`` composite: one fused
+    variant where one is bound (and the router gate is stored in the activations' dtype, the
+    composite's contract), else its chain (``add_rms_norm`` then :func:`moe_partial`). Weights as
+    :func:`moe_partial` takes them."""
+    rows, res = attn.reshape(-1, attn.shape[-1]), residual.reshape(-1, attn.shape[-1])
+    block = kernels.bound("moe_block", attn.dtype, T=rows.shape[0], H=rows.shape[1], E=gate.shape[gate_layout.index(0)],
+                          K=top_k, I=down.shape[expert_layouts["w_down"].index(2)])
+    if block.is_chain or gate.dtype != attn.dtype:
+        summed, normed = add_rms_norm(kernels, attn, residual, norm_weight, eps)
+        return summed, moe_partial(kernels, normed, gate, gate_layout, gate_up, down, expert_layouts, top_k,
+                                   norm_topk_prob)
+    stored = {"w_gate": gate_layout, **expert_layouts}
+    summed, out = call_bound(block, (rows, res, norm_weight.to(attn.dtype), gate, gate_up, down, top_k, norm_topk_prob,
+                                     eps), stored, kernels.lnc)
+    return summed.reshape(attn.shape), out.reshape(attn.shape)
+
+
 def decode_layouts(kernels: Kernels, dtype: torch.dtype, tokens: int, hidden: int, inter_local: int, experts: int,
                    top_k: int, gate_dtype: torch.dtype | None = None) -> tuple[Layout, dict[str, Layout]]:
     """Storage layouts of the router gate (computed in ``gate_dtype``, default ``dtype``) and the
     expert weights: those of the variants bound for decode (the phase the contest's latency is made
-    of); prefill variants that want another layout get their weights re-laid-out per call."""
-    gate = kernels.bound("linear", gate_dtype or dtype, T=tokens, K=hidden, N=experts)
-    expert = kernels.bound("expert_mlp", dtype, T=tokens, H=hidden, I=inter_local, E=experts, K=top_k)
-    layouts = {"w_gate_up": variant_layout(expert, "w_gate_up", 3), "w_down": variant_layout(expert, "w_down", 3)}
-    gate_layout = variant_layout(gate, "w", 2)
+    of): the fused ``moe_block`` variant where one is bound and the gate is stored in ``dtype``
+    (the composite's contract), else the router gate's and the experts'; variants that want another
+    layout get their weights re-laid-out per call."""
+    block = kernels.bound("moe_block", dtype, T=tokens, H=hidden, E=experts, K=top_k, I=inter_local)
+    if block.is_chain or (gate_dtype or dtype) != dtype:
+        gate = kernels.bound("linear", gate_dtype or dtype, T=tokens, K=hidden, N=experts)
+        expert = kernels.bound("expert_mlp", dtype, T=tokens, H=hidden, I=inter_local, E=experts, K=top_k)
+        owners = {"w_gate": (gate, "w"), "w_gate_up": (expert, "w_gate_up"), "w_down": (expert, "w_down")}
+    else:
+        owners = {name: (block, name) for name in ("w_gate", "w_gate_up", "w_down")}
+    layouts = {name: variant_layout(bound, arg, 2 if name == "w_gate" else 3) for name, (bound, arg) in owners.items()}
+    gate_layout = layouts.pop("w_gate")
     return gate_layout or (0, 1), {k: v or (0, 1, 2) for k, v in layouts.items()}
 
 

@@ -136,10 +136,7 @@ def expert_mlp_tkg_kernel(x, weights, ids, w_gu, w_dn):
     """
     t, h = x.shape
     top_k = ids.shape[1]
-    i2 = w_gu.shape[2]
-    i = i2 // 2
     hf = h // P
-    tiles, full, last = _intermediate_tiles(i)
     out = nl.ndarray((t, h), dtype=x.dtype, buffer=nl.shared_hbm)
     ids_sb = nl.ndarray((t, top_k), dtype=nl.int32, buffer=nl.sbuf)
     nisa.dma_copy(dst=ids_sb, src=ids)
@@ -153,31 +150,53 @@ def expert_mlp_tkg_kernel(x, weights, ids, w_gu, w_dn):
     nisa.memset(dst=acc, value=0.0)
     for tok in nl.affine_range(t):
         for slot in nl.affine_range(top_k):
-            gu, dn = _load_expert(w_gu, w_dn, ids_sb[tok:tok + 1, slot:slot + 1], h, i2)
-            # features on partitions, one column per intermediate tile: gate tiles, then up tiles
-            gu_out = nl.ndarray((P, 2 * tiles), dtype=x.dtype, buffer=nl.sbuf)
-            for c in nl.affine_range(2 * tiles):
-                rows = min(P, i - c % tiles * P)
-                first = c // tiles * i + c % tiles * P
-                ps = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.psum)
-                matmul_accumulate(ps[0:rows], gu[:, :, first:first + rows], x_t[:, :, tok:tok + 1])
-                nisa.tensor_copy(dst=gu_out[0:rows, c:c + 1], src=ps[0:rows])
-            act = nl.ndarray((P, tiles), dtype=x.dtype, buffer=nl.sbuf)
-            for lo, hi, rows in ((0, full, P), (full, tiles, last)):
-                if hi > lo:
-                    nisa.activation(dst=act[0:rows, lo:hi], op=nl.silu, data=gu_out[0:rows, lo:hi])
-                    nisa.tensor_tensor(dst=act[0:rows, lo:hi], data1=act[0:rows, lo:hi],
-                                       data2=gu_out[0:rows, tiles + lo:tiles + hi], op=nl.multiply)
-            for c in nl.affine_range(hf):
-                ps = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.psum)
-                matmul_accumulate(ps, dn[:, :, c * P:(c + 1) * P], act.reshape((P, tiles, 1)), last_rows=last)
-                col = tok * top_k + slot
-                nisa.scalar_tensor_tensor(dst=acc[:, c, tok:tok + 1], data=ps, op0=nl.multiply,
-                                          operand0=w_bc[:, col:col + 1], op1=nl.add, operand1=acc[:, c, tok:tok + 1])
-    res = nl.ndarray((P, hf, t), dtype=x.dtype, buffer=nl.sbuf)
-    nisa.tensor_copy(dst=res, src=acc)
-    nisa.dma_copy(dst=out.reshape((t, hf, P)).permute((2, 1, 0)), src=res)
+            col = tok * top_k + slot
+            expert_pass(acc[:, :, tok:tok + 1], x_t[:, :, tok:tok + 1], ids_sb[tok:tok + 1, slot:slot + 1],
+                        w_bc[:, col:col + 1], w_gu, w_dn)
+    store_feature_major(out, acc)
     return out
+
+
+def expert_pass(acc, x_col, expert, weight, w_gu, w_dn) -> None:  # noqa: ANN001
+    """One token through one expert, weights stationary: ``acc += weight * SwiGLU expert(x)``.
+
+    Args: acc [128, H/128, 1] fp32 SBUF (output feature c * 128 + p at [p, c]); x_col [128, H/128, 1]
+    SBUF, the token in the weights' partition-major hidden order; expert: the expert id ([1, 1]
+    SBUF int32, dynamic DMA offset); weight [128, 1] fp32 SBUF, the routing weight on every
+    partition; w_gu [E, H, 2I], w_dn [E, I, H] HBM (load-time layout).
+    """
+    h, i2 = w_gu.shape[1], w_gu.shape[2]
+    i = i2 // 2
+    tiles, full, last = _intermediate_tiles(i)
+    gu, dn = _load_expert(w_gu, w_dn, expert, h, i2)
+    # features on partitions, one column per intermediate tile: gate tiles, then up tiles
+    gu_out = nl.ndarray((P, 2 * tiles), dtype=x_col.dtype, buffer=nl.sbuf)
+    for c in nl.affine_range(2 * tiles):
+        rows = min(P, i - c % tiles * P)
+        first = c // tiles * i + c % tiles * P
+        ps = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.psum)
+        matmul_accumulate(ps[0:rows], gu[:, :, first:first + rows], x_col)
+        nisa.tensor_copy(dst=gu_out[0:rows, c:c + 1], src=ps[0:rows])
+    act = nl.ndarray((P, tiles), dtype=x_col.dtype, buffer=nl.sbuf)
+    for lo, hi, rows in ((0, full, P), (full, tiles, last)):
+        if hi > lo:
+            nisa.activation(dst=act[0:rows, lo:hi], op=nl.silu, data=gu_out[0:rows, lo:hi])
+            nisa.tensor_tensor(dst=act[0:rows, lo:hi], data1=act[0:rows, lo:hi],
+                               data2=gu_out[0:rows, tiles + lo:tiles + hi], op=nl.multiply)
+    for c in nl.affine_range(h // P):
+        ps = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.psum)
+        matmul_accumulate(ps, dn[:, :, c * P:(c + 1) * P], act.reshape((P, tiles, 1)), last_rows=last)
+        nisa.scalar_tensor_tensor(dst=acc[:, c, :], data=ps, op0=nl.multiply, operand0=weight, op1=nl.add,
+                                  operand1=acc[:, c, :])
+
+
+def store_feature_major(out, acc) -> None:  # noqa: ANN001
+    """Round the fp32 SBUF accumulator ``acc [128, H/128, T]`` (feature c * 128 + p at [p, c]) to
+    out.dtype and store it to HBM ``out [T, H]``."""
+    t, h = out.shape
+    res = nl.ndarray((P, h // P, t), dtype=out.dtype, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=res, src=acc)
+    nisa.dma_copy(dst=out.reshape((t, h // P, P)).permute((2, 1, 0)), src=res)
 
 
 @nki.jit

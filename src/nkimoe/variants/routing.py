@@ -30,6 +30,40 @@ P = 128
 ROUTER_TOLERANCE = {"bfloat16": (1e-3, 2.0**-7), "float32": (1e-6, 1e-5)}
 
 
+def route_rows(lg, p: int, top_k: int, norm_topk_prob: bool, fast_exp: bool, dtype):  # noqa: ANN001, ANN201
+    """Softmax, top-k and renormalisation of the first ``p`` rows of the fp32 SBUF logits ``lg [128, E]``.
+    Returns SBUF tiles: weights [128, K] in ``dtype`` and ids [128, 8] uint32 (descending probability)."""
+    e = lg.shape[1]
+    probs = nl.ndarray((P, e), dtype=nl.float32, buffer=nl.sbuf)
+    total = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
+    if fast_exp:
+        row_max = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_reduce(dst=row_max[0:p], op=nl.maximum, data=lg[0:p], axis=1)
+        nisa.exponential(dst=probs[0:p], src=lg[0:p], max_value=row_max[0:p], reduce_res=total[0:p],
+                         reduce_cmd=nisa.reduce_cmd.reset_reduce)
+    else:
+        neg_max = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_reduce(dst=neg_max[0:p], op=nl.maximum, data=lg[0:p], axis=1, negate=True)
+        nisa.activation(dst=probs[0:p], op=nl.exp, data=lg[0:p], bias=neg_max[0:p], reduce_op=nl.add,
+                        reduce_res=total[0:p], reduce_cmd=nisa.reduce_cmd.reset_reduce)
+    inv = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.reciprocal(dst=inv[0:p], data=total[0:p])
+    nisa.tensor_scalar(dst=probs[0:p], data=probs[0:p], op0=nl.multiply, operand0=inv[0:p])
+    top = nl.ndarray((P, 8), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.max8(dst=top[0:p], src=probs[0:p])
+    idx = nl.ndarray((P, 8), dtype=nl.uint32, buffer=nl.sbuf)
+    nisa.nc_find_index8(dst=idx[0:p], data=probs[0:p], vals=top[0:p])
+    w = nl.ndarray((P, top_k), dtype=dtype, buffer=nl.sbuf)
+    if norm_topk_prob:
+        top_sum = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_reduce(dst=top_sum[0:p], op=nl.add, data=top[0:p, 0:top_k], axis=1)
+        nisa.reciprocal(dst=top_sum[0:p], data=top_sum[0:p])
+        nisa.tensor_scalar(dst=w[0:p], data=top[0:p, 0:top_k], op0=nl.multiply, operand0=top_sum[0:p])
+    else:
+        nisa.tensor_copy(dst=w[0:p], src=top[0:p, 0:top_k])
+    return w, idx
+
+
 @nki.jit
 def router_kernel(logits, top_k: int = 8, norm_topk_prob: bool = True, fast_exp: bool = False):
     """Softmax (fp32), top-k (k <= 8) and renormalisation over the top-k.
@@ -46,33 +80,7 @@ def router_kernel(logits, top_k: int = 8, norm_topk_prob: bool = True, fast_exp:
         p = min(P, t - tile * P)
         lg = nl.ndarray((P, e), dtype=nl.float32, buffer=nl.sbuf)
         nisa.dma_copy(dst=lg[0:p], src=logits[tile * P:tile * P + p, :])
-        probs = nl.ndarray((P, e), dtype=nl.float32, buffer=nl.sbuf)
-        total = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
-        if fast_exp:
-            row_max = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.tensor_reduce(dst=row_max[0:p], op=nl.maximum, data=lg[0:p], axis=1)
-            nisa.exponential(dst=probs[0:p], src=lg[0:p], max_value=row_max[0:p], reduce_res=total[0:p],
-                             reduce_cmd=nisa.reduce_cmd.reset_reduce)
-        else:
-            neg_max = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.tensor_reduce(dst=neg_max[0:p], op=nl.maximum, data=lg[0:p], axis=1, negate=True)
-            nisa.activation(dst=probs[0:p], op=nl.exp, data=lg[0:p], bias=neg_max[0:p], reduce_op=nl.add,
-                            reduce_res=total[0:p], reduce_cmd=nisa.reduce_cmd.reset_reduce)
-        inv = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.reciprocal(dst=inv[0:p], data=total[0:p])
-        nisa.tensor_scalar(dst=probs[0:p], data=probs[0:p], op0=nl.multiply, operand0=inv[0:p])
-        top = nl.ndarray((P, 8), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.max8(dst=top[0:p], src=probs[0:p])
-        idx = nl.ndarray((P, 8), dtype=nl.uint32, buffer=nl.sbuf)
-        nisa.nc_find_index8(dst=idx[0:p], data=probs[0:p], vals=top[0:p])
-        w = nl.ndarray((P, top_k), dtype=logits.dtype, buffer=nl.sbuf)
-        if norm_topk_prob:
-            top_sum = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.tensor_reduce(dst=top_sum[0:p], op=nl.add, data=top[0:p, 0:top_k], axis=1)
-            nisa.reciprocal(dst=top_sum[0:p], data=top_sum[0:p])
-            nisa.tensor_scalar(dst=w[0:p], data=top[0:p, 0:top_k], op0=nl.multiply, operand0=top_sum[0:p])
-        else:
-            nisa.tensor_copy(dst=w[0:p], src=top[0:p, 0:top_k])
+        w, idx = route_rows(lg, p, top_k, norm_topk_prob, fast_exp, logits.dtype)
         nisa.dma_copy(dst=weights[tile * P:tile * P + p, :], src=w[0:p])
         nisa.dma_copy(dst=ids[tile * P:tile * P + p, :], src=idx[0:p, 0:top_k])
     return weights, ids

@@ -1,0 +1,145 @@
+"""Fused ``moe_block`` for decode: residual add + RMSNorm, router gate, router and the selected
+experts' SwiGLU in one NKI kernel, for Trn2 and Trn3.
+
+The chain runs four kernels and passes the normalised hidden state, the logits, the routing
+weights and the ids through HBM; each of those kernels also pays the DMA fixed latency on its
+first load and last store. The fused kernel keeps all of them in SBUF: the only HBM traffic is
+x and the residual in, the weights (norm, gate, the selected experts' blocks), and the residual
+sum and the experts' output out.
+
+Layout (one token): the hidden axis lies over the 128 partitions partition-major (hidden
+p * H/128 + k at [p, k]) from the norm on, which is the order the expert blocks are laid out in
+(``experts.gate_up_h_major``), so the normalised token is the experts' moving column as it is.
+The router gate ``w_gate`` is prepared K-major ``[H, E]`` (``linear.weight_k_major``) and read as
+[128, H/128, E] in the same hidden order; the token is the stationary and the gate's 128 columns
+stream, so the logits land as one row, the router's layout (tokens on partitions). The routing
+weights are broadcast to all partitions by a ones-matmul (exact: products with 1.0, fp32 PSUM).
+
+The building blocks are the chain's: ``norms.add_spread`` and ``spread_rmsnorm``, ``routing.route_rows`` and
+``experts.expert_pass``; only the gate matmul's summation order differs from ``linear_kernel``'s
+(hidden partition-major instead of tile-major). Rounding points are the chain's: the sum, the
+normalised value and its weight product, the logits and the routing weights are rounded to the
+input dtype where the chain's kernels store them.
+
+Per target: the Trn3 kernel takes the router's fast exponential (``nisa.exponential``); the rest
+is the same (bandwidth-bound GEMVs, no Trn3-only instruction shortens them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from nkimoe.hookspecs import hookimpl
+from nkimoe.nki import nisa, nki, nl
+from nkimoe.registry import Variant
+from nkimoe.targets import Target
+from nkimoe.variants.experts import EXPERT_TOLERANCE, _expert_sbuf_bytes, down_i_major, expert_pass, gate_up_h_major, \
+    store_feature_major
+from nkimoe.variants.linear import weight_k_major
+from nkimoe.variants.norms import add_spread, spread_rmsnorm, store_spread
+from nkimoe.variants.routing import route_rows
+from nkimoe.variants.tiles import matmul_accumulate
+
+P = 128
+
+#: The expert tolerance widened by what reaches the experts through their inputs. The kernel's
+#: normalised token and routing weights may each differ by an ulp from the reference's (norm:
+#: summation order of the squares; router: reciprocal-multiply, see norms.py and routing.py), and
+#: the logits by an ulp (gate summation order; the inputs keep top-k unambiguous, so the ids agree).
+#: A relative error e in the token moves each expert's output by about e (SwiGLU is smooth and the
+#: 2I- and H-term sums average independent roundings), a relative error in a routing weight moves
+#: its slot by the same: bf16 adds 2^-7 (one ulp of each) to the expert tolerance's relative part,
+#: and doubles its absolute floor for outputs that cancel. fp32: summation orders only.
+MOE_BLOCK_TOLERANCE = {"bfloat16": (2 * EXPERT_TOLERANCE["bfloat16"][0], EXPERT_TOLERANCE["bfloat16"][1] + 2.0**-7),
+                       "float32": (2e-5, 2e-5)}
+
+
+@nki.jit
+def moe_block_tkg_kernel(x, residual, norm_weight, w_gate_t, w_gu, w_dn, top_k: int = 8, norm_topk_prob: bool = True,
+                         eps: float = 1e-6, fast_exp: bool = False):
+    """Decode MoE block for one token: add + RMSNorm, router gate, router, selected experts.
+
+    Dimensions: H hidden (a multiple of 128), E experts (8..16384), K = top_k (<= 8), I intermediate.
+    Args: x, residual [1, H] HBM; norm_weight [H]; w_gate_t [H, E] (K-major gate); w_gu [E, H, 2I],
+    w_dn [E, I, H] (load-time layout of the experts); fast_exp: the router's nisa.exponential (Trn3).
+    Returns: (x + residual, the experts' output), both [1, H] HBM in x.dtype.
+    """
+    t, h = x.shape
+    e = w_gate_t.shape[1]
+    hf = h // P
+    summed = nl.ndarray((t, h), dtype=x.dtype, buffer=nl.shared_hbm)
+    out = nl.ndarray((t, h), dtype=x.dtype, buffer=nl.shared_hbm)
+    gate = nl.ndarray((P, hf, e), dtype=w_gate_t.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=gate, src=w_gate_t.reshape((P, hf, e)))  # issued first: no dependency on the norm
+    st = add_spread(x, residual)
+    store_spread(summed, st)
+    normed = spread_rmsnorm(st, norm_weight, eps).reshape((P, hf, t))
+    # logits [1, E]: rounded to x.dtype as the gate projection's output is, then fp32 for the router
+    ps = nl.ndarray((t, e), dtype=nl.float32, buffer=nl.psum)
+    matmul_accumulate(ps, normed, gate)
+    logits = nl.ndarray((P, e), dtype=x.dtype, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=logits[0:t], src=ps)
+    lg = nl.ndarray((P, e), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=lg[0:t], src=logits[0:t])
+    weights, idx = route_rows(lg, t, top_k, norm_topk_prob, fast_exp, x.dtype)
+    ids = nl.ndarray((t, top_k), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=ids, src=idx[0:t, 0:top_k])
+    ones = nl.ndarray((t, P), dtype=x.dtype, buffer=nl.sbuf)
+    nisa.memset(dst=ones, value=1.0)
+    w_ps = nl.ndarray((P, top_k), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_matmul(dst=w_ps, stationary=ones, moving=weights[0:t])
+    w_bc = nl.ndarray((P, top_k), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=w_bc, src=w_ps)
+    acc = nl.ndarray((P, hf, t), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=acc, value=0.0)
+    for slot in nl.affine_range(top_k):
+        expert_pass(acc, normed, ids[0:1, slot:slot + 1], w_bc[:, slot:slot + 1], w_gu, w_dn)
+    store_feature_major(out, acc)
+    return summed, out
+
+
+def _supports(dims: Mapping[str, int], dtype: str, target: Target) -> tuple[bool, str]:
+    if dims["T"] != 1:
+        return False, f"T={dims['T']}: a decode kernel for one token (batch 1)"
+    if dims["H"] % P:
+        return False, f"H={dims['H']} is not a multiple of {P}"
+    if dims["K"] > 8 or not 8 <= dims["E"] <= 16384:
+        return False, f"K={dims['K']}, E={dims['E']}: one max8 pass takes K <= 8 of 8..16384 experts"
+    item = 2 if dtype == "bfloat16" else 4
+    need = _expert_sbuf_bytes(dims) * item // 2 + item * dims["H"] // P * dims["E"] + 16 * dims["E"]
+    if need > target.sbuf_usable_bytes_per_partition:
+        return False, f"needs {need} B per partition, {target.name} has {target.sbuf_usable_bytes_per_partition}"
+    return True, f"T = 1, H a multiple of {P}, K <= 8; {need} B per partition"
+
+
+def _launcher(fast_exp: bool) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    def moe_block(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, w_gate: torch.Tensor,
+                  w_gate_up: torch.Tensor, w_down: torch.Tensor, top_k: int = 8, norm_topk_prob: bool = True,
+                  eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weights arrive prepared: w_gate [H, E], w_gate_up [E, H, 2I], w_down [E, I, H]."""
+        return tuple(moe_block_tkg_kernel(x, residual, norm_weight, w_gate, w_gate_up, w_down, top_k=top_k,
+                                          norm_topk_prob=norm_topk_prob, eps=eps, fast_exp=fast_exp))
+
+    return moe_block
+
+
+_PREPARE = {"w_gate": weight_k_major, "w_gate_up": gate_up_h_major, "w_down": down_i_major}
+
+
+def variants() -> list[Variant]:
+    return [
+        Variant(op="moe_block", name=f"moe_block_tkg_{target}", targets=(target,), kernel=_launcher(fast), nki=True,
+                priority=10, supports=_supports, tolerance=MOE_BLOCK_TOLERANCE, prepare=_PREPARE,
+                description=f"decode, one kernel: add+RMSNorm, gate, router ({exp}), selected experts weights "
+                            f"stationary; activations stay in SBUF")
+        for target, fast, exp in (("trn2", False, "ScalarE exp"), ("trn3", True, "VectorE fast exp"))
+    ]
+
+
+@hookimpl
+def register_variants(register: Callable[[Any], None]) -> None:
+    for variant in variants():
+        register(variant)

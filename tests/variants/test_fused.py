@@ -1,0 +1,45 @@
+"""The fused ``moe_block`` decode kernels, verified in the emulator against the composed reference at
+Qwen3-30B-A3B's full width (H=2048, E=128, K=8) for the whole intermediate axis (I=768) and a TP 4
+rank's slice (I=192), and estimated against the chain of the kernels it fuses."""
+
+from __future__ import annotations
+
+import pytest
+
+from nkimoe.bench.trial import run_trial
+from nkimoe.ops import Problem
+from nkimoe.plugins import load_registry
+
+REGISTRY = load_registry({})
+
+
+@pytest.mark.parametrize("dtype,inter", [("bfloat16", 768), ("bfloat16", 192), ("float32", 192)])
+@pytest.mark.parametrize("target", ["trn2", "trn3"])
+def test_fused_moe_block_matches_the_composed_reference(target: str, dtype: str, inter: int) -> None:
+    variant = REGISTRY.variants[f"moe_block_tkg_{target}"]
+    problem = Problem.of("moe_block", dtype, T=1, H=2048, E=128, K=8, I=inter)
+    trial = run_trial(variant, problem, REGISTRY.targets[target], seed=inter)
+    assert trial.ok, trial.detail  # within MOE_BLOCK_TOLERANCE (see variants/fused.py for its derivation)
+    assert trial.estimate is not None and trial.estimate.micros > 0
+
+
+@pytest.mark.parametrize("target", ["trn2", "trn3"])
+def test_fused_moe_block_is_estimated_faster_than_its_chain(target: str) -> None:
+    problem = Problem.of("moe_block", T=1, H=2048, E=128, K=8, I=192)
+    tgt = REGISTRY.targets[target]
+    parts, _, _ = REGISTRY.bind_chain("decode.moe_block", tgt, problem, "fastest", None)
+    chain_us = 0.0
+    for part in parts:
+        trial = run_trial(part.variant, part.problem, tgt)
+        assert trial.ok and trial.estimate is not None, trial.detail
+        chain_us += trial.estimate.micros
+    fused = run_trial(REGISTRY.variants[f"moe_block_tkg_{target}"], problem, tgt)
+    assert fused.estimate is not None and fused.estimate.micros < chain_us  # cost-model estimates
+
+
+def test_fused_variants_take_one_decode_token_only() -> None:
+    variant = REGISTRY.variants["moe_block_tkg_trn3"]
+    ok, reason = variant.supports({"T": 2, "H": 2048, "E": 128, "K": 8, "I": 192}, "bfloat16", REGISTRY.targets["trn3"])
+    assert not ok and "one token" in reason
+    ok, _ = variant.supports({"T": 1, "H": 2048, "E": 128, "K": 8, "I": 768}, "bfloat16", REGISTRY.targets["trn3"])
+    assert ok
