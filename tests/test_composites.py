@@ -165,14 +165,16 @@ def test_a_fused_composite_replaces_its_parts_in_estimates_and_coverage() -> Non
     shapes = ModelShapes()
     sites = {**call_sites(shapes, "prefill", 1024), **call_sites(shapes, "decode", 1024)}
     fused = REGISTRY.bind("trn3", sites)
-    assert fused.fused("decode.moe_block") and not fused.fused("prefill.moe_block")
-    assert fused.ops["decode.attention_block"].is_chain  # no fused attention_block variant here
+    assert fused.fused("decode.moe_block") and fused.fused("decode.attention_block")
+    assert not fused.fused("prefill.moe_block")  # the fused kernel takes one token
     runs = {s for s in sites if fused.runs(s)}
-    assert {"decode.moe_block", "prefill.router", "prefill.experts"} <= runs
-    assert not {"decode.router_gate", "decode.router", "decode.experts", "prefill.moe_block",
-                "decode.attention_block"} & runs
-    assert "decode.add_norm" in runs  # the chained attention_block still runs it
+    assert {"decode.moe_block", "decode.attention_block", "prefill.router", "prefill.experts",
+            "prefill.add_norm"} <= runs
+    assert not {"decode.router_gate", "decode.router", "decode.experts", "decode.qkv_proj", "decode.qk_norm",
+                "decode.rope", "decode.attention", "decode.o_proj", "prefill.moe_block"} & runs
+    assert "decode.add_norm" not in runs  # both composites that list it are fused
     chain = REGISTRY.bind("cpu", sites)
+    assert chain.runs("decode.add_norm") and not chain.runs("decode.moe_block")
     fused_cov, chain_cov = coverage(fused, shapes, 1024, 1), coverage(chain, shapes, 1024, 1)
     total = sum(r.macs for r in fused_cov.decode)
     assert total == sum(r.macs for r in chain_cov.decode)  # the same MACs, counted once either way

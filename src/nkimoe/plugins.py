@@ -36,6 +36,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "nkimoe.variants.linear",
     "nkimoe.variants.experts",
     "nkimoe.variants.fused",
+    "nkimoe.variants.fused_attention",
     "nkimoe.variants.attention",
 )
 

@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import torch
 
-from nkimoe import ops, registry
+from nkimoe import ops
 from nkimoe.bench.costmodel import estimate
 from nkimoe.bench.trial import run_trial
 from nkimoe.nki.emulator import session
@@ -67,7 +67,7 @@ def test_block_matches_composed_reference(target: str, programs: int, hq: int, h
     caches = (args[8].clone(), args[9].clone())
     actual = _run(target, programs, args)
     assert torch.equal(args[8], caches[0]) and torch.equal(args[9], caches[1]), "the block must not write the caches"
-    expected = fa.attention_block_reference(*args)
+    expected = ops.attention_block(*args)
     assert torch.equal(actual[0], expected[0]), "the residual sum is one bf16 add, as the reference's"
     ok, detail = compare(actual, expected, *fa.BLOCK_TOLERANCE["bfloat16"])
     assert ok, detail
@@ -75,7 +75,7 @@ def test_block_matches_composed_reference(target: str, programs: int, hq: int, h
 
 def test_block_fp32_within_declared_tolerance() -> None:
     args = _inputs(8, 1, 99, 128, torch.float32, seed=5)
-    ok, detail = compare(_run("trn2", 1, args), fa.attention_block_reference(*args), *fa.BLOCK_TOLERANCE["float32"])
+    ok, detail = compare(_run("trn2", 1, args), ops.attention_block(*args), *fa.BLOCK_TOLERANCE["float32"])
     assert ok, detail
 
 
@@ -95,7 +95,7 @@ def test_reference_is_the_chain_of_op_references() -> None:
     """The new key and value go into the caches at ``length`` and the attention covers ``length + 1``
     positions: the same output as attending over caches already holding them."""
     x, res, nw, w_qkv, qw, kw, cos, sin, k_t, v, length, w_o, scale = _inputs(8, 1, 40, 64, torch.bfloat16, seed=9)
-    summed, out, k, v_new = fa.attention_block_reference(x, res, nw, w_qkv, qw, kw, cos, sin, k_t, v, length, w_o,
+    summed, out, k, v_new = ops.attention_block(x, res, nw, w_qkv, qw, kw, cos, sin, k_t, v, length, w_o,
                                                          scale)
     assert not torch.equal(k_t[:, :, length], k[0])  # the inputs are not mutated
     full_k, full_v = k_t.clone(), v.clone()
@@ -118,20 +118,7 @@ def test_weight_layouts() -> None:
     assert blocks.is_contiguous() and stationary.is_contiguous()
 
 
-@pytest.fixture
-def block_op(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``attention_block`` as an op contract, as the registry declares composite ops."""
-    contract = ops.OpContract(
-        "attention_block", "decode attention block", ("H", "Hq", "Hkv", "D", "L"),
-        ("x: [1, H]", "residual: [1, H]", "norm_weight: [H]", "w_qkv: [(Hq + 2 Hkv) D, H]", "q_norm_weight: [D]",
-         "k_norm_weight: [D]", "cos: [1, D]", "sin: [1, D]", "k_cache_t: [Hkv, D, C]", "v_cache: [Hkv, C, D]",
-         "length: int", "w_o: [H, Hq D]", "scale: float", "eps: float = 1e-6"),
-        fa.attention_block_reference, lambda d: 0, lambda d, dt, g: ((), {}))
-    monkeypatch.setattr(ops, "OPS", {**ops.OPS, "attention_block": contract})
-    monkeypatch.setattr(registry, "OP_NAMES", (*ops.OP_NAMES, "attention_block"))
-
-
-def test_variants_declare_targets_and_lnc(block_op: None) -> None:
+def test_variants_declare_targets_and_lnc() -> None:
     variants = {v.name: v for v in fa.variants()}
     assert sorted(variants) == ["attention_block_trn2", "attention_block_trn2_lnc2", "attention_block_trn3",
                                 "attention_block_trn3_lnc2"]

@@ -50,10 +50,11 @@ norms. Trn3's wide moving tiles do not apply: the projections of one token move 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
-from nkimoe import ops
+from nkimoe.hookspecs import hookimpl
 from nkimoe.nki import nisa, nki, nl
 from nkimoe.registry import Variant
 from nkimoe.targets import Target
@@ -83,36 +84,6 @@ P = 128
 #: absolute scale, and the projection adds its own 1 ulp; 3e-2 absolute and 2^-5 relative cover
 #: both with the q/k perturbation of the scores (a few ulps of q.k*scale ~ 1e-2 per probability).
 BLOCK_TOLERANCE = {"bfloat16": (3e-2, 2.0**-5), "float32": (1e-4, 1e-4)}
-
-
-def attention_block_reference(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
-                              w_qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor,
-                              cos: torch.Tensor, sin: torch.Tensor, k_cache_t: torch.Tensor, v_cache: torch.Tensor,
-                              length: int | torch.Tensor, w_o: torch.Tensor, scale: float,
-                              eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Decode (T = 1): add_rmsnorm -> fused q|k|v linear -> qk_norm -> rope -> attention over the
-    cache plus the new position -> o_proj, composed from the op references.
-
-    x, residual [1, H]; norm_weight [H]; w_qkv [(Hq + 2 Hkv) D, H] (q rows, then k, then v);
-    q_norm_weight, k_norm_weight [D]; cos, sin [1, D]; k_cache_t [Hkv, D, C] and v_cache [Hkv, C, D]
-    hold positions [0, length) (C > length); w_o [H, Hq D].
-    Returns (summed [1, H], out [1, H], k [1, Hkv, D], v [1, Hkv, D]): the residual sum, the o_proj
-    output, and the new position's key (after QK-norm and RoPE) and value, which the caller writes
-    into the caches at position ``length`` afterwards (the inputs are not mutated).
-    """
-    hkv, d, _ = k_cache_t.shape
-    hq = w_o.shape[1] // d
-    position = int(length)
-    summed, normed = ops.add_rmsnorm(x, residual, norm_weight, eps)
-    q, k, v = ops.linear(normed, w_qkv).split([hq * d, hkv * d, hkv * d], dim=1)
-    q, k = ops.qk_norm(q.reshape(1, hq, d), k.reshape(1, hkv, d), q_norm_weight, k_norm_weight, eps)
-    q, k = ops.rope(q, k, cos, sin)
-    v = v.reshape(1, hkv, d)
-    k_cache, v_cache = k_cache_t.clone(), v_cache.clone()
-    k_cache[:, :, position] = k[0]
-    v_cache[:, position] = v[0]
-    attn = ops.attention_decode(q, k_cache, v_cache, position + 1, scale)
-    return summed, ops.linear(attn.reshape(1, hq * d), w_o), k, v
 
 
 def head_blocks(w: torch.Tensor) -> torch.Tensor:
@@ -398,7 +369,7 @@ def launcher(target: str, programs: int = 1) -> Callable[..., tuple[torch.Tensor
 
 
 def variants() -> list[Variant]:
-    """The ``attention_block`` variants, for registration once the op exists."""
+    """The ``attention_block`` variants."""
     out = []
     for target in _ENGINES:
         for programs in (1, 2):
@@ -411,3 +382,9 @@ def variants() -> list[Variant]:
                 description=f"add+RMSNorm -> q|k|v -> QK-norm -> RoPE -> attention -> o_proj in one kernel, "
                             f"activations in SBUF, weights and cache loaded ahead, o_proj weights stationary, {cores}"))
     return out
+
+
+@hookimpl
+def register_variants(register: Callable[[Any], None]) -> None:
+    for variant in variants():
+        register(variant)
