@@ -83,6 +83,13 @@ def down_i_major(w_down: torch.Tensor) -> torch.Tensor:
     return w_down.transpose(1, 2).contiguous()
 
 
+def down_hidden_partition_major(w_down: torch.Tensor) -> torch.Tensor:
+    """Load-time layout of the LNC=2 decode kernel: ``down_i_major`` with the hidden columns
+    reordered so that column c * 128 + p holds hidden p * H/128 + c."""
+    e, h, i = w_down.shape
+    return w_down.reshape(e, P, h // P, i).permute(0, 3, 2, 1).reshape(e, i, h).contiguous()
+
+
 def _intermediate_tiles(i: int) -> tuple[int, int, int]:
     """The intermediate axis in partition tiles: ``(tiles, full tiles, rows of the last tile)``;
     192 (768 over TP 4) is one full tile and one of 64 rows."""
@@ -125,6 +132,42 @@ def _hidden_partition_major(rows, t: int):  # noqa: ANN001, ANN202
     return x_t
 
 
+def _swiglu_gemv(gu, dn, x_col, weight, acc, dtype):  # noqa: ANN001, ANN202
+    """One expert on one token, weights stationary: ``acc[:, c] += weight * y[c-th 128 outputs]`` for
+    ``y = down(SiLU(gate) * up)``, with gate|up and SiLU(gate)*up rounded to ``dtype``.
+
+    Args: gu [128, H/128, 2I] and dn [128, ceil(I/128), H] SBUF (``_load_expert``); x_col [128,
+    H/128, 1] the token in gu's hidden order; weight [128, 1] fp32 (the routing weight on every
+    partition); acc [128, H/128, 1] fp32 SBUF, output tile c holding dn's columns c*128 .. c*128+127.
+    Returns the tiles it allocated: a caller's loop keeps them until the next iteration's are
+    allocated, so that consecutive experts use different buffers (as the compiler double-buffers
+    the tiles of a loop body).
+    """
+    i = gu.shape[2] // 2
+    hf = dn.shape[2] // P
+    tiles, full, last = _intermediate_tiles(i)
+    # features on partitions, one column per intermediate tile: gate tiles, then up tiles
+    gu_out = nl.ndarray((P, 2 * tiles), dtype=dtype, buffer=nl.sbuf)
+    for c in nl.affine_range(2 * tiles):
+        rows = min(P, i - c % tiles * P)
+        first = c // tiles * i + c % tiles * P
+        ps = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.psum)
+        matmul_accumulate(ps[0:rows], gu[:, :, first:first + rows], x_col)
+        nisa.tensor_copy(dst=gu_out[0:rows, c:c + 1], src=ps[0:rows])
+    act = nl.ndarray((P, tiles), dtype=dtype, buffer=nl.sbuf)
+    for lo, hi, rows in ((0, full, P), (full, tiles, last)):
+        if hi > lo:
+            nisa.activation(dst=act[0:rows, lo:hi], op=nl.silu, data=gu_out[0:rows, lo:hi])
+            nisa.tensor_tensor(dst=act[0:rows, lo:hi], data1=act[0:rows, lo:hi],
+                               data2=gu_out[0:rows, tiles + lo:tiles + hi], op=nl.multiply)
+    for c in nl.affine_range(hf):
+        ps = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.psum)
+        matmul_accumulate(ps, dn[:, :, c * P:(c + 1) * P], act.reshape((P, tiles, 1)), last_rows=last)
+        nisa.scalar_tensor_tensor(dst=acc[:, c], data=ps, op0=nl.multiply, operand0=weight, op1=nl.add,
+                                  operand1=acc[:, c])
+    return gu_out, act, ps
+
+
 @nki.jit
 def expert_mlp_tkg_kernel(x, weights, ids, w_gu, w_dn):
     """Decode: every token's top-K experts, one at a time, weights stationary.
@@ -137,9 +180,7 @@ def expert_mlp_tkg_kernel(x, weights, ids, w_gu, w_dn):
     t, h = x.shape
     top_k = ids.shape[1]
     i2 = w_gu.shape[2]
-    i = i2 // 2
     hf = h // P
-    tiles, full, last = _intermediate_tiles(i)
     out = nl.ndarray((t, h), dtype=x.dtype, buffer=nl.shared_hbm)
     ids_sb = nl.ndarray((t, top_k), dtype=nl.int32, buffer=nl.sbuf)
     nisa.dma_copy(dst=ids_sb, src=ids)
@@ -154,29 +195,56 @@ def expert_mlp_tkg_kernel(x, weights, ids, w_gu, w_dn):
     for tok in nl.affine_range(t):
         for slot in nl.affine_range(top_k):
             gu, dn = _load_expert(w_gu, w_dn, ids_sb[tok:tok + 1, slot:slot + 1], h, i2)
-            # features on partitions, one column per intermediate tile: gate tiles, then up tiles
-            gu_out = nl.ndarray((P, 2 * tiles), dtype=x.dtype, buffer=nl.sbuf)
-            for c in nl.affine_range(2 * tiles):
-                rows = min(P, i - c % tiles * P)
-                first = c // tiles * i + c % tiles * P
-                ps = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.psum)
-                matmul_accumulate(ps[0:rows], gu[:, :, first:first + rows], x_t[:, :, tok:tok + 1])
-                nisa.tensor_copy(dst=gu_out[0:rows, c:c + 1], src=ps[0:rows])
-            act = nl.ndarray((P, tiles), dtype=x.dtype, buffer=nl.sbuf)
-            for lo, hi, rows in ((0, full, P), (full, tiles, last)):
-                if hi > lo:
-                    nisa.activation(dst=act[0:rows, lo:hi], op=nl.silu, data=gu_out[0:rows, lo:hi])
-                    nisa.tensor_tensor(dst=act[0:rows, lo:hi], data1=act[0:rows, lo:hi],
-                                       data2=gu_out[0:rows, tiles + lo:tiles + hi], op=nl.multiply)
-            for c in nl.affine_range(hf):
-                ps = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.psum)
-                matmul_accumulate(ps, dn[:, :, c * P:(c + 1) * P], act.reshape((P, tiles, 1)), last_rows=last)
-                col = tok * top_k + slot
-                nisa.scalar_tensor_tensor(dst=acc[:, c, tok:tok + 1], data=ps, op0=nl.multiply,
-                                          operand0=w_bc[:, col:col + 1], op1=nl.add, operand1=acc[:, c, tok:tok + 1])
+            col = tok * top_k + slot
+            held = _swiglu_gemv(gu, dn, x_t[:, :, tok:tok + 1], w_bc[:, col:col + 1], acc[:, :, tok:tok + 1],  # noqa: F841
+                                x.dtype)
     res = nl.ndarray((P, hf, t), dtype=x.dtype, buffer=nl.sbuf)
     nisa.tensor_copy(dst=res, src=acc)
     nisa.dma_copy(dst=out.reshape((t, hf, P)).permute((2, 1, 0)), src=res)
+    return out
+
+
+@nki.jit
+def expert_mlp_tkg_lnc_kernel(x, weights, ids, w_gu, w_dn):
+    """Decode on both cores of an LNC=2 rank: the (token, slot) pairs dealt out to the programs of
+    ``kernel[2]``, each core reading only its experts; the cores swap their fp32 partial sums
+    (``sendrecv``), add them in the same order and each stores half of the hidden columns.
+
+    Dimensions and args: as ``expert_mlp_tkg_kernel``, except ``w_dn`` [E, I, H] with its hidden
+    columns in ``down_hidden_partition_major`` order, so that the down projection's output tile c
+    holds hidden p * H/128 + c on partition p and the output store reads H/128-element runs.
+    Returns: [T, H] HBM, x.dtype.
+    """
+    t, h = x.shape
+    top_k = ids.shape[1]
+    i2 = w_gu.shape[2]
+    hf = h // P
+    me, cores = nl.program_id(0), nl.num_programs(0)
+    mine = [(tok, slot) for tok in range(t) for slot in range(top_k)][me::cores]
+    out = nl.ndarray((t, h), dtype=x.dtype, buffer=nl.shared_hbm)
+    ids_sb = nl.ndarray((t, top_k), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=ids_sb, src=ids)
+    w_bc = nl.ndarray((P, t * top_k), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=w_bc, src=weights.reshape((1, t * top_k)).ap([[0, P], [1, t * top_k]]))
+    # x^T, hidden partition-major, one run of H/128 elements per (partition, token): [128, T, H/128]
+    x_t = nl.ndarray((P, t, hf), dtype=x.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=x_t, src=x.reshape((t, P, hf)).permute((1, 0, 2)))
+    acc = nl.ndarray((P, t, hf), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=acc, value=0.0)
+    for n in nl.static_range(len(mine)):
+        tok, slot = mine[n]
+        gu, dn = _load_expert(w_gu, w_dn, ids_sb[tok:tok + 1, slot:slot + 1], h, i2)
+        col = tok * top_k + slot
+        held = _swiglu_gemv(gu, dn, x_t[:, tok:tok + 1, :].permute((0, 2, 1)), w_bc[:, col:col + 1],  # noqa: F841
+                            acc[:, tok:tok + 1, :].permute((0, 2, 1)), x.dtype)
+    if cores > 1:
+        theirs = nl.ndarray((P, t, hf), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.sendrecv(src=acc, dst=theirs, send_to_rank=1 - me, recv_from_rank=1 - me, pipe_id=0)
+        nisa.tensor_tensor(dst=acc, data1=acc, data2=theirs, op=nl.add)  # fp32 a + b == b + a
+    lo, hi = me * hf // cores, (me + 1) * hf // cores
+    res = nl.ndarray((P, t, hf), dtype=x.dtype, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=res[:, :, lo:hi], src=acc[:, :, lo:hi])
+    nisa.dma_copy(dst=out.reshape((t, P, hf)).permute((1, 0, 2))[:, :, lo:hi], src=res[:, :, lo:hi])
     return out
 
 
@@ -395,6 +463,13 @@ def _tkg_supports(dims: Mapping[str, int], dtype: str, target: Target) -> tuple[
     return True, f"T <= {TKG_MAX_TOKENS}; expert blocks {need} B per partition"
 
 
+def _tkg_lnc_supports(dims: Mapping[str, int], dtype: str, target: Target) -> tuple[bool, str]:
+    if target.lnc != 2:
+        return False, f"{target.name} runs LNC={target.lnc}: this kernel deals the experts out to the 2 physical cores of an LNC=2 rank"
+    ok, reason = _tkg_supports(dims, dtype, target)
+    return (ok, f"LNC=2, half the (token, slot) pairs per core; {reason}" if ok else reason)
+
+
 def _tokens_supports(dims: Mapping[str, int], dtype: str, target: Target) -> tuple[bool, str]:
     problem = _dims_ok(dims)
     if problem:
@@ -422,6 +497,11 @@ def _cte_supports(dims: Mapping[str, int], dtype: str, target: Target) -> tuple[
 
 def _tkg(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w_gu: torch.Tensor, w_dn: torch.Tensor) -> torch.Tensor:
     return expert_mlp_tkg_kernel(x, weights, ids.to(torch.int32), w_gu, w_dn)
+
+
+def _tkg_lnc(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w_gu: torch.Tensor,
+             w_dn: torch.Tensor) -> torch.Tensor:
+    return expert_mlp_tkg_lnc_kernel[2](x, weights, ids.to(torch.int32), w_gu, w_dn)
 
 
 def _cte_launcher(block: int) -> Callable[..., torch.Tensor]:
@@ -452,6 +532,12 @@ def variants() -> list[Variant]:
         Variant(op="expert_mlp", name="expert_mlp_tkg_nki", targets=("trn2", "trn3"), kernel=_tkg, nki=True,
                 priority=20, supports=_tkg_supports, tolerance=EXPERT_TOLERANCE, prepare=_PREPARE,
                 description="decode: selected experts only (dynamic DMA by id), weights stationary, fp32 sum"),
+        *(Variant(op="expert_mlp", name=f"expert_mlp_tkg_lnc2_{target}", targets=(target,), kernel=_tkg_lnc,
+                  nki=True, priority=22, supports=_tkg_lnc_supports, tolerance=EXPERT_TOLERANCE,
+                  prepare={"w_gate_up": gate_up_h_major, "w_down": down_hidden_partition_major},
+                  description="decode on both cores of an LNC=2 rank: half the selected experts each, weights "
+                              "stationary, partial sums swapped by sendrecv")
+          for target in ("trn2", "trn3")),
         Variant(op="expert_mlp", name="expert_mlp_tkg_tokens_trn2", targets=("trn2",),
                 kernel=_tokens_launcher(512), nki=True, priority=15, supports=_tokens_supports, tolerance=EXPERT_TOLERANCE, prepare=_PREPARE,
                 description="decode: tokens stationary, each selected expert read once for all tokens, "
