@@ -286,16 +286,7 @@ def attention_tkg_split_kernel(q, k_cache, v_cache, length, scale: float, fast_e
             width = n if c < chunks - 1 else last
             nisa.nc_matmul(dst=sc[0:rows, 0:width], stationary=q_blocks[:, c, :], moving=k_t[:, c * n:c * n + width],
                            accumulate=(c > 0))
-        ss = nl.ndarray((P, n), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.scalar_tensor_tensor(dst=ss[0:rows], data=sc[0:rows], op0=nl.multiply, operand0=scale, op1=nl.add,
-                                  operand1=penalty[0:rows])
-        m, l = _max_and_sum()  # noqa: E741
-        p_exp, _ = _softmax_step(ss, m, l, rows, n, nl.float32, fast_exp)
-        # Normalised probabilities, rounded once: every chunk on the same scale, so that the P.V
-        # matmuls of all chunks accumulate into one output.
-        p_blk = nl.ndarray((P, n), dtype=q.dtype, buffer=nl.sbuf)
-        nisa.tensor_scalar(dst=p_blk[0:rows], data=p_exp[0:rows], op0=nl.multiply,
-                           operand0=_chunk_weights(m, l, chunks, group)[0:rows])
+        p_blk = _split_probabilities(sc, penalty, scale, chunks, group, q.dtype, fast_exp)
         o_t = nl.ndarray((d, group), dtype=nl.float32, buffer=nl.psum)  # O^T: head_dim on partitions
         tiles = (n + P - 1) // P
         for kb in nl.affine_range(tiles):
@@ -365,14 +356,7 @@ def attention_tkg_split_lnc_kernel(q, k_cache, v_cache, length, scale: float, fa
         for c in nl.affine_range(chunks):
             nisa.nc_matmul(dst=sc[0:rows, 0:n], stationary=q_blocks[:, c, :], moving=by_chunk[:, :, c],
                            accumulate=(c > 0))
-        ss = nl.ndarray((P, n), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.scalar_tensor_tensor(dst=ss[0:rows], data=sc[0:rows], op0=nl.multiply, operand0=scale, op1=nl.add,
-                                  operand1=penalty[0:rows])
-        m, l = _max_and_sum()  # noqa: E741
-        p_exp, _ = _softmax_step(ss, m, l, rows, n, nl.float32, fast_exp)
-        p_blk = nl.ndarray((P, n), dtype=q.dtype, buffer=nl.sbuf)
-        nisa.tensor_scalar(dst=p_blk[0:rows], data=p_exp[0:rows], op0=nl.multiply,
-                           operand0=_chunk_weights(m, l, chunks, group)[0:rows])
+        p_blk = _split_probabilities(sc, penalty, scale, chunks, group, q.dtype, fast_exp)
         p_t = nl.ndarray((P, P), dtype=q.dtype, buffer=nl.sbuf)
         pe_transpose(p_t[0:n, 0:rows], p_blk[0:rows, 0:n])
         o = nl.ndarray((P, d), dtype=nl.float32, buffer=nl.psum)  # heads on partitions
@@ -390,6 +374,23 @@ def attention_tkg_split_lnc_kernel(q, k_cache, v_cache, length, scale: float, fa
         nisa.tensor_copy(dst=res[lo:hi], src=mine[lo:hi])
         nisa.dma_copy(dst=out[0, g * group + lo:g * group + hi, :], src=res[lo:hi])
     return out
+
+
+def _split_probabilities(sc, penalty, scale: float, chunks: int, group: int, dtype, fast_exp: bool):  # noqa: ANN001, ANN202
+    """Split-K scores [C*G, n] (PSUM, fp32) to probabilities in ``dtype``: scaled, masked by
+    ``penalty``, a softmax per chunk row, then normalised by the combine's weight per (chunk, head)
+    and rounded once, so that every chunk is on the same scale and the P.V matmuls of all chunks
+    accumulate into one output."""
+    rows, n = chunks * group, sc.shape[1]
+    ss = nl.ndarray((P, n), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.scalar_tensor_tensor(dst=ss[0:rows], data=sc[0:rows], op0=nl.multiply, operand0=scale, op1=nl.add,
+                              operand1=penalty[0:rows])
+    m, l = _max_and_sum()  # noqa: E741
+    p_exp, _ = _softmax_step(ss, m, l, rows, n, nl.float32, fast_exp)
+    p_blk = nl.ndarray((P, n), dtype=dtype, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=p_blk[0:rows], data=p_exp[0:rows], op0=nl.multiply,
+                       operand0=_chunk_weights(m, l, chunks, group)[0:rows])
+    return p_blk
 
 
 def _chunk_weights(m, l, chunks: int, group: int):  # noqa: ANN001, ANN202, E741
@@ -527,7 +528,7 @@ def variants() -> list[Variant]:
                            description=f"decode split-K: cache chunks side by side on the partitions, one combine, "
                                        f"{exp_name}"))
         out.append(Variant(op="attention_decode", name=f"attention_tkg_split_lnc2_{target}", targets=(target,),
-                           kernel=_tkg_launcher(attention_tkg_split_lnc_kernel[2], fast), nki=True, priority=7,
+                           kernel=_tkg_launcher(attention_tkg_split_lnc_kernel[2], fast), nki=True, priority=12,
                            supports=_split_lnc_supports, tolerance=ATTENTION_TOLERANCE,
                            description=f"decode split-K on both cores of an LNC=2 rank: half the cache each in "
                                        f"interleaved chunks, maxima/sums and outputs swapped by sendrecv, {exp_name}"))

@@ -132,6 +132,17 @@ def _hidden_partition_major(rows, t: int):  # noqa: ANN001, ANN202
     return x_t
 
 
+def _routing_to_sbuf(ids, weights):  # noqa: ANN001, ANN202
+    """The decode kernels' routing inputs in SBUF: the expert ids [T, K] int32, and the routing
+    weights broadcast to all partitions, [128, T*K] fp32 (a stride-0 DMA)."""
+    t, top_k = ids.shape
+    ids_sb = nl.ndarray((t, top_k), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=ids_sb, src=ids)
+    w_bc = nl.ndarray((P, t * top_k), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=w_bc, src=weights.reshape((1, t * top_k)).ap([[0, P], [1, t * top_k]]))
+    return ids_sb, w_bc
+
+
 def _swiglu_gemv(gu, dn, x_col, weight, acc, dtype):  # noqa: ANN001, ANN202
     """One expert on one token, weights stationary: ``acc[:, c] += weight * y[c-th 128 outputs]`` for
     ``y = down(SiLU(gate) * up)``, with gate|up and SiLU(gate)*up rounded to ``dtype``.
@@ -182,11 +193,7 @@ def expert_mlp_tkg_kernel(x, weights, ids, w_gu, w_dn):
     i2 = w_gu.shape[2]
     hf = h // P
     out = nl.ndarray((t, h), dtype=x.dtype, buffer=nl.shared_hbm)
-    ids_sb = nl.ndarray((t, top_k), dtype=nl.int32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=ids_sb, src=ids)
-    # Routing weights broadcast to all partitions: [128, T*K] fp32 (stride-0 DMA).
-    w_bc = nl.ndarray((P, t * top_k), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=w_bc, src=weights.reshape((1, t * top_k)).ap([[0, P], [1, t * top_k]]))
+    ids_sb, w_bc = _routing_to_sbuf(ids, weights)
     # x^T with hidden on partitions, partition-major (hidden p * H/128 + k at [p, k]): [128, H/128, T]
     x_t = nl.ndarray((P, hf, t), dtype=x.dtype, buffer=nl.sbuf)
     nisa.dma_copy(dst=x_t, src=x.reshape((t, P, hf)).permute((1, 2, 0)))
@@ -222,10 +229,7 @@ def expert_mlp_tkg_lnc_kernel(x, weights, ids, w_gu, w_dn):
     me, cores = nl.program_id(0), nl.num_programs(0)
     mine = [(tok, slot) for tok in range(t) for slot in range(top_k)][me::cores]
     out = nl.ndarray((t, h), dtype=x.dtype, buffer=nl.shared_hbm)
-    ids_sb = nl.ndarray((t, top_k), dtype=nl.int32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=ids_sb, src=ids)
-    w_bc = nl.ndarray((P, t * top_k), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=w_bc, src=weights.reshape((1, t * top_k)).ap([[0, P], [1, t * top_k]]))
+    ids_sb, w_bc = _routing_to_sbuf(ids, weights)
     # x^T, hidden partition-major, one run of H/128 elements per (partition, token): [128, T, H/128]
     x_t = nl.ndarray((P, t, hf), dtype=x.dtype, buffer=nl.sbuf)
     nisa.dma_copy(dst=x_t, src=x.reshape((t, P, hf)).permute((1, 0, 2)))
