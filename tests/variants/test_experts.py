@@ -15,8 +15,7 @@ from nkimoe.ops import _expert_bank, compare, expert_mlp, linear, router
 from nkimoe.plugins import load_registry
 from nkimoe.bench.trial import run_trial
 from nkimoe.ops import Problem
-from nkimoe.variants.experts import (EXPERT_TOLERANCE, down_hidden_partition_major, down_i_major, expert_blocks,
-                                     expert_slots, gate_up_h_major)
+from nkimoe.variants.experts import EXPERT_TOLERANCE, down_i_major, expert_blocks, expert_slots, gate_up_h_major
 
 H, I, E, K = 2048, 768, 128, 8
 REGISTRY = load_registry({})
@@ -180,7 +179,7 @@ def test_expert_variant_with_a_ragged_intermediate(model: Model, ragged_banks: d
 def test_lnc2_expert_decode_matches_reference_and_hf(model: Model, name: str, target: str, tokens: int) -> None:
     x, weights, ids = model.routed(tokens)
     with session(target) as s:
-        actual = REGISTRY.variants[name].kernel(x, weights, ids, model.prepared[0], down_hidden_partition_major(model.down))
+        actual = REGISTRY.variants[name].kernel(x, weights, ids, *model.prepared)
     atol, rtol = EXPERT_TOLERANCE["bfloat16"]
     ok, detail = compare(actual, expert_mlp(x, weights, ids, model.gate_up, model.down), atol, rtol)
     assert ok, detail

@@ -13,8 +13,7 @@ from nkimoe.bench.trial import run_trial
 from nkimoe.nki.emulator import EmulatorError, session
 from nkimoe.ops import Problem
 from nkimoe.plugins import load_registry
-from nkimoe.variants.linear import (LNC_CHUNK_BYTES, linear_kernel, linear_lnc_kernel, weight_column_blocks,
-                                    weight_k_major)
+from nkimoe.variants.linear import LNC_CHUNK_BYTES, linear_kernel, linear_lnc_kernel, lnc_share, weight_k_major
 
 REGISTRY = load_registry({})
 VARIANTS = [("linear_nki_trn2", "trn2"), ("linear_nki_trn3", "trn3")]
@@ -102,24 +101,28 @@ def test_lnc2_linear_matches_reference_and_is_estimated_faster(name: str, single
 
 
 @pytest.mark.parametrize("name,single,target", LNC2)
-def test_lnc2_linear_ragged_split_few_tokens_fp32(name: str, single: str, target: str) -> None:
-    # N odd: the cores get 501 and 500 columns, cut into ragged blocks; T=3 tokens; fp32.
-    problem = Problem.of("linear", "float32", T=3, K=384, N=1001)
+@pytest.mark.parametrize("n", [1000, 1001])
+def test_lnc2_linear_few_tokens_fp32(name: str, single: str, target: str, n: int) -> None:
+    # N even: the cores split the contraction rows and swap partial sums; N odd: they take 501 and
+    # 500 columns. T=3 tokens; fp32.
+    problem = Problem.of("linear", "float32", T=3, K=256, N=n)
+    assert (lnc_share(256, n, 1)[1] < 256) == (n % 2 == 0)
     trial = run_trial(REGISTRY.variants[name], problem, REGISTRY.targets[target], seed=3)
     assert trial.ok, trial.detail
 
 
 def test_lnc2_linear_weight_dmas_are_large_and_contiguous() -> None:
-    # q_proj at TP 4 on trn3: every weight DMA moves 128 partitions x 4 KiB, one run per partition.
+    # q_proj at TP 4 on trn3: each core reads half the contraction rows, partition-major, so every
+    # weight DMA moves 128 partitions x 4 KiB, one run per partition; the weight is read once.
     g = torch.Generator().manual_seed(0)
     w = torch.randn(1024, 2048, generator=g).to(torch.bfloat16)
     x = torch.randn(1, 2048, generator=g).to(torch.bfloat16)
     with session("trn3") as s:
-        y = linear_lnc_kernel[2](x, weight_column_blocks(w, 1024), block=1024)
+        y = linear_lnc_kernel[2](x, weight_k_major(w), block=1024)
     torch.testing.assert_close(torch.as_tensor(y).float(), (x.float() @ w.float().t()), rtol=2.0**-7, atol=1e-4)
     loads = [i for i in s.trace if i.name == "dma_copy" and i.bytes == 128 * LNC_CHUNK_BYTES]
     assert len(loads) == 2 * 4 and all(i.contiguous == LNC_CHUNK_BYTES for i in loads)
-    assert sum(i.hbm_read for i in s.trace) == w.numel() * 2 + 2 * x.numel() * 2  # each core reads x once
+    assert sum(i.hbm_read for i in s.trace) == (w.numel() + x.numel()) * 2
 
 
 def test_lnc2_linear_is_ineligible_without_lnc2_or_beyond_decode() -> None:

@@ -83,13 +83,6 @@ def down_i_major(w_down: torch.Tensor) -> torch.Tensor:
     return w_down.transpose(1, 2).contiguous()
 
 
-def down_hidden_partition_major(w_down: torch.Tensor) -> torch.Tensor:
-    """Load-time layout of the LNC=2 decode kernel: ``down_i_major`` with the hidden columns
-    reordered so that column c * 128 + p holds hidden p * H/128 + c."""
-    e, h, i = w_down.shape
-    return w_down.reshape(e, P, h // P, i).permute(0, 3, 2, 1).reshape(e, i, h).contiguous()
-
-
 def _intermediate_tiles(i: int) -> tuple[int, int, int]:
     """The intermediate axis in partition tiles: ``(tiles, full tiles, rows of the last tile)``;
     192 (768 over TP 4) is one full tile and one of 64 rows."""
@@ -143,13 +136,15 @@ def _routing_to_sbuf(ids, weights):  # noqa: ANN001, ANN202
     return ids_sb, w_bc
 
 
-def _swiglu_gemv(gu, dn, x_col, weight, acc, dtype):  # noqa: ANN001, ANN202
+def _swiglu_gemv(gu, dn, x_col, weight, acc, dtype, hidden_major: bool = False):  # noqa: ANN001, ANN202
     """One expert on one token, weights stationary: ``acc[:, c] += weight * y[c-th 128 outputs]`` for
     ``y = down(SiLU(gate) * up)``, with gate|up and SiLU(gate)*up rounded to ``dtype``.
 
     Args: gu [128, H/128, 2I] and dn [128, ceil(I/128), H] SBUF (``_load_expert``); x_col [128,
     H/128, 1] the token in gu's hidden order; weight [128, 1] fp32 (the routing weight on every
-    partition); acc [128, H/128, 1] fp32 SBUF, output tile c holding dn's columns c*128 .. c*128+127.
+    partition); acc [128, H/128, 1] fp32 SBUF, output tile c holding dn's columns c*128 .. c*128+127,
+    or with ``hidden_major`` hidden p * H/128 + c on partition p (the stationary reads every H/128-th
+    column), so that the output rows are runs of H/128 elements.
     Returns the tiles it allocated: a caller's loop keeps them until the next iteration's are
     allocated, so that consecutive experts use different buffers (as the compiler double-buffers
     the tiles of a loop body).
@@ -157,6 +152,9 @@ def _swiglu_gemv(gu, dn, x_col, weight, acc, dtype):  # noqa: ANN001, ANN202
     i = gu.shape[2] // 2
     hf = dn.shape[2] // P
     tiles, full, last = _intermediate_tiles(i)
+    # output tile c: dn's columns c*128 .. c*128+127, or (hidden_major) columns p*H/128 + c
+    by_tile = (dn.reshape((P, tiles, P, hf)).permute((0, 1, 3, 2)) if hidden_major
+               else dn.reshape((P, tiles, hf, P)))
     # features on partitions, one column per intermediate tile: gate tiles, then up tiles
     gu_out = nl.ndarray((P, 2 * tiles), dtype=dtype, buffer=nl.sbuf)
     for c in nl.affine_range(2 * tiles):
@@ -173,7 +171,7 @@ def _swiglu_gemv(gu, dn, x_col, weight, acc, dtype):  # noqa: ANN001, ANN202
                                data2=gu_out[0:rows, tiles + lo:tiles + hi], op=nl.multiply)
     for c in nl.affine_range(hf):
         ps = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.psum)
-        matmul_accumulate(ps, dn[:, :, c * P:(c + 1) * P], act.reshape((P, tiles, 1)), last_rows=last)
+        matmul_accumulate(ps, by_tile[:, :, c, :], act.reshape((P, tiles, 1)), last_rows=last)
         nisa.scalar_tensor_tensor(dst=acc[:, c], data=ps, op0=nl.multiply, operand0=weight, op1=nl.add,
                                   operand1=acc[:, c])
     return gu_out, act, ps
@@ -217,9 +215,9 @@ def expert_mlp_tkg_lnc_kernel(x, weights, ids, w_gu, w_dn):
     ``kernel[2]``, each core reading only its experts; the cores swap their fp32 partial sums
     (``sendrecv``), add them in the same order and each stores half of the hidden columns.
 
-    Dimensions and args: as ``expert_mlp_tkg_kernel``, except ``w_dn`` [E, I, H] with its hidden
-    columns in ``down_hidden_partition_major`` order, so that the down projection's output tile c
-    holds hidden p * H/128 + c on partition p and the output store reads H/128-element runs.
+    Dimensions and args: as ``expert_mlp_tkg_kernel`` (same weight layouts). The down projection's
+    output tile c holds hidden p * H/128 + c on partition p, so the output store reads H/128-element
+    runs.
     Returns: [T, H] HBM, x.dtype.
     """
     t, h = x.shape
@@ -240,7 +238,7 @@ def expert_mlp_tkg_lnc_kernel(x, weights, ids, w_gu, w_dn):
         gu, dn = _load_expert(w_gu, w_dn, ids_sb[tok:tok + 1, slot:slot + 1], h, i2)
         col = tok * top_k + slot
         held = _swiglu_gemv(gu, dn, x_t[:, tok:tok + 1, :].permute((0, 2, 1)), w_bc[:, col:col + 1],  # noqa: F841
-                            acc[:, tok:tok + 1, :].permute((0, 2, 1)), x.dtype)
+                            acc[:, tok:tok + 1, :].permute((0, 2, 1)), x.dtype, hidden_major=True)
     if cores > 1:
         theirs = nl.ndarray((P, t, hf), dtype=nl.float32, buffer=nl.sbuf)
         nisa.sendrecv(src=acc, dst=theirs, send_to_rank=1 - me, recv_from_rank=1 - me, pipe_id=0)
@@ -538,7 +536,7 @@ def variants() -> list[Variant]:
                 description="decode: selected experts only (dynamic DMA by id), weights stationary, fp32 sum"),
         *(Variant(op="expert_mlp", name=f"expert_mlp_tkg_lnc2_{target}", targets=(target,), kernel=_tkg_lnc,
                   nki=True, priority=22, supports=_tkg_lnc_supports, tolerance=EXPERT_TOLERANCE,
-                  prepare={"w_gate_up": gate_up_h_major, "w_down": down_hidden_partition_major},
+                  prepare=_PREPARE,
                   description="decode on both cores of an LNC=2 rank: half the selected experts each, weights "
                               "stationary, partial sums swapped by sendrecv")
           for target in ("trn2", "trn3")),
