@@ -199,7 +199,8 @@ def test_lnc2_expert_decode_at_tp4_is_estimated_faster_than_one_core(target: str
     assert lnc2.ok, lnc2.detail
     one_core = run_trial(REGISTRY.variants["expert_mlp_tkg_nki"], problem, tgt, seed=4)
     assert lnc2.estimate.programs == 2 and one_core.estimate.programs == 1
-    assert lnc2.estimate.micros < 0.6 * one_core.estimate.micros, (lnc2.estimate.describe(), one_core.estimate.describe())
+    # Two cores halve the expert bytes per core; launch and swap costs keep it above half (estimates).
+    assert lnc2.estimate.micros < 0.75 * one_core.estimate.micros, (lnc2.estimate.describe(), one_core.estimate.describe())
 
 
 def test_lnc2_expert_decode_needs_lnc2() -> None:

@@ -24,7 +24,10 @@ accurate of the two, and their difference is bounded by those roundings.
 Decode (``_tkg``): weights are the stationary operand (128 output features per matmul) and the
 token column streams, so results land with features on partitions and the down projection needs
 no transpose; HBM-bandwidth-bound by design. The same kernel is best on both targets (no Trn3-only
-instruction shortens a bandwidth-bound GEMV), so it is registered for both.
+instruction shortens a bandwidth-bound GEMV), so it is registered for both. The down projection's
+stationary reads every H/128-th weight column, so that partition p of output tile c holds hidden
+p * H/128 + c and the output is stored in runs of H/128 elements. On an LNC=2 rank the same kernel
+runs as ``kernel[2]`` (``expert_mlp_tkg_lnc2_*``): each core reads half of the selected experts.
 
 Decode, tokens stationary (``_tkg_tokens``): the launcher lists the distinct selected experts and,
 per expert, every token's routing weight (0 for tokens that did not choose it); a dynamic loop
@@ -136,15 +139,14 @@ def _routing_to_sbuf(ids, weights):  # noqa: ANN001, ANN202
     return ids_sb, w_bc
 
 
-def _swiglu_gemv(gu, dn, x_col, weight, acc, dtype, hidden_major: bool = False):  # noqa: ANN001, ANN202
+def _swiglu_gemv(gu, dn, x_col, weight, acc, dtype):  # noqa: ANN001, ANN202
     """One expert on one token, weights stationary: ``acc[:, c] += weight * y[c-th 128 outputs]`` for
     ``y = down(SiLU(gate) * up)``, with gate|up and SiLU(gate)*up rounded to ``dtype``.
 
     Args: gu [128, H/128, 2I] and dn [128, ceil(I/128), H] SBUF (``_load_expert``); x_col [128,
     H/128, 1] the token in gu's hidden order; weight [128, 1] fp32 (the routing weight on every
-    partition); acc [128, H/128, 1] fp32 SBUF, output tile c holding dn's columns c*128 .. c*128+127,
-    or with ``hidden_major`` hidden p * H/128 + c on partition p (the stationary reads every H/128-th
-    column), so that the output rows are runs of H/128 elements.
+    partition); acc [128, H/128, 1] fp32 SBUF, output tile c holding hidden p * H/128 + c on
+    partition p, so that the output rows are runs of H/128 elements.
     Returns the tiles it allocated: a caller's loop keeps them until the next iteration's are
     allocated, so that consecutive experts use different buffers (as the compiler double-buffers
     the tiles of a loop body).
@@ -152,9 +154,8 @@ def _swiglu_gemv(gu, dn, x_col, weight, acc, dtype, hidden_major: bool = False):
     i = gu.shape[2] // 2
     hf = dn.shape[2] // P
     tiles, full, last = _intermediate_tiles(i)
-    # output tile c: dn's columns c*128 .. c*128+127, or (hidden_major) columns p*H/128 + c
-    by_tile = (dn.reshape((P, tiles, P, hf)).permute((0, 1, 3, 2)) if hidden_major
-               else dn.reshape((P, tiles, hf, P)))
+    # output tile c: dn's columns p*H/128 + c (the stationary reads every H/128-th column)
+    by_tile = dn.reshape((P, tiles, P, hf)).permute((0, 1, 3, 2))
     # features on partitions, one column per intermediate tile: gate tiles, then up tiles
     gu_out = nl.ndarray((P, 2 * tiles), dtype=dtype, buffer=nl.sbuf)
     for c in nl.affine_range(2 * tiles):
@@ -179,46 +180,16 @@ def _swiglu_gemv(gu, dn, x_col, weight, acc, dtype, hidden_major: bool = False):
 
 @nki.jit
 def expert_mlp_tkg_kernel(x, weights, ids, w_gu, w_dn):
-    """Decode: every token's top-K experts, one at a time, weights stationary.
+    """Decode: every token's top-K experts, one at a time, weights stationary; on one core, or on
+    both cores of an LNC=2 rank (``kernel[2]``): the (token, slot) pairs dealt out to the programs,
+    each core reading only its experts; the cores swap their fp32 partial sums (``sendrecv``), add
+    them in the same order and each stores half of the hidden columns.
 
     Dimensions: T tokens (few), H hidden (a multiple of 128), I intermediate, E experts, K top-k.
     Args: x [T, H] HBM; weights [T, K] HBM x.dtype; ids [T, K] HBM int32; w_gu [E, H, 2I] and
     w_dn [E, I, H] HBM (load-time layout).
-    Returns: [T, H] HBM, x.dtype.
-    """
-    t, h = x.shape
-    top_k = ids.shape[1]
-    i2 = w_gu.shape[2]
-    hf = h // P
-    out = nl.ndarray((t, h), dtype=x.dtype, buffer=nl.shared_hbm)
-    ids_sb, w_bc = _routing_to_sbuf(ids, weights)
-    # x^T with hidden on partitions, partition-major (hidden p * H/128 + k at [p, k]): [128, H/128, T]
-    x_t = nl.ndarray((P, hf, t), dtype=x.dtype, buffer=nl.sbuf)
-    nisa.dma_copy(dst=x_t, src=x.reshape((t, P, hf)).permute((1, 2, 0)))
-    acc = nl.ndarray((P, hf, t), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.memset(dst=acc, value=0.0)
-    for tok in nl.affine_range(t):
-        for slot in nl.affine_range(top_k):
-            gu, dn = _load_expert(w_gu, w_dn, ids_sb[tok:tok + 1, slot:slot + 1], h, i2)
-            col = tok * top_k + slot
-            held = _swiglu_gemv(gu, dn, x_t[:, :, tok:tok + 1], w_bc[:, col:col + 1], acc[:, :, tok:tok + 1],  # noqa: F841
-                                x.dtype)
-    res = nl.ndarray((P, hf, t), dtype=x.dtype, buffer=nl.sbuf)
-    nisa.tensor_copy(dst=res, src=acc)
-    nisa.dma_copy(dst=out.reshape((t, hf, P)).permute((2, 1, 0)), src=res)
-    return out
-
-
-@nki.jit
-def expert_mlp_tkg_lnc_kernel(x, weights, ids, w_gu, w_dn):
-    """Decode on both cores of an LNC=2 rank: the (token, slot) pairs dealt out to the programs of
-    ``kernel[2]``, each core reading only its experts; the cores swap their fp32 partial sums
-    (``sendrecv``), add them in the same order and each stores half of the hidden columns.
-
-    Dimensions and args: as ``expert_mlp_tkg_kernel`` (same weight layouts). The down projection's
-    output tile c holds hidden p * H/128 + c on partition p, so the output store reads H/128-element
-    runs.
-    Returns: [T, H] HBM, x.dtype.
+    Returns: [T, H] HBM, x.dtype. The down projection's output tile c holds hidden p * H/128 + c on
+    partition p, so the output store reads H/128-element runs.
     """
     t, h = x.shape
     top_k = ids.shape[1]
@@ -238,7 +209,7 @@ def expert_mlp_tkg_lnc_kernel(x, weights, ids, w_gu, w_dn):
         gu, dn = _load_expert(w_gu, w_dn, ids_sb[tok:tok + 1, slot:slot + 1], h, i2)
         col = tok * top_k + slot
         held = _swiglu_gemv(gu, dn, x_t[:, tok:tok + 1, :].permute((0, 2, 1)), w_bc[:, col:col + 1],  # noqa: F841
-                            acc[:, tok:tok + 1, :].permute((0, 2, 1)), x.dtype, hidden_major=True)
+                            acc[:, tok:tok + 1, :].permute((0, 2, 1)), x.dtype)
     if cores > 1:
         theirs = nl.ndarray((P, t, hf), dtype=nl.float32, buffer=nl.sbuf)
         nisa.sendrecv(src=acc, dst=theirs, send_to_rank=1 - me, recv_from_rank=1 - me, pipe_id=0)
@@ -503,7 +474,7 @@ def _tkg(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w_gu: torch.
 
 def _tkg_lnc(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w_gu: torch.Tensor,
              w_dn: torch.Tensor) -> torch.Tensor:
-    return expert_mlp_tkg_lnc_kernel[2](x, weights, ids.to(torch.int32), w_gu, w_dn)
+    return expert_mlp_tkg_kernel[2](x, weights, ids.to(torch.int32), w_gu, w_dn)
 
 
 def _cte_launcher(block: int) -> Callable[..., torch.Tensor]:
