@@ -4,14 +4,16 @@ and split-K), and split-K at one TP 4 rank's heads with ragged buckets."""
 
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import pytest
 import torch
 from transformers.models.qwen3_moe import modeling_qwen3_moe as hf
 
+from nkimoe.bench.trial import run_trial
 from nkimoe.nki.emulator import session
-from nkimoe.ops import attention_decode, attention_prefill, compare
+from nkimoe.ops import Problem, attention_decode, attention_prefill, compare
 from nkimoe.plugins import load_registry
 from nkimoe.variants.attention import ATTENTION_TOLERANCE
 
@@ -95,7 +97,40 @@ def test_split_decode_states_its_range() -> None:
             assert not ok and f"up to {limit}" in reason
 
 
-@pytest.mark.parametrize("variant", ["attention_tkg_trn2", "attention_tkg_split_trn2"])
+#: LNC=2 split-K: the second core's half fully masked (length 1 and 500 of 1024), split mid-half,
+#: the contest's context, a longer bucket, and the full model's heads (4 KV heads, 4 query heads
+#: stored per core).
+@pytest.mark.parametrize("target", ["trn2", "trn3"])
+@pytest.mark.parametrize("length,bucket,hq,hkv", [(1, 1024, 8, 1), (500, 1024, 8, 1), (700, 1024, 8, 1),
+                                                  (1024, 1024, 8, 1), (3000, 4096, 8, 1), (100, 1024, HQ, HKV)])
+def test_split_lnc2_decode_matches_reference_and_hf(target: str, length: int, bucket: int, hq: int, hkv: int) -> None:
+    _decode_case("attention_tkg_split_lnc2", target, length, bucket, hq=hq, hkv=hkv)
+
+
+@pytest.mark.parametrize("target", ["trn2", "trn3"])
+def test_split_lnc2_is_estimated_faster_than_one_core_at_tp4(target: str) -> None:
+    problem = Problem.of("attention_decode", "bfloat16", L=1024, Hq=8, Hkv=1, D=D)
+    tgt = REGISTRY.targets[target]
+    lnc2 = run_trial(REGISTRY.variants[f"attention_tkg_split_lnc2_{target}"], problem, tgt, seed=2)
+    assert lnc2.ok, lnc2.detail
+    for single in (f"attention_tkg_split_{target}", f"attention_tkg_{target}"):
+        one_core = run_trial(REGISTRY.variants[single], problem, tgt, seed=2).estimate
+        assert lnc2.estimate.programs == 2 and lnc2.estimate.micros < one_core.micros, (single, one_core.describe())
+
+
+def test_split_lnc2_states_its_range() -> None:
+    supports = REGISTRY.variants["attention_tkg_split_lnc2_trn3"].supports
+    dims = {"Hq": 8, "Hkv": 1, "D": D}
+    assert supports({**dims, "L": 4096}, "bfloat16", REGISTRY.targets["trn3"])[0]
+    for length in (1000, 4128):  # not a multiple of 2 x 16 chunks; more than 128 keys per chunk
+        ok, reason = supports({**dims, "L": length}, "bfloat16", REGISTRY.targets["trn3"])
+        assert not ok and "multiple of 32" in reason
+    lnc1 = dataclasses.replace(REGISTRY.targets["trn3"], name="trn3-lnc1", lnc=1)
+    ok, reason = supports({**dims, "L": 1024}, "bfloat16", lnc1)
+    assert not ok and "LNC=1" in reason
+
+
+@pytest.mark.parametrize("variant", ["attention_tkg_trn2", "attention_tkg_split_trn2", "attention_tkg_split_lnc2_trn2"])
 def test_positions_past_length_do_not_leak(variant: str) -> None:
     g = torch.Generator().manual_seed(1)
     q = _rand((1, HQ, D), g)

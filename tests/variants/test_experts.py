@@ -3,6 +3,8 @@ emulator, against the reference and against HF transformers' Qwen3-MoE sparse Mo
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import Qwen3MoeConfig
@@ -11,6 +13,8 @@ from transformers.models.qwen3_moe import modeling_qwen3_moe as hf
 from nkimoe.nki.emulator import session
 from nkimoe.ops import _expert_bank, compare, expert_mlp, linear, router
 from nkimoe.plugins import load_registry
+from nkimoe.bench.trial import run_trial
+from nkimoe.ops import Problem
 from nkimoe.variants.experts import EXPERT_TOLERANCE, down_i_major, expert_blocks, expert_slots, gate_up_h_major
 
 H, I, E, K = 2048, 768, 128, 8
@@ -165,6 +169,45 @@ def test_expert_variant_with_a_ragged_intermediate(model: Model, ragged_banks: d
     # partition (the full-rate size) although one gate|up row of the slice is only 2I x 2 bytes.
     large = [i for i in trace if i.name == "dma_copy" and i.hbm_read >= H * 64 * 2]
     assert len(large) >= 2 * loads and min(i.contiguous for i in large) >= 2048
+
+
+# --- LNC=2 decode: the selected experts dealt out to the two physical cores ----------------------
+
+
+@pytest.mark.parametrize("name,target,tokens", [("expert_mlp_tkg_lnc2_trn2", "trn2", 1),
+                                                ("expert_mlp_tkg_lnc2_trn3", "trn3", 2)])
+def test_lnc2_expert_decode_matches_reference_and_hf(model: Model, name: str, target: str, tokens: int) -> None:
+    x, weights, ids = model.routed(tokens)
+    with session(target) as s:
+        actual = REGISTRY.variants[name].kernel(x, weights, ids, *model.prepared)
+    atol, rtol = EXPERT_TOLERANCE["bfloat16"]
+    ok, detail = compare(actual, expert_mlp(x, weights, ids, model.gate_up, model.down), atol, rtol)
+    assert ok, detail
+    with torch.no_grad():
+        ok, detail = compare(actual, model.hf_block(x[None])[0], atol, rtol)
+    assert ok, f"vs HF sparse MoE block: {detail}"
+    for program in (0, 1):  # each core reads half of the (token, slot) pairs' experts
+        assert _expert_loads([i for i in s.trace if i.program == program]) == tokens * K // 2
+
+
+@pytest.mark.parametrize("target", ["trn2", "trn3"])
+def test_lnc2_expert_decode_at_tp4_is_estimated_faster_than_one_core(target: str) -> None:
+    # One TP-4 rank's slice (I = 768 / 4 = 192: a full and a ragged partition tile), one token.
+    problem = Problem.of("expert_mlp", "bfloat16", T=1, H=H, I=I // 4, E=E, K=K)
+    tgt = REGISTRY.targets[target]
+    lnc2 = run_trial(REGISTRY.variants[f"expert_mlp_tkg_lnc2_{target}"], problem, tgt, seed=4)
+    assert lnc2.ok, lnc2.detail
+    one_core = run_trial(REGISTRY.variants["expert_mlp_tkg_nki"], problem, tgt, seed=4)
+    assert lnc2.estimate.programs == 2 and one_core.estimate.programs == 1
+    # Two cores halve the expert bytes per core; launch and swap costs keep it above half (estimates).
+    assert lnc2.estimate.micros < 0.75 * one_core.estimate.micros, (lnc2.estimate.describe(), one_core.estimate.describe())
+
+
+def test_lnc2_expert_decode_needs_lnc2() -> None:
+    lnc1 = dataclasses.replace(REGISTRY.targets["trn3"], name="trn3-lnc1", lnc=1)
+    ok, reason = REGISTRY.variants["expert_mlp_tkg_lnc2_trn3"].supports({"T": 1, "H": H, "I": I, "E": E, "K": K},
+                                                                        "bfloat16", lnc1)
+    assert not ok and "LNC=1" in reason
 
 
 def test_blocks_group_tokens_by_expert() -> None:

@@ -296,6 +296,31 @@ def split_chunks(lmax: int, group: int) -> tuple[int, int]:
     return per_chunk, -(-lmax // per_chunk)
 
 
+def _split_penalty(length, chunks: int, group: int, n: int, chunk_step: int, key_step: int, base: int = 0):  # noqa: ANN001, ANN202
+    """The split-K length mask, [128, n] fp32: row (c, h) = partition c*G + h, column j holds
+    -3e38 where its key ``base + c * chunk_step + j * key_step`` is at or beyond ``length`` (a run-time
+    [1, 1] int32 in HBM), else 0."""
+    rows = chunks * group
+    part = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.iota(dst=part[0:rows], pattern=[[0, 1]], offset=0, channel_multiplier=1)
+    head = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=head[0:rows], data=part[0:rows], op0=nl.mod, operand0=float(group))
+    start = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=start[0:rows], data1=part[0:rows], data2=head[0:rows], op=nl.subtract)
+    nisa.tensor_scalar(dst=start[0:rows], data=start[0:rows], op0=nl.multiply, operand0=float(chunk_step),
+                       op1=nl.divide, operand1=float(group))
+    valid = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=valid[0:rows], src=length.ap([[0, rows], [1, 1]]))
+    if base:
+        nisa.tensor_scalar(dst=valid[0:rows], data=valid[0:rows], op0=nl.subtract, operand0=float(base))
+    nisa.tensor_tensor(dst=valid[0:rows], data1=valid[0:rows], data2=start[0:rows], op=nl.subtract)
+    penalty = nl.ndarray((P, n), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.iota(dst=penalty[0:rows], pattern=[[key_step, n]], offset=0)
+    nisa.tensor_scalar(dst=penalty[0:rows], data=penalty[0:rows], op0=nl.greater_equal, operand0=valid[0:rows],
+                       op1=nl.multiply, operand1=NEG)
+    return penalty
+
+
 @nki.jit
 def attention_tkg_split_kernel(q, k_cache, v_cache, length, scale: float, fast_exp: bool = False):
     """One query token over a KV-cache bucket, split-K: chunks of the cache side by side on the
@@ -313,21 +338,7 @@ def attention_tkg_split_kernel(q, k_cache, v_cache, length, scale: float, fast_e
     last = lmax - (chunks - 1) * n
     out = nl.ndarray((1, hq, d), dtype=q.dtype, buffer=nl.shared_hbm)
     # Row (c, h) keeps key offsets j < length - c*n; the penalty is the same for every KV head.
-    part = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.iota(dst=part[0:rows], pattern=[[0, 1]], offset=0, channel_multiplier=1)
-    head = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_scalar(dst=head[0:rows], data=part[0:rows], op0=nl.mod, operand0=float(group))
-    start = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_tensor(dst=start[0:rows], data1=part[0:rows], data2=head[0:rows], op=nl.subtract)
-    nisa.tensor_scalar(dst=start[0:rows], data=start[0:rows], op0=nl.multiply, operand0=float(n), op1=nl.divide,
-                       operand1=float(group))
-    valid = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=valid[0:rows], src=length.ap([[0, rows], [1, 1]]))
-    nisa.tensor_tensor(dst=valid[0:rows], data1=valid[0:rows], data2=start[0:rows], op=nl.subtract)
-    penalty = nl.ndarray((P, n), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.iota(dst=penalty[0:rows], pattern=[[1, n]], offset=0)
-    nisa.tensor_scalar(dst=penalty[0:rows], data=penalty[0:rows], op0=nl.greater_equal, operand0=valid[0:rows],
-                       op1=nl.multiply, operand1=NEG)
+    penalty = _split_penalty(length, chunks, group, n, chunk_step=n, key_step=1)
     # Stationary of chunk c: the group's queries in columns c*G .. c*G+G-1, zeros elsewhere, so that
     # the C score matmuls accumulate into one [C*G, n] PSUM tile, chunk c on its own partitions.
     q_blocks = nl.ndarray((d, chunks, rows), dtype=q.dtype, buffer=nl.sbuf)
@@ -344,16 +355,7 @@ def attention_tkg_split_kernel(q, k_cache, v_cache, length, scale: float, fast_e
             width = n if c < chunks - 1 else last
             nisa.nc_matmul(dst=sc[0:rows, 0:width], stationary=q_blocks[:, c, :], moving=k_t[:, c * n:c * n + width],
                            accumulate=(c > 0))
-        ss = nl.ndarray((P, n), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.scalar_tensor_tensor(dst=ss[0:rows], data=sc[0:rows], op0=nl.multiply, operand0=scale, op1=nl.add,
-                                  operand1=penalty[0:rows])
-        m, l = _max_and_sum()  # noqa: E741
-        p_exp, _ = _softmax_step(ss, m, l, rows, n, nl.float32, fast_exp)
-        # Normalised probabilities, rounded once: every chunk on the same scale, so that the P.V
-        # matmuls of all chunks accumulate into one output.
-        p_blk = nl.ndarray((P, n), dtype=q.dtype, buffer=nl.sbuf)
-        nisa.tensor_scalar(dst=p_blk[0:rows], data=p_exp[0:rows], op0=nl.multiply,
-                           operand0=_chunk_weights(m, l, chunks, group)[0:rows])
+        p_blk = _split_probabilities(sc, penalty, scale, chunks, group, q.dtype, fast_exp)
         o_t = nl.ndarray((d, group), dtype=nl.float32, buffer=nl.psum)  # O^T: head_dim on partitions
         tiles = (n + P - 1) // P
         for kb in nl.affine_range(tiles):
@@ -374,38 +376,134 @@ def attention_tkg_split_kernel(q, k_cache, v_cache, length, scale: float, fast_e
     return out
 
 
+def lnc_chunks(lmax: int, group: int, cores: int = 2) -> tuple[int, int]:
+    """LNC=2 split-K layout: each of ``cores`` programs takes a contiguous half of the bucket and
+    interleaves it over C = 128 // group chunks (key ``m * C + c`` of the half in chunk c, column m):
+    ``(keys per chunk, chunks)``."""
+    chunks = P // group
+    return lmax // (cores * chunks), chunks
+
+
+@nki.jit
+def attention_tkg_split_lnc_kernel(q, k_cache, v_cache, length, scale: float, fast_exp: bool = False):
+    """One query token over a KV-cache bucket on both cores of an LNC=2 rank: program r takes keys
+    r*Lmax/2 .. (r+1)*Lmax/2 - 1 and runs split-K over them with the chunks interleaved (chunk c
+    holds every C-th key), so that V of a chunk column m is one contiguous run of C keys; the
+    programs swap their per-chunk maxima and sums before the combine, and their P.V partial sums
+    after it, and each stores half of the query heads.
+
+    Dimensions: as ``attention_tkg_split_kernel``, with Lmax a multiple of 2*C and n = Lmax/(2C) <= 128.
+    Args: as ``attention_tkg_kernel``. Returns: [1, Hq, D] HBM in q.dtype.
+    """
+    _, hq, d = q.shape
+    hkv, _, lmax = k_cache.shape
+    group = hq // hkv
+    me, cores = nl.program_id(0), nl.num_programs(0)
+    n, chunks = lnc_chunks(lmax, group, cores)
+    rows = chunks * group
+    half = lmax // cores
+    keys = slice(me * half, (me + 1) * half)
+    lo, hi = me * group // cores, (me + 1) * group // cores  # the query heads this program stores
+    out = nl.ndarray((1, hq, d), dtype=q.dtype, buffer=nl.shared_hbm)
+    penalty = _split_penalty(length, chunks, group, n, chunk_step=1, key_step=chunks, base=me * half)
+    q_blocks = nl.ndarray((d, chunks, rows), dtype=q.dtype, buffer=nl.sbuf)
+    nisa.memset(dst=q_blocks, value=0.0)
+    diagonal = q_blocks.ap([[chunks * rows, d], [rows + group, chunks], [1, group]], offset=0)
+    for g in nl.affine_range(hkv):
+        q_rows = nl.ndarray((P, d), dtype=q.dtype, buffer=nl.sbuf)  # contiguous rows, then TensorE
+        nisa.dma_copy(dst=q_rows[0:group], src=q[0, g * group:(g + 1) * group, :])
+        q_t = nl.ndarray((d, group), dtype=q.dtype, buffer=nl.sbuf)
+        pe_transpose(q_t, q_rows[0:group])
+        nisa.tensor_copy(dst=diagonal, src=q_t.ap([[group, d], [0, chunks], [1, group]], offset=0))
+        k_t = nl.ndarray((d, half), dtype=k_cache.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=k_t, src=k_cache[g, :, keys])
+        # v_sb[m, c, :] = V of key m*C + c of this half: C keys contiguous per partition.
+        v_sb = nl.ndarray((P, chunks, d), dtype=v_cache.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=v_sb[0:n], src=v_cache[g, keys, :].reshape((n, chunks, d)))
+        sc = nl.ndarray((P, n), dtype=nl.float32, buffer=nl.psum)
+        by_chunk = k_t.reshape((d, n, chunks))
+        for c in nl.affine_range(chunks):
+            nisa.nc_matmul(dst=sc[0:rows, 0:n], stationary=q_blocks[:, c, :], moving=by_chunk[:, :, c],
+                           accumulate=(c > 0))
+        p_blk = _split_probabilities(sc, penalty, scale, chunks, group, q.dtype, fast_exp)
+        p_t = nl.ndarray((P, P), dtype=q.dtype, buffer=nl.sbuf)
+        pe_transpose(p_t[0:n, 0:rows], p_blk[0:rows, 0:n])
+        o = nl.ndarray((P, d), dtype=nl.float32, buffer=nl.psum)  # heads on partitions
+        for c in nl.affine_range(chunks):
+            nisa.nc_matmul(dst=o[0:group], stationary=p_t[0:n, c * group:(c + 1) * group], moving=v_sb[0:n, c, :],
+                           accumulate=(c > 0))
+        mine = nl.ndarray((P, d), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=mine[0:group], src=o[0:group])
+        if cores > 1:
+            theirs = nl.ndarray((P, d), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.sendrecv(src=mine[0:group], dst=theirs[0:group], send_to_rank=1 - me, recv_from_rank=1 - me,
+                          pipe_id=1)
+            nisa.tensor_tensor(dst=mine[0:group], data1=mine[0:group], data2=theirs[0:group], op=nl.add)
+        res = nl.ndarray((P, d), dtype=q.dtype, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=res[lo:hi], src=mine[lo:hi])
+        nisa.dma_copy(dst=out[0, g * group + lo:g * group + hi, :], src=res[lo:hi])
+    return out
+
+
+def _split_probabilities(sc, penalty, scale: float, chunks: int, group: int, dtype, fast_exp: bool):  # noqa: ANN001, ANN202
+    """Split-K scores [C*G, n] (PSUM, fp32) to probabilities in ``dtype``: scaled, masked by
+    ``penalty``, a softmax per chunk row, then normalised by the combine's weight per (chunk, head)
+    and rounded once, so that every chunk is on the same scale and the P.V matmuls of all chunks
+    accumulate into one output."""
+    rows, n = chunks * group, sc.shape[1]
+    ss = nl.ndarray((P, n), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.scalar_tensor_tensor(dst=ss[0:rows], data=sc[0:rows], op0=nl.multiply, operand0=scale, op1=nl.add,
+                              operand1=penalty[0:rows])
+    m, l = _max_and_sum()  # noqa: E741
+    p_exp, _ = _softmax_step(ss, m, l, rows, n, nl.float32, fast_exp)
+    p_blk = nl.ndarray((P, n), dtype=dtype, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=p_blk[0:rows], data=p_exp[0:rows], op0=nl.multiply,
+                       operand0=_chunk_weights(m, l, chunks, group)[0:rows])
+    return p_blk
+
+
 def _chunk_weights(m, l, chunks: int, group: int):  # noqa: ANN001, ANN202, E741
     """The combine step of split-K: per row (c, h), ``w = exp(m_c - M_h) / sum_c' exp(m_c' - M_h) l_c'``
     with ``M_h`` the head's maximum over the chunks, returned as a [128, 1] fp32 column. The
-    per-chunk maxima and sums are transposed to one row and combined along the free axis."""
+    per-chunk maxima and sums are transposed to one row and combined along the free axis. Under
+    LNC=2 the programs swap their rows first (``sendrecv``) and both combine the chunks of both, in
+    program order, so that they agree bit for bit and each keeps the weights of its own rows."""
     rows = chunks * group
-    m_row = nl.ndarray((1, rows), dtype=nl.float32, buffer=nl.sbuf)
-    pe_transpose(m_row, m[0:rows])
-    l_row = nl.ndarray((1, rows), dtype=nl.float32, buffer=nl.sbuf)
-    pe_transpose(l_row, l[0:rows])
+    me, cores = nl.program_id(0), nl.num_programs(0)
+    everyone = cores * chunks
+    stats = nl.ndarray((1, 2, cores * rows), dtype=nl.float32, buffer=nl.sbuf)  # maxima | sums, program order
+    pe_transpose(stats[:, 0, me * rows:(me + 1) * rows], m[0:rows])
+    pe_transpose(stats[:, 1, me * rows:(me + 1) * rows], l[0:rows])
+    if cores > 1:
+        peer = 1 - me
+        theirs = nl.ndarray((1, 2, rows), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.sendrecv(src=stats[:, :, me * rows:(me + 1) * rows], dst=theirs, send_to_rank=peer,
+                      recv_from_rank=peer, pipe_id=0)
+        nisa.tensor_copy(dst=stats[:, :, peer * rows:(peer + 1) * rows], src=theirs)
+    m_row, l_row = stats[:, 0], stats[:, 1]
 
     def per_chunk(t):  # noqa: ANN001, ANN202
-        return t.reshape((1, chunks, group))
+        return t.reshape((1, everyone, group))
 
     def over_chunks(t):  # noqa: ANN001, ANN202
-        return t.ap([[group, 1], [0, chunks], [1, group]], offset=0)
+        return t.ap([[group, 1], [0, everyone], [1, group]], offset=0)
 
     def reduce_chunks(dst, t, op) -> None:  # noqa: ANN001
         nisa.tensor_reduce(dst=dst, op=op, data=per_chunk(t).permute((0, 2, 1)), axis=2)
 
     m_head = nl.ndarray((1, group), dtype=nl.float32, buffer=nl.sbuf)
     reduce_chunks(m_head, m_row, nl.maximum)
-    w_row = nl.ndarray((1, rows), dtype=nl.float32, buffer=nl.sbuf)
+    w_row = nl.ndarray((1, cores * rows), dtype=nl.float32, buffer=nl.sbuf)
     nisa.tensor_tensor(dst=per_chunk(w_row), data1=per_chunk(m_row), data2=over_chunks(m_head), op=nl.subtract)
     nisa.activation(dst=w_row, op=nl.exp, data=w_row)
-    scaled_sums = nl.ndarray((1, rows), dtype=nl.float32, buffer=nl.sbuf)
+    scaled_sums = nl.ndarray((1, cores * rows), dtype=nl.float32, buffer=nl.sbuf)
     nisa.tensor_tensor(dst=scaled_sums, data1=w_row, data2=l_row, op=nl.multiply)
     inv = nl.ndarray((1, group), dtype=nl.float32, buffer=nl.sbuf)
     reduce_chunks(inv, scaled_sums, nl.add)
     nisa.reciprocal(dst=inv, data=inv)
     nisa.tensor_tensor(dst=per_chunk(w_row), data1=per_chunk(w_row), data2=over_chunks(inv), op=nl.multiply)
     w_col = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
-    pe_transpose(w_col[0:rows], w_row)
+    pe_transpose(w_col[0:rows], w_row[:, me * rows:(me + 1) * rows])
     return w_col
 
 
@@ -451,6 +549,20 @@ def _split_supports(dims: Mapping[str, int], dtype: str, target: Target) -> tupl
     return True, f"L <= {(P // group) * most}; {chunks} chunks of {per_chunk} keys, combined once"
 
 
+def _split_lnc_supports(dims: Mapping[str, int], dtype: str, target: Target) -> tuple[bool, str]:
+    if target.lnc != 2:
+        return False, f"{target.name} runs LNC={target.lnc}: this kernel splits the cache over the 2 physical cores of an LNC=2 rank"
+    problem = _head_checks(dims)
+    if problem:
+        return False, problem
+    group = dims["Hq"] // dims["Hkv"]
+    n, chunks = lnc_chunks(dims["L"], group)
+    if dims["L"] % (2 * chunks) or not 0 < n <= P:
+        return False, (f"L={dims['L']} must be a multiple of {2 * chunks} (2 cores x {chunks} chunks of {group} heads) "
+                       f"and at most {2 * chunks * P}")
+    return True, f"LNC=2: {dims['L'] // 2} keys per core in {chunks} interleaved chunks of {n}, one combine"
+
+
 def _cte_launcher(fast_exp: bool) -> Callable[..., torch.Tensor]:
     def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         return attention_cte_kernel(q, k, v, scale=scale, fast_exp=fast_exp)
@@ -484,6 +596,11 @@ def variants() -> list[Variant]:
                            supports=_split_supports, tolerance=ATTENTION_TOLERANCE,
                            description=f"decode split-K: cache chunks side by side on the partitions, one combine, "
                                        f"{exp_name}"))
+        out.append(Variant(op="attention_decode", name=f"attention_tkg_split_lnc2_{target}", targets=(target,),
+                           kernel=_tkg_launcher(attention_tkg_split_lnc_kernel[2], fast), nki=True, priority=12,
+                           supports=_split_lnc_supports, tolerance=ATTENTION_TOLERANCE,
+                           description=f"decode split-K on both cores of an LNC=2 rank: half the cache each in "
+                                       f"interleaved chunks, maxima/sums and outputs swapped by sendrecv, {exp_name}"))
     return out
 
 

@@ -24,7 +24,10 @@ accurate of the two, and their difference is bounded by those roundings.
 Decode (``_tkg``): weights are the stationary operand (128 output features per matmul) and the
 token column streams, so results land with features on partitions and the down projection needs
 no transpose; HBM-bandwidth-bound by design. The same kernel is best on both targets (no Trn3-only
-instruction shortens a bandwidth-bound GEMV), so it is registered for both.
+instruction shortens a bandwidth-bound GEMV), so it is registered for both. The down projection's
+stationary reads every H/128-th weight column, so that partition p of output tile c holds hidden
+p * H/128 + c and the output is stored in runs of H/128 elements. On an LNC=2 rank the same kernel
+runs as ``kernel[2]`` (``expert_mlp_tkg_lnc2_*``): each core reads half of the selected experts.
 
 Decode, tokens stationary (``_tkg_tokens``): the launcher lists the distinct selected experts and,
 per expert, every token's routing weight (0 for tokens that did not choose it); a dynamic loop
@@ -90,7 +93,7 @@ def _intermediate_tiles(i: int) -> tuple[int, int, int]:
     return tiles, i // P, i - (tiles - 1) * P
 
 
-def _load_expert(w_gu, w_dn, expert, h: int, i2: int):  # noqa: ANN001, ANN202
+def load_expert(w_gu, w_dn, expert, h: int, i2: int):  # noqa: ANN001, ANN202
     """DMA one expert's gate|up [128, H/128, 2I] and down [128, ceil(I/128), H] blocks into SBUF
     (a ragged last down tile fills its first I % 128 partitions only); ``expert`` is a [1, 1] SBUF
     tensor or register holding the expert id (dynamic offset).
@@ -125,78 +128,97 @@ def _hidden_partition_major(rows, t: int):  # noqa: ANN001, ANN202
     return x_t
 
 
-@nki.jit
-def expert_mlp_tkg_kernel(x, weights, ids, w_gu, w_dn):
-    """Decode: every token's top-K experts, one at a time, weights stationary.
-
-    Dimensions: T tokens (few), H hidden (a multiple of 128), I intermediate, E experts, K top-k.
-    Args: x [T, H] HBM; weights [T, K] HBM x.dtype; ids [T, K] HBM int32; w_gu [E, H, 2I] and
-    w_dn [E, I, H] HBM (load-time layout).
-    Returns: [T, H] HBM, x.dtype.
-    """
-    t, h = x.shape
-    top_k = ids.shape[1]
-    hf = h // P
-    out = nl.ndarray((t, h), dtype=x.dtype, buffer=nl.shared_hbm)
+def _routing_to_sbuf(ids, weights):  # noqa: ANN001, ANN202
+    """The decode kernels' routing inputs in SBUF: the expert ids [T, K] int32, and the routing
+    weights broadcast to all partitions, [128, T*K] fp32 (a stride-0 DMA)."""
+    t, top_k = ids.shape
     ids_sb = nl.ndarray((t, top_k), dtype=nl.int32, buffer=nl.sbuf)
     nisa.dma_copy(dst=ids_sb, src=ids)
-    # Routing weights broadcast to all partitions: [128, T*K] fp32 (stride-0 DMA).
     w_bc = nl.ndarray((P, t * top_k), dtype=nl.float32, buffer=nl.sbuf)
     nisa.dma_copy(dst=w_bc, src=weights.reshape((1, t * top_k)).ap([[0, P], [1, t * top_k]]))
-    # x^T with hidden on partitions, partition-major (hidden p * H/128 + k at [p, k]): [128, H/128, T]
-    x_t = nl.ndarray((P, hf, t), dtype=x.dtype, buffer=nl.sbuf)
-    nisa.dma_copy(dst=x_t, src=x.reshape((t, P, hf)).permute((1, 2, 0)))
-    acc = nl.ndarray((P, hf, t), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.memset(dst=acc, value=0.0)
-    for tok in nl.affine_range(t):
-        for slot in nl.affine_range(top_k):
-            col = tok * top_k + slot
-            expert_pass(acc[:, :, tok:tok + 1], x_t[:, :, tok:tok + 1], ids_sb[tok:tok + 1, slot:slot + 1],
-                        w_bc[:, col:col + 1], w_gu, w_dn)
-    store_feature_major(out, acc)
-    return out
+    return ids_sb, w_bc
 
 
-def expert_pass(acc, x_col, expert, weight, w_gu, w_dn) -> None:  # noqa: ANN001
-    """One token through one expert, weights stationary: ``acc += weight * SwiGLU expert(x)``.
+def swiglu_gemv(gu, dn, x_col, weight, acc, dtype):  # noqa: ANN001, ANN202
+    """One expert on one token, weights stationary: ``acc[:, c] += weight * y[c-th 128 outputs]`` for
+    ``y = down(SiLU(gate) * up)``, with gate|up and SiLU(gate)*up rounded to ``dtype``.
 
-    Args: acc [128, H/128, 1] fp32 SBUF (output feature c * 128 + p at [p, c]); x_col [128, H/128, 1]
-    SBUF, the token in the weights' partition-major hidden order; expert: the expert id ([1, 1]
-    SBUF int32, dynamic DMA offset); weight [128, 1] fp32 SBUF, the routing weight on every
-    partition; w_gu [E, H, 2I], w_dn [E, I, H] HBM (load-time layout).
+    Args: gu [128, H/128, 2I] and dn [128, ceil(I/128), H] SBUF (``load_expert``); x_col [128,
+    H/128, 1] the token in gu's hidden order; weight [128, 1] fp32 (the routing weight on every
+    partition); acc [128, H/128, 1] fp32 SBUF, output tile c holding hidden p * H/128 + c on
+    partition p, so that the output rows are runs of H/128 elements.
+    Returns the tiles it allocated: a caller's loop keeps them until the next iteration's are
+    allocated, so that consecutive experts use different buffers (as the compiler double-buffers
+    the tiles of a loop body).
     """
-    h, i2 = w_gu.shape[1], w_gu.shape[2]
-    i = i2 // 2
+    i = gu.shape[2] // 2
+    hf = dn.shape[2] // P
     tiles, full, last = _intermediate_tiles(i)
-    gu, dn = _load_expert(w_gu, w_dn, expert, h, i2)
+    # output tile c: dn's columns p*H/128 + c (the stationary reads every H/128-th column)
+    by_tile = dn.reshape((P, tiles, P, hf)).permute((0, 1, 3, 2))
     # features on partitions, one column per intermediate tile: gate tiles, then up tiles
-    gu_out = nl.ndarray((P, 2 * tiles), dtype=x_col.dtype, buffer=nl.sbuf)
+    gu_out = nl.ndarray((P, 2 * tiles), dtype=dtype, buffer=nl.sbuf)
     for c in nl.affine_range(2 * tiles):
         rows = min(P, i - c % tiles * P)
         first = c // tiles * i + c % tiles * P
         ps = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.psum)
         matmul_accumulate(ps[0:rows], gu[:, :, first:first + rows], x_col)
         nisa.tensor_copy(dst=gu_out[0:rows, c:c + 1], src=ps[0:rows])
-    act = nl.ndarray((P, tiles), dtype=x_col.dtype, buffer=nl.sbuf)
+    act = nl.ndarray((P, tiles), dtype=dtype, buffer=nl.sbuf)
     for lo, hi, rows in ((0, full, P), (full, tiles, last)):
         if hi > lo:
             nisa.activation(dst=act[0:rows, lo:hi], op=nl.silu, data=gu_out[0:rows, lo:hi])
             nisa.tensor_tensor(dst=act[0:rows, lo:hi], data1=act[0:rows, lo:hi],
                                data2=gu_out[0:rows, tiles + lo:tiles + hi], op=nl.multiply)
-    for c in nl.affine_range(h // P):
+    for c in nl.affine_range(hf):
         ps = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.psum)
-        matmul_accumulate(ps, dn[:, :, c * P:(c + 1) * P], act.reshape((P, tiles, 1)), last_rows=last)
-        nisa.scalar_tensor_tensor(dst=acc[:, c, :], data=ps, op0=nl.multiply, operand0=weight, op1=nl.add,
-                                  operand1=acc[:, c, :])
+        matmul_accumulate(ps, by_tile[:, :, c, :], act.reshape((P, tiles, 1)), last_rows=last)
+        nisa.scalar_tensor_tensor(dst=acc[:, c], data=ps, op0=nl.multiply, operand0=weight, op1=nl.add,
+                                  operand1=acc[:, c])
+    return gu_out, act, ps
 
 
-def store_feature_major(out, acc) -> None:  # noqa: ANN001
-    """Round the fp32 SBUF accumulator ``acc [128, H/128, T]`` (feature c * 128 + p at [p, c]) to
-    out.dtype and store it to HBM ``out [T, H]``."""
-    t, h = out.shape
-    res = nl.ndarray((P, h // P, t), dtype=out.dtype, buffer=nl.sbuf)
-    nisa.tensor_copy(dst=res, src=acc)
-    nisa.dma_copy(dst=out.reshape((t, h // P, P)).permute((2, 1, 0)), src=res)
+@nki.jit
+def expert_mlp_tkg_kernel(x, weights, ids, w_gu, w_dn):
+    """Decode: every token's top-K experts, one at a time, weights stationary; on one core, or on
+    both cores of an LNC=2 rank (``kernel[2]``): the (token, slot) pairs dealt out to the programs,
+    each core reading only its experts; the cores swap their fp32 partial sums (``sendrecv``), add
+    them in the same order and each stores half of the hidden columns.
+
+    Dimensions: T tokens (few), H hidden (a multiple of 128), I intermediate, E experts, K top-k.
+    Args: x [T, H] HBM; weights [T, K] HBM x.dtype; ids [T, K] HBM int32; w_gu [E, H, 2I] and
+    w_dn [E, I, H] HBM (load-time layout).
+    Returns: [T, H] HBM, x.dtype. The down projection's output tile c holds hidden p * H/128 + c on
+    partition p, so the output store reads H/128-element runs.
+    """
+    t, h = x.shape
+    top_k = ids.shape[1]
+    i2 = w_gu.shape[2]
+    hf = h // P
+    me, cores = nl.program_id(0), nl.num_programs(0)
+    mine = [(tok, slot) for tok in range(t) for slot in range(top_k)][me::cores]
+    out = nl.ndarray((t, h), dtype=x.dtype, buffer=nl.shared_hbm)
+    ids_sb, w_bc = _routing_to_sbuf(ids, weights)
+    # x^T, hidden partition-major, one run of H/128 elements per (partition, token): [128, T, H/128]
+    x_t = nl.ndarray((P, t, hf), dtype=x.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=x_t, src=x.reshape((t, P, hf)).permute((1, 0, 2)))
+    acc = nl.ndarray((P, t, hf), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=acc, value=0.0)
+    for n in nl.static_range(len(mine)):
+        tok, slot = mine[n]
+        gu, dn = load_expert(w_gu, w_dn, ids_sb[tok:tok + 1, slot:slot + 1], h, i2)
+        col = tok * top_k + slot
+        held = swiglu_gemv(gu, dn, x_t[:, tok:tok + 1, :].permute((0, 2, 1)), w_bc[:, col:col + 1],  # noqa: F841
+                            acc[:, tok:tok + 1, :].permute((0, 2, 1)), x.dtype)
+    if cores > 1:
+        theirs = nl.ndarray((P, t, hf), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.sendrecv(src=acc, dst=theirs, send_to_rank=1 - me, recv_from_rank=1 - me, pipe_id=0)
+        nisa.tensor_tensor(dst=acc, data1=acc, data2=theirs, op=nl.add)  # fp32 a + b == b + a
+    lo, hi = me * hf // cores, (me + 1) * hf // cores
+    res = nl.ndarray((P, t, hf), dtype=x.dtype, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=res[:, :, lo:hi], src=acc[:, :, lo:hi])
+    nisa.dma_copy(dst=out.reshape((t, P, hf)).permute((1, 0, 2))[:, :, lo:hi], src=res[:, :, lo:hi])
+    return out
 
 
 @nki.jit
@@ -229,7 +251,7 @@ def expert_mlp_cte_kernel(x, n_blocks, block_expert, block_tokens, block_weights
     for b in nl.dynamic_range(n_reg):
         expert = nl.ndarray((1, 1), dtype=nl.int32, buffer=nl.sbuf)
         nisa.dma_copy(dst=expert, src=block_expert.ap([[1, 1], [1, 1]], offset=0, scalar_offset=b, indirect_dim=0))
-        gu, dn = _load_expert(w_gu, w_dn, expert, h, i2)
+        gu, dn = load_expert(w_gu, w_dn, expert, h, i2)
         tok = nl.ndarray((P, 1), dtype=nl.int32, buffer=nl.sbuf)
         nisa.dma_copy(dst=tok, src=block_tokens.ap([[1, P], [1, 1]], offset=0, scalar_offset=b, indirect_dim=0))
         wt = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
@@ -306,7 +328,7 @@ def expert_mlp_tokens_kernel(x, n_used, slot_expert, slot_weights, w_gu, w_dn, b
         nisa.dma_copy(dst=expert, src=slot_expert.ap([[1, 1], [1, 1]], offset=0, scalar_offset=s, indirect_dim=0))
         wt = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
         nisa.dma_copy(dst=wt[0:t], src=slot_weights.ap([[1, t], [1, 1]], offset=0, scalar_offset=s, indirect_dim=0))
-        gu, dn = _load_expert(w_gu, w_dn, expert, h, i2)
+        gu, dn = load_expert(w_gu, w_dn, expert, h, i2)
         gu_out = nl.ndarray((P, i2), dtype=x.dtype, buffer=nl.sbuf)
         for c in nl.affine_range((i2 + block - 1) // block):
             cols = min(block, i2 - c * block)
@@ -414,6 +436,13 @@ def _tkg_supports(dims: Mapping[str, int], dtype: str, target: Target) -> tuple[
     return True, f"T <= {TKG_MAX_TOKENS}; expert blocks {need} B per partition"
 
 
+def _tkg_lnc_supports(dims: Mapping[str, int], dtype: str, target: Target) -> tuple[bool, str]:
+    if target.lnc != 2:
+        return False, f"{target.name} runs LNC={target.lnc}: this kernel deals the experts out to the 2 physical cores of an LNC=2 rank"
+    ok, reason = _tkg_supports(dims, dtype, target)
+    return (ok, f"LNC=2, half the (token, slot) pairs per core; {reason}" if ok else reason)
+
+
 def _tokens_supports(dims: Mapping[str, int], dtype: str, target: Target) -> tuple[bool, str]:
     problem = _dims_ok(dims)
     if problem:
@@ -441,6 +470,11 @@ def _cte_supports(dims: Mapping[str, int], dtype: str, target: Target) -> tuple[
 
 def _tkg(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w_gu: torch.Tensor, w_dn: torch.Tensor) -> torch.Tensor:
     return expert_mlp_tkg_kernel(x, weights, ids.to(torch.int32), w_gu, w_dn)
+
+
+def _tkg_lnc(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w_gu: torch.Tensor,
+             w_dn: torch.Tensor) -> torch.Tensor:
+    return expert_mlp_tkg_kernel[2](x, weights, ids.to(torch.int32), w_gu, w_dn)
 
 
 def _cte_launcher(block: int) -> Callable[..., torch.Tensor]:
@@ -471,6 +505,12 @@ def variants() -> list[Variant]:
         Variant(op="expert_mlp", name="expert_mlp_tkg_nki", targets=("trn2", "trn3"), kernel=_tkg, nki=True,
                 priority=20, supports=_tkg_supports, tolerance=EXPERT_TOLERANCE, prepare=_PREPARE,
                 description="decode: selected experts only (dynamic DMA by id), weights stationary, fp32 sum"),
+        *(Variant(op="expert_mlp", name=f"expert_mlp_tkg_lnc2_{target}", targets=(target,), kernel=_tkg_lnc,
+                  nki=True, priority=22, supports=_tkg_lnc_supports, tolerance=EXPERT_TOLERANCE,
+                  prepare=_PREPARE,
+                  description="decode on both cores of an LNC=2 rank: half the selected experts each, weights "
+                              "stationary, partial sums swapped by sendrecv")
+          for target in ("trn2", "trn3")),
         Variant(op="expert_mlp", name="expert_mlp_tkg_tokens_trn2", targets=("trn2",),
                 kernel=_tokens_launcher(512), nki=True, priority=15, supports=_tokens_supports, tolerance=EXPERT_TOLERANCE, prepare=_PREPARE,
                 description="decode: tokens stationary, each selected expert read once for all tokens, "

@@ -15,9 +15,10 @@ The router gate ``w_gate`` is prepared K-major ``[H, E]`` (``linear.weight_k_maj
 stream, so the logits land as one row, the router's layout (tokens on partitions). The routing
 weights are broadcast to all partitions by a ones-matmul (exact: products with 1.0, fp32 PSUM).
 
-The building blocks are the chain's: ``norms.add_spread`` and ``spread_rmsnorm``, ``routing.route_rows`` and
-``experts.expert_pass``; only the gate matmul's summation order differs from ``linear_kernel``'s
-(hidden partition-major instead of tile-major). Rounding points are the chain's: the sum, the
+The building blocks are the chain's: ``norms.add_spread`` and ``spread_rmsnorm``,
+``routing.route_rows``, ``experts.load_expert`` and ``experts.swiglu_gemv``; only the gate
+matmul's summation order differs from ``linear_kernel``'s (hidden partition-major instead of
+tile-major). Rounding points are the chain's: the sum, the
 normalised value and its weight product, the logits and the routing weights are rounded to the
 input dtype where the chain's kernels store them.
 
@@ -36,8 +37,8 @@ from nkimoe.hookspecs import hookimpl
 from nkimoe.nki import nisa, nki, nl
 from nkimoe.registry import Variant
 from nkimoe.targets import Target
-from nkimoe.variants.experts import EXPERT_TOLERANCE, _expert_sbuf_bytes, down_i_major, expert_pass, gate_up_h_major, \
-    store_feature_major
+from nkimoe.variants.experts import EXPERT_TOLERANCE, _expert_sbuf_bytes, load_expert, swiglu_gemv, down_i_major, \
+    gate_up_h_major
 from nkimoe.variants.linear import weight_k_major
 from nkimoe.variants.norms import add_spread, spread_rmsnorm, store_spread
 from nkimoe.variants.routing import route_rows
@@ -93,11 +94,15 @@ def moe_block_tkg_kernel(x, residual, norm_weight, w_gate_t, w_gu, w_dn, top_k: 
     nisa.nc_matmul(dst=w_ps, stationary=ones, moving=weights[0:t])
     w_bc = nl.ndarray((P, top_k), dtype=nl.float32, buffer=nl.sbuf)
     nisa.tensor_copy(dst=w_bc, src=w_ps)
+    # the experts' output in the normalised token's (partition-major) hidden order: [128, H/128, 1]
     acc = nl.ndarray((P, hf, t), dtype=nl.float32, buffer=nl.sbuf)
     nisa.memset(dst=acc, value=0.0)
-    for slot in nl.affine_range(top_k):
-        expert_pass(acc, normed, ids[0:1, slot:slot + 1], w_bc[:, slot:slot + 1], w_gu, w_dn)
-    store_feature_major(out, acc)
+    for slot in nl.static_range(top_k):
+        gu, dn = load_expert(w_gu, w_dn, ids[0:1, slot:slot + 1], h, w_gu.shape[2])
+        held = swiglu_gemv(gu, dn, normed, w_bc[:, slot:slot + 1], acc, x.dtype)  # noqa: F841
+    res = nl.ndarray((P, hf, t), dtype=x.dtype, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=res, src=acc)
+    nisa.dma_copy(dst=out.reshape((t, P, hf)).permute((1, 2, 0)), src=res)
     return summed, out
 
 
