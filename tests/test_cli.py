@@ -65,14 +65,16 @@ def test_explain_shows_a_composites_fused_candidates_and_its_chain(tmp_path: Pat
     assert out.returncode == 0, out.stderr
     (block,) = json.loads(out.stdout)
     rows = {r["variant"]: r for r in block["candidates"]}
-    assert set(rows) == {"moe_block_tkg_trn2", "moe_block_tkg_trn3", "chain"}
-    assert rows["moe_block_tkg_trn3"]["binds"] and not rows["chain"]["binds"]
+    assert set(rows) == {"moe_block_tkg_trn2", "moe_block_tkg_trn3", "moe_block_tkg_trn2_lnc2",
+                         "moe_block_tkg_trn3_lnc2", "chain"}
+    assert rows["moe_block_tkg_trn3_lnc2"]["binds"] and not rows["chain"]["binds"]
     assert [p["site"] for p in rows["chain"]["parts"]] == ["add_norm", "router_gate", "router", "experts"]
     assert "boundaries at 0.0 us" in rows["chain"]["reason"]
-    assert block["binds"] == "moe_block_tkg_trn3" and block["decided_by"] == "priority"
+    assert block["binds"] == "moe_block_tkg_trn3_lnc2" and block["decided_by"] == "priority"
     prefill = json.loads(run("registry", "explain", "moe_block", "--target", "trn3", "--tokens", "128",
                              "--no-estimate", "--format", "json").stdout)[0]
     assert prefill["binds"].startswith("chain(") and "T=128: a decode kernel" in prefill["why"]
     listed = json.loads(run("registry", "list", "--op", "moe_block", "--format", "json").stdout)
-    assert {r["name"] for r in listed} == {"moe_block_tkg_trn2", "moe_block_tkg_trn3", "ref_moe_block"}
+    assert {r["name"] for r in listed} == {"moe_block_tkg_trn2", "moe_block_tkg_trn3", "moe_block_tkg_trn2_lnc2",
+                                           "moe_block_tkg_trn3_lnc2", "ref_moe_block"}
     assert all(r["replaces"] == ["add_rmsnorm", "linear", "router", "expert_mlp"] for r in listed)

@@ -98,7 +98,7 @@ def test_composite_problems_name_their_parts_and_count_their_macs() -> None:
 
 def test_fused_variant_binds_by_priority_without_cache_and_chain_when_ineligible() -> None:
     bound = REGISTRY.bind("trn3", {"decode.moe_block": MOE}).ops["decode.moe_block"]
-    assert bound.variant.name == "moe_block_tkg_trn3" and bound.decided_by == "priority" and not bound.is_chain
+    assert bound.variant.name == "moe_block_tkg_trn3_lnc2" and bound.decided_by == "priority" and not bound.is_chain
     prefill = Problem.of("moe_block", T=128, H=2048, E=128, K=8, I=192)
     binding = REGISTRY.bind("trn3", {"prefill.moe_block": prefill})
     chain = binding.ops["prefill.moe_block"]
@@ -115,7 +115,8 @@ def test_fused_variant_binds_by_priority_without_cache_and_chain_when_ineligible
 def test_the_cache_decides_between_the_fused_variant_and_the_chain() -> None:
     hashes = _hashes(REGISTRY)
     sites = {"decode.moe_block": MOE}
-    parts = {"add_rmsnorm_tkg_nki": 6.0, "linear_nki_trn3": 19.0, "router_nki_trn3": 4.0, "expert_mlp_tkg_nki": 75.0}
+    chain, _, _ = REGISTRY.bind_chain("decode.moe_block", REGISTRY.targets["trn3"], MOE, "fastest", None)
+    parts = dict(zip((p.variant.name for p in chain), (6.0, 19.0, 4.0, 75.0)))
     slower = Costs({"moe_block": "moe_block_tkg_trn3"}, {**parts, "moe_block_tkg_trn3": 110.0}, hashes)
     bound = REGISTRY.bind("trn3", sites, cache=slower).ops["decode.moe_block"]
     assert bound.is_chain and bound.decided_by == "cache"
@@ -150,7 +151,7 @@ def test_bitexact_policy_takes_only_a_bitexact_fused_variant(registry_with: Call
         assert bound.variant.name == "test_moe_block_trn2" and bound.variant.plugin == "fused"
     # A plugin's fused variant, like any plugin variant, needs a passing verification in the cache.
     unverified = registry.bind("trn2", sites).ops["decode.moe_block"]
-    assert unverified.variant.name == "moe_block_tkg_trn2"
+    assert unverified.variant.name == "moe_block_tkg_trn2_lnc2"
 
 
 def test_chain_callable_composes_the_bound_parts_with_their_layouts() -> None:
@@ -179,5 +180,5 @@ def test_a_fused_composite_replaces_its_parts_in_estimates_and_coverage() -> Non
     total = sum(r.macs for r in fused_cov.decode)
     assert total == sum(r.macs for r in chain_cov.decode)  # the same MACs, counted once either way
     row = next(r for r in fused_cov.decode if r.site == "decode.moe_block")
-    assert row.nki and row.variant == "moe_block_tkg_trn3" and row.macs == 48 * sites["decode.moe_block"].macs
+    assert row.nki and row.variant == "moe_block_tkg_trn3_lnc2" and row.macs == 48 * sites["decode.moe_block"].macs
     assert fused_cov.fraction == 1.0 and chain_cov.fraction == 0.0

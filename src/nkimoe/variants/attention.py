@@ -580,6 +580,16 @@ def _tkg_launcher(kernel: Callable[..., Any], fast_exp: bool) -> Callable[..., t
     return attention_decode
 
 
+def _tkg_lnc_launcher(fast_exp: bool) -> Callable[..., torch.Tensor]:
+    def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: int | torch.Tensor,
+                         scale: float, lnc: int = 2) -> torch.Tensor:
+        """Launched on the rank's ``lnc`` (the kernel splits the cache over the programs of any grid)."""
+        valid = torch.as_tensor(length, dtype=torch.int32).reshape(1, 1)
+        return attention_tkg_split_lnc_kernel[lnc](q, k_cache, v_cache, valid, scale=scale, fast_exp=fast_exp)
+
+    return attention_decode
+
+
 def variants() -> list[Variant]:
     out = []
     for target, fast, exp_name in (("trn2", False, "ScalarE exp"), ("trn3", True, "VectorE fast exp (NC-v4)")):
@@ -597,7 +607,7 @@ def variants() -> list[Variant]:
                            description=f"decode split-K: cache chunks side by side on the partitions, one combine, "
                                        f"{exp_name}"))
         out.append(Variant(op="attention_decode", name=f"attention_tkg_split_lnc2_{target}", targets=(target,),
-                           kernel=_tkg_launcher(attention_tkg_split_lnc_kernel[2], fast), nki=True, priority=12,
+                           kernel=_tkg_lnc_launcher(fast), nki=True, priority=12,
                            supports=_split_lnc_supports, tolerance=ATTENTION_TOLERANCE,
                            description=f"decode split-K on both cores of an LNC=2 rank: half the cache each in "
                                        f"interleaved chunks, maxima/sums and outputs swapped by sendrecv, {exp_name}"))

@@ -210,15 +210,25 @@ def expert_mlp_tkg_kernel(x, weights, ids, w_gu, w_dn):
         col = tok * top_k + slot
         held = swiglu_gemv(gu, dn, x_t[:, tok:tok + 1, :].permute((0, 2, 1)), w_bc[:, col:col + 1],  # noqa: F841
                             acc[:, tok:tok + 1, :].permute((0, 2, 1)), x.dtype)
+    swap_and_store(out, acc)
+    return out
+
+
+def swap_and_store(out, acc) -> None:  # noqa: ANN001
+    """Round the fp32 partial sums ``acc`` [128, T, H/128] (hidden p * H/128 + c at [p, :, c]) to
+    out.dtype and store them to ``out`` [T, H] (HBM). Under LNC=2 the two programs first swap their
+    partial sums (``sendrecv``) and add them (fp32 a + b == b + a: both hold the same sum), then each
+    stores half of the hidden columns."""
+    t, hf = acc.shape[1], acc.shape[2]
+    me, cores = nl.program_id(0), nl.num_programs(0)
     if cores > 1:
         theirs = nl.ndarray((P, t, hf), dtype=nl.float32, buffer=nl.sbuf)
         nisa.sendrecv(src=acc, dst=theirs, send_to_rank=1 - me, recv_from_rank=1 - me, pipe_id=0)
-        nisa.tensor_tensor(dst=acc, data1=acc, data2=theirs, op=nl.add)  # fp32 a + b == b + a
+        nisa.tensor_tensor(dst=acc, data1=acc, data2=theirs, op=nl.add)
     lo, hi = me * hf // cores, (me + 1) * hf // cores
-    res = nl.ndarray((P, t, hf), dtype=x.dtype, buffer=nl.sbuf)
+    res = nl.ndarray((P, t, hf), dtype=out.dtype, buffer=nl.sbuf)
     nisa.tensor_copy(dst=res[:, :, lo:hi], src=acc[:, :, lo:hi])
     nisa.dma_copy(dst=out.reshape((t, P, hf)).permute((1, 0, 2))[:, :, lo:hi], src=res[:, :, lo:hi])
-    return out
 
 
 @nki.jit
@@ -468,13 +478,13 @@ def _cte_supports(dims: Mapping[str, int], dtype: str, target: Target) -> tuple[
     return True, f"any token count; {need} B per partition"
 
 
-def _tkg(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w_gu: torch.Tensor, w_dn: torch.Tensor) -> torch.Tensor:
-    return expert_mlp_tkg_kernel(x, weights, ids.to(torch.int32), w_gu, w_dn)
+def _tkg_launcher(programs: int) -> Callable[..., torch.Tensor]:
+    def expert_mlp(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w_gu: torch.Tensor,
+                   w_dn: torch.Tensor, lnc: int = programs) -> torch.Tensor:
+        """The kernel deals the experts out to the programs of any grid: it launches on the rank's ``lnc``."""
+        return expert_mlp_tkg_kernel[lnc](x, weights, ids.to(torch.int32), w_gu, w_dn)
 
-
-def _tkg_lnc(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w_gu: torch.Tensor,
-             w_dn: torch.Tensor) -> torch.Tensor:
-    return expert_mlp_tkg_kernel[2](x, weights, ids.to(torch.int32), w_gu, w_dn)
+    return expert_mlp
 
 
 def _cte_launcher(block: int) -> Callable[..., torch.Tensor]:
@@ -502,10 +512,10 @@ _PREPARE = {"w_gate_up": gate_up_h_major, "w_down": down_i_major}
 
 def variants() -> list[Variant]:
     return [
-        Variant(op="expert_mlp", name="expert_mlp_tkg_nki", targets=("trn2", "trn3"), kernel=_tkg, nki=True,
+        Variant(op="expert_mlp", name="expert_mlp_tkg_nki", targets=("trn2", "trn3"), kernel=_tkg_launcher(1), nki=True,
                 priority=20, supports=_tkg_supports, tolerance=EXPERT_TOLERANCE, prepare=_PREPARE,
                 description="decode: selected experts only (dynamic DMA by id), weights stationary, fp32 sum"),
-        *(Variant(op="expert_mlp", name=f"expert_mlp_tkg_lnc2_{target}", targets=(target,), kernel=_tkg_lnc,
+        *(Variant(op="expert_mlp", name=f"expert_mlp_tkg_lnc2_{target}", targets=(target,), kernel=_tkg_launcher(2),
                   nki=True, priority=22, supports=_tkg_lnc_supports, tolerance=EXPERT_TOLERANCE,
                   prepare=_PREPARE,
                   description="decode on both cores of an LNC=2 rank: half the selected experts each, weights "

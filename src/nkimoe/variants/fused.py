@@ -38,7 +38,7 @@ from nkimoe.nki import nisa, nki, nl
 from nkimoe.registry import Variant
 from nkimoe.targets import Target
 from nkimoe.variants.experts import EXPERT_TOLERANCE, _expert_sbuf_bytes, load_expert, swiglu_gemv, down_i_major, \
-    gate_up_h_major
+    gate_up_h_major, swap_and_store
 from nkimoe.variants.linear import weight_k_major
 from nkimoe.variants.norms import add_spread, spread_rmsnorm, store_spread
 from nkimoe.variants.routing import route_rows
@@ -76,7 +76,8 @@ def moe_block_tkg_kernel(x, residual, norm_weight, w_gate_t, w_gu, w_dn, top_k: 
     gate = nl.ndarray((P, hf, e), dtype=w_gate_t.dtype, buffer=nl.sbuf)
     nisa.dma_copy(dst=gate, src=w_gate_t.reshape((P, hf, e)))  # issued first: no dependency on the norm
     st = add_spread(x, residual)
-    store_spread(summed, st)
+    if nl.program_id(0) == 0:  # under LNC=2 both programs hold the sum; one stores it
+        store_spread(summed, st)
     normed = spread_rmsnorm(st, norm_weight, eps).reshape((P, hf, t))
     # logits [1, E]: rounded to x.dtype as the gate projection's output is, then fp32 for the router
     ps = nl.ndarray((t, e), dtype=nl.float32, buffer=nl.psum)
@@ -94,15 +95,15 @@ def moe_block_tkg_kernel(x, residual, norm_weight, w_gate_t, w_gu, w_dn, top_k: 
     nisa.nc_matmul(dst=w_ps, stationary=ones, moving=weights[0:t])
     w_bc = nl.ndarray((P, top_k), dtype=nl.float32, buffer=nl.sbuf)
     nisa.tensor_copy(dst=w_bc, src=w_ps)
-    # the experts' output in the normalised token's (partition-major) hidden order: [128, H/128, 1]
-    acc = nl.ndarray((P, hf, t), dtype=nl.float32, buffer=nl.sbuf)
+    # the experts' output in the normalised token's (partition-major) hidden order: [128, 1, H/128];
+    # under LNC=2 each program takes every other slot
+    acc = nl.ndarray((P, t, hf), dtype=nl.float32, buffer=nl.sbuf)
     nisa.memset(dst=acc, value=0.0)
-    for slot in nl.static_range(top_k):
+    me, cores = nl.program_id(0), nl.num_programs(0)
+    for slot in nl.static_range(me, top_k, cores):
         gu, dn = load_expert(w_gu, w_dn, ids[0:1, slot:slot + 1], h, w_gu.shape[2])
-        held = swiglu_gemv(gu, dn, normed, w_bc[:, slot:slot + 1], acc, x.dtype)  # noqa: F841
-    res = nl.ndarray((P, hf, t), dtype=x.dtype, buffer=nl.sbuf)
-    nisa.tensor_copy(dst=res, src=acc)
-    nisa.dma_copy(dst=out.reshape((t, P, hf)).permute((1, 2, 0)), src=res)
+        held = swiglu_gemv(gu, dn, normed, w_bc[:, slot:slot + 1], acc.permute((0, 2, 1)), x.dtype)  # noqa: F841
+    swap_and_store(out, acc)
     return summed, out
 
 
@@ -120,13 +121,21 @@ def _supports(dims: Mapping[str, int], dtype: str, target: Target) -> tuple[bool
     return True, f"T = 1, H a multiple of {P}, K <= 8; {need} B per partition"
 
 
-def _launcher(fast_exp: bool) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+def _lnc2_supports(dims: Mapping[str, int], dtype: str, target: Target) -> tuple[bool, str]:
+    if target.lnc != 2:
+        return False, f"{target.name} runs LNC={target.lnc}: this kernel deals the experts out to the 2 physical cores of an LNC=2 rank"
+    ok, reason = _supports(dims, dtype, target)
+    return (ok, f"LNC=2, every other slot's expert per core; {reason}" if ok else reason)
+
+
+def _launcher(fast_exp: bool, programs: int) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     def moe_block(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, w_gate: torch.Tensor,
                   w_gate_up: torch.Tensor, w_down: torch.Tensor, top_k: int = 8, norm_topk_prob: bool = True,
-                  eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weights arrive prepared: w_gate [H, E], w_gate_up [E, H, 2I], w_down [E, I, H]."""
-        return tuple(moe_block_tkg_kernel(x, residual, norm_weight, w_gate, w_gate_up, w_down, top_k=top_k,
-                                          norm_topk_prob=norm_topk_prob, eps=eps, fast_exp=fast_exp))
+                  eps: float = 1e-6, lnc: int = programs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weights arrive prepared: w_gate [H, E], w_gate_up [E, H, 2I], w_down [E, I, H]. The kernel
+        deals the experts out to the programs of any grid, so it launches on the rank's ``lnc``."""
+        return tuple(moe_block_tkg_kernel[lnc](x, residual, norm_weight, w_gate, w_gate_up, w_down, top_k=top_k,
+                            norm_topk_prob=norm_topk_prob, eps=eps, fast_exp=fast_exp))
 
     return moe_block
 
@@ -136,11 +145,15 @@ _PREPARE = {"w_gate": weight_k_major, "w_gate_up": gate_up_h_major, "w_down": do
 
 def variants() -> list[Variant]:
     return [
-        Variant(op="moe_block", name=f"moe_block_tkg_{target}", targets=(target,), kernel=_launcher(fast), nki=True,
-                priority=10, supports=_supports, tolerance=MOE_BLOCK_TOLERANCE, prepare=_PREPARE,
+        Variant(op="moe_block", name=f"moe_block_tkg_{target}" + ("_lnc2" if programs == 2 else ""),
+                targets=(target,), kernel=_launcher(fast, programs), nki=True, priority=10 + 12 * (programs - 1),
+                supports=_supports if programs == 1 else _lnc2_supports, tolerance=MOE_BLOCK_TOLERANCE,
+                prepare=_PREPARE,
                 description=f"decode, one kernel: add+RMSNorm, gate, router ({exp}), selected experts weights "
-                            f"stationary; activations stay in SBUF")
+                            f"stationary; activations stay in SBUF"
+                            + ("; both cores of an LNC=2 rank, half the experts each" if programs == 2 else ""))
         for target, fast, exp in (("trn2", False, "ScalarE exp"), ("trn3", True, "VectorE fast exp"))
+        for programs in (1, 2)
     ]
 
 

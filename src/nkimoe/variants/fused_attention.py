@@ -350,18 +350,17 @@ PREPARE = {"w_qkv": head_blocks, "w_o": output_on_partitions}
 
 
 def launcher(target: str, programs: int = 1) -> Callable[..., tuple[torch.Tensor, ...]]:
-    """The block's launcher (the op's signature) for ``target`` (trn2 | trn3) on 1 or 2 physical
-    cores; ``w_qkv`` and ``w_o`` arrive prepared (``PREPARE``)."""
+    """The block's launcher (the op's signature) for ``target`` (trn2 | trn3), by default on
+    ``programs`` physical cores; ``w_qkv`` and ``w_o`` arrive prepared (``PREPARE``)."""
     fast_exp, square_on_scalar, sin_on_gpsimd = _ENGINES[target]
-    kernel = attention_block_kernel if programs == 1 else attention_block_kernel[programs]
-
     def attention_block(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, w_qkv: torch.Tensor,
                         q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor, cos: torch.Tensor,
                         sin: torch.Tensor, k_cache_t: torch.Tensor, v_cache: torch.Tensor,
                         length: int | torch.Tensor, w_o: torch.Tensor, scale: float,
-                        eps: float = 1e-6) -> tuple[torch.Tensor, ...]:
+                        eps: float = 1e-6, lnc: int = programs) -> tuple[torch.Tensor, ...]:
+        """The kernel splits its heads over the programs of any grid: it launches on the rank's ``lnc``."""
         valid = torch.as_tensor(length, dtype=torch.int32).reshape(1, 1)  # a tensor stays a run-time value
-        return tuple(kernel(x, residual, norm_weight, w_qkv, q_norm_weight, k_norm_weight, cos, sin, k_cache_t,
+        return tuple(attention_block_kernel[lnc](x, residual, norm_weight, w_qkv, q_norm_weight, k_norm_weight, cos, sin, k_cache_t,
                             v_cache, valid, w_o, scale=scale, eps=eps, fast_exp=fast_exp,
                             square_on_scalar=square_on_scalar, sin_on_gpsimd=sin_on_gpsimd))
 

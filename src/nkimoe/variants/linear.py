@@ -212,10 +212,11 @@ def _lnc_supports(block: int) -> Callable[[Mapping[str, int], str, Target], tupl
     return check
 
 
-def _lnc_launcher(block: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """``w`` arrives prepared: W^T [K, N]."""
-        return linear_lnc_kernel[2](x, w, block=block)
+def _lnc_launcher(block: int) -> Callable[..., torch.Tensor]:
+    def linear(x: torch.Tensor, w: torch.Tensor, lnc: int = 2) -> torch.Tensor:
+        """``w`` arrives prepared: W^T [K, N]. The kernel splits its work over the programs of any
+        grid (one program does it all), so it launches on the rank's ``lnc``."""
+        return linear_lnc_kernel[lnc](x, w, block=block)
 
     return linear
 
