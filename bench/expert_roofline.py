@@ -2,8 +2,8 @@
 
 For one decoded token the 8 selected experts' gate, up and down weights must be read:
 8 x 3 x 2048 x I x 2 bytes per layer, I = 768 / tp (one rank's slice under tensor parallelism).
-The roofline time is those bytes over the per-core HBM bandwidth of the target; the fraction is
-roofline time / the kernel's estimated time.
+The roofline time is those bytes over the HBM bandwidth of the physical cores the bound variant
+runs on (two for an LNC=2 kernel); the fraction is roofline time / the kernel's estimated time.
 
     python bench/expert_roofline.py [--tp 4]
 """
@@ -32,15 +32,17 @@ def main() -> None:
     problem = Problem.of("expert_mlp", "bfloat16", T=1, H=H, I=inter, E=E, K=K)
     must_read = K * 3 * H * inter * 2
     print(f"I = {inter} (tp {args.tp})")
-    print(f"{'target':<7} {'variant':<22} {'estimate us':>12} {'roofline us':>12} {'fraction':>9}  (all estimates)")
+    print(f"{'target':<7} {'variant':<26} {'cores':>5} {'estimate us':>12} {'roofline us':>12} {'fraction':>9}"
+          "  (all estimates)")
     for target_name in ("trn2", "trn3"):
         target = registry.targets[target_name]
         bound = registry.bind(target, {"decode.experts": problem}).ops["decode.experts"].variant
         trial = run_trial(bound, problem, target)
         if not trial.ok or trial.estimate is None:
             raise SystemExit(f"{bound.name} on {target_name} failed verification: {trial.detail}")
-        roofline_us = must_read / target.hbm_bytes_per_s_per_core * 1e6
-        print(f"{target_name:<7} {bound.name:<22} {trial.estimate.micros:>12.1f} {roofline_us:>12.1f} "
+        cores = trial.estimate.programs
+        roofline_us = must_read / (target.hbm_bytes_per_s_per_core * cores) * 1e6
+        print(f"{target_name:<7} {bound.name:<26} {cores:>5} {trial.estimate.micros:>12.1f} {roofline_us:>12.1f} "
               f"{roofline_us / trial.estimate.micros:>9.2f}")
 
 
