@@ -446,11 +446,18 @@ def _tkg_supports(dims: Mapping[str, int], dtype: str, target: Target) -> tuple[
     return True, f"T <= {TKG_MAX_TOKENS}; expert blocks {need} B per partition"
 
 
-def _tkg_lnc_supports(dims: Mapping[str, int], dtype: str, target: Target) -> tuple[bool, str]:
-    if target.lnc != 2:
-        return False, f"{target.name} runs LNC={target.lnc}: this kernel deals the experts out to the 2 physical cores of an LNC=2 rank"
-    ok, reason = _tkg_supports(dims, dtype, target)
-    return (ok, f"LNC=2, half the (token, slot) pairs per core; {reason}" if ok else reason)
+def lnc2_supports(supports: Callable[[Mapping[str, int], str, Target], tuple[bool, str]]
+                  ) -> Callable[[Mapping[str, int], str, Target], tuple[bool, str]]:
+    """``supports`` of a decode kernel that deals the selected experts out to the two physical cores
+    of an LNC=2 rank, for that kernel as a variant of its own: ineligible where the target runs
+    another LNC."""
+    def check(dims: Mapping[str, int], dtype: str, target: Target) -> tuple[bool, str]:
+        if target.lnc != 2:
+            return False, f"{target.name} runs LNC={target.lnc}: this kernel deals the experts out to the 2 physical cores of an LNC=2 rank"
+        ok, reason = supports(dims, dtype, target)
+        return (ok, f"LNC=2, half the experts per core; {reason}" if ok else reason)
+
+    return check
 
 
 def _tokens_supports(dims: Mapping[str, int], dtype: str, target: Target) -> tuple[bool, str]:
@@ -516,7 +523,7 @@ def variants() -> list[Variant]:
                 priority=20, supports=_tkg_supports, tolerance=EXPERT_TOLERANCE, prepare=_PREPARE,
                 description="decode: selected experts only (dynamic DMA by id), weights stationary, fp32 sum"),
         *(Variant(op="expert_mlp", name=f"expert_mlp_tkg_lnc2_{target}", targets=(target,), kernel=_tkg_launcher(2),
-                  nki=True, priority=22, supports=_tkg_lnc_supports, tolerance=EXPERT_TOLERANCE,
+                  nki=True, priority=22, supports=lnc2_supports(_tkg_supports), tolerance=EXPERT_TOLERANCE,
                   prepare=_PREPARE,
                   description="decode on both cores of an LNC=2 rank: half the selected experts each, weights "
                               "stationary, partial sums swapped by sendrecv")

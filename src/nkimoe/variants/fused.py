@@ -38,7 +38,7 @@ from nkimoe.nki import nisa, nki, nl
 from nkimoe.registry import Variant
 from nkimoe.targets import Target
 from nkimoe.variants.experts import EXPERT_TOLERANCE, _expert_sbuf_bytes, load_expert, swiglu_gemv, down_i_major, \
-    gate_up_h_major, swap_and_store
+    gate_up_h_major, lnc2_supports, swap_and_store
 from nkimoe.variants.linear import weight_k_major
 from nkimoe.variants.norms import add_spread, spread_rmsnorm, store_spread
 from nkimoe.variants.routing import route_rows
@@ -121,13 +121,6 @@ def _supports(dims: Mapping[str, int], dtype: str, target: Target) -> tuple[bool
     return True, f"T = 1, H a multiple of {P}, K <= 8; {need} B per partition"
 
 
-def _lnc2_supports(dims: Mapping[str, int], dtype: str, target: Target) -> tuple[bool, str]:
-    if target.lnc != 2:
-        return False, f"{target.name} runs LNC={target.lnc}: this kernel deals the experts out to the 2 physical cores of an LNC=2 rank"
-    ok, reason = _supports(dims, dtype, target)
-    return (ok, f"LNC=2, every other slot's expert per core; {reason}" if ok else reason)
-
-
 def _launcher(fast_exp: bool, programs: int) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     def moe_block(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, w_gate: torch.Tensor,
                   w_gate_up: torch.Tensor, w_down: torch.Tensor, top_k: int = 8, norm_topk_prob: bool = True,
@@ -147,7 +140,7 @@ def variants() -> list[Variant]:
     return [
         Variant(op="moe_block", name=f"moe_block_tkg_{target}" + ("_lnc2" if programs == 2 else ""),
                 targets=(target,), kernel=_launcher(fast, programs), nki=True, priority=10 + 12 * (programs - 1),
-                supports=_supports if programs == 1 else _lnc2_supports, tolerance=MOE_BLOCK_TOLERANCE,
+                supports=_supports if programs == 1 else lnc2_supports(_supports), tolerance=MOE_BLOCK_TOLERANCE,
                 prepare=_PREPARE,
                 description=f"decode, one kernel: add+RMSNorm, gate, router ({exp}), selected experts weights "
                             f"stationary; activations stay in SBUF"
