@@ -70,10 +70,13 @@ def test_explain_shows_a_composites_fused_candidates_and_its_chain(tmp_path: Pat
     assert rows["moe_block_tkg_trn3_lnc2"]["binds"] and not rows["chain"]["binds"]
     assert [p["site"] for p in rows["chain"]["parts"]] == ["add_norm", "router_gate", "router", "experts"]
     assert "boundaries at 0.0 us" in rows["chain"]["reason"]
-    assert block["binds"] == "moe_block_tkg_trn3_lnc2" and block["decided_by"] == "priority"
+    assert block["binds"] == "moe_block_tkg_trn3_lnc2" and block["decided_by"] == "cache"  # the shipped table
     prefill = json.loads(run("registry", "explain", "moe_block", "--target", "trn3", "--tokens", "128",
                              "--no-estimate", "--format", "json").stdout)[0]
-    assert prefill["binds"].startswith("chain(") and "T=128: a decode kernel" in prefill["why"]
+    # the shipped table holds the prefill composite: its chain beat every (ineligible) fused variant
+    assert prefill["binds"].startswith("chain(") and "the chain beat every fused variant" in prefill["why"]
+    fused_rows = [r for r in prefill["candidates"] if r["variant"].startswith("moe_block_tkg_trn3")]
+    assert fused_rows and all("T=128: a decode kernel" in r["reason"] for r in fused_rows)
     listed = json.loads(run("registry", "list", "--op", "moe_block", "--format", "json").stdout)
     assert {r["name"] for r in listed} == {"moe_block_tkg_trn2", "moe_block_tkg_trn3", "moe_block_tkg_trn2_lnc2",
                                            "moe_block_tkg_trn3_lnc2", "ref_moe_block"}

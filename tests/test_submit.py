@@ -112,8 +112,8 @@ def test_bundle_carries_the_fused_variants_and_the_composites_selection(tmp_path
                          text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     bound = json.loads(out.stdout.strip().splitlines()[-1])
-    # trn3: the bundled table records the chain as faster; trn2: no entry, the fused variant by priority
+    # trn3: the local table records the chain as faster; trn2: the shipped table's winner
     assert bound["trn3"][0].startswith("chain(") and bound["trn3"][1] == "cache"
-    assert bound["trn2"] == ["moe_block_tkg_trn2", "priority"]
+    assert bound["trn2"] == ["moe_block_tkg_trn2_lnc2", "cache"]
     package = registry.bind(trn3, {"decode.moe_block": problem}, cache=cache).ops["decode.moe_block"]
     assert package.name == bound["trn3"][0]
