@@ -140,6 +140,8 @@ def attention_cte_kernel(q, k, v, scale: float, fast_exp: bool = False):
     group = hq // hkv
     tiles = (s + P - 1) // P
     out = nl.ndarray((s, hq, d), dtype=q.dtype, buffer=nl.shared_hbm)
+    if nl.program_id(0) > 0:  # a one-core kernel on an LNC=2 grid: program 0 does the work
+        return out
     for g in nl.affine_range(hkv):
         k_t = nl.ndarray((d, tiles * P), dtype=k.dtype, buffer=nl.sbuf)
         v_sb = nl.ndarray((P, tiles, d), dtype=v.dtype, buffer=nl.sbuf)
@@ -277,6 +279,8 @@ def attention_tkg_kernel(q, k_cache, v_cache, length, scale: float, fast_exp: bo
     hkv = k_cache.shape[0]
     group = hq // hkv
     out = nl.ndarray((1, hq, d), dtype=q.dtype, buffer=nl.shared_hbm)
+    if nl.program_id(0) > 0:  # a one-core kernel on an LNC=2 grid: program 0 does the work
+        return out
     valid_len = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.dma_copy(dst=valid_len[0:group], src=length.ap([[0, group], [1, 1]]))
     for g in nl.affine_range(hkv):
@@ -337,6 +341,8 @@ def attention_tkg_split_kernel(q, k_cache, v_cache, length, scale: float, fast_e
     rows = chunks * group  # partition c*G + h: chunk c, head h of the group
     last = lmax - (chunks - 1) * n
     out = nl.ndarray((1, hq, d), dtype=q.dtype, buffer=nl.shared_hbm)
+    if nl.program_id(0) > 0:  # a one-core kernel on an LNC=2 grid: program 0 does the work
+        return out
     # Row (c, h) keeps key offsets j < length - c*n; the penalty is the same for every KV head.
     penalty = _split_penalty(length, chunks, group, n, chunk_step=n, key_step=1)
     # Stationary of chunk c: the group's queries in columns c*G .. c*G+G-1, zeros elsewhere, so that
@@ -355,7 +361,7 @@ def attention_tkg_split_kernel(q, k_cache, v_cache, length, scale: float, fast_e
             width = n if c < chunks - 1 else last
             nisa.nc_matmul(dst=sc[0:rows, 0:width], stationary=q_blocks[:, c, :], moving=k_t[:, c * n:c * n + width],
                            accumulate=(c > 0))
-        p_blk = _split_probabilities(sc, penalty, scale, chunks, group, q.dtype, fast_exp)
+        p_blk = _split_probabilities(sc, penalty, scale, chunks, group, q.dtype, fast_exp, 1)
         o_t = nl.ndarray((d, group), dtype=nl.float32, buffer=nl.psum)  # O^T: head_dim on partitions
         tiles = (n + P - 1) // P
         for kb in nl.affine_range(tiles):
@@ -425,7 +431,7 @@ def attention_tkg_split_lnc_kernel(q, k_cache, v_cache, length, scale: float, fa
         for c in nl.affine_range(chunks):
             nisa.nc_matmul(dst=sc[0:rows, 0:n], stationary=q_blocks[:, c, :], moving=by_chunk[:, :, c],
                            accumulate=(c > 0))
-        p_blk = _split_probabilities(sc, penalty, scale, chunks, group, q.dtype, fast_exp)
+        p_blk = _split_probabilities(sc, penalty, scale, chunks, group, q.dtype, fast_exp, cores)
         p_t = nl.ndarray((P, P), dtype=q.dtype, buffer=nl.sbuf)
         pe_transpose(p_t[0:n, 0:rows], p_blk[0:rows, 0:n])
         o = nl.ndarray((P, d), dtype=nl.float32, buffer=nl.psum)  # heads on partitions
@@ -445,11 +451,12 @@ def attention_tkg_split_lnc_kernel(q, k_cache, v_cache, length, scale: float, fa
     return out
 
 
-def _split_probabilities(sc, penalty, scale: float, chunks: int, group: int, dtype, fast_exp: bool):  # noqa: ANN001, ANN202
+def _split_probabilities(sc, penalty, scale: float, chunks: int, group: int, dtype, fast_exp: bool,  # noqa: ANN001, ANN202
+                         cores: int):
     """Split-K scores [C*G, n] (PSUM, fp32) to probabilities in ``dtype``: scaled, masked by
     ``penalty``, a softmax per chunk row, then normalised by the combine's weight per (chunk, head)
     and rounded once, so that every chunk is on the same scale and the P.V matmuls of all chunks
-    accumulate into one output."""
+    accumulate into one output; ``cores`` programs hold the chunks (see ``_chunk_weights``)."""
     rows, n = chunks * group, sc.shape[1]
     ss = nl.ndarray((P, n), dtype=nl.float32, buffer=nl.sbuf)
     nisa.scalar_tensor_tensor(dst=ss[0:rows], data=sc[0:rows], op0=nl.multiply, operand0=scale, op1=nl.add,
@@ -458,18 +465,19 @@ def _split_probabilities(sc, penalty, scale: float, chunks: int, group: int, dty
     p_exp, _ = _softmax_step(ss, m, l, rows, n, nl.float32, fast_exp)
     p_blk = nl.ndarray((P, n), dtype=dtype, buffer=nl.sbuf)
     nisa.tensor_scalar(dst=p_blk[0:rows], data=p_exp[0:rows], op0=nl.multiply,
-                       operand0=_chunk_weights(m, l, chunks, group)[0:rows])
+                       operand0=_chunk_weights(m, l, chunks, group, cores)[0:rows])
     return p_blk
 
 
-def _chunk_weights(m, l, chunks: int, group: int):  # noqa: ANN001, ANN202, E741
+def _chunk_weights(m, l, chunks: int, group: int, cores: int):  # noqa: ANN001, ANN202, E741
     """The combine step of split-K: per row (c, h), ``w = exp(m_c - M_h) / sum_c' exp(m_c' - M_h) l_c'``
     with ``M_h`` the head's maximum over the chunks, returned as a [128, 1] fp32 column. The
     per-chunk maxima and sums are transposed to one row and combined along the free axis. Under
     LNC=2 the programs swap their rows first (``sendrecv``) and both combine the chunks of both, in
-    program order, so that they agree bit for bit and each keeps the weights of its own rows."""
+    program order, so that they agree bit for bit and each keeps the weights of its own rows. A
+    one-core kernel passes ``cores=1`` whatever its grid (its other programs do nothing)."""
     rows = chunks * group
-    me, cores = nl.program_id(0), nl.num_programs(0)
+    me = nl.program_id(0) if cores > 1 else 0
     everyone = cores * chunks
     stats = nl.ndarray((1, 2, cores * rows), dtype=nl.float32, buffer=nl.sbuf)  # maxima | sums, program order
     pe_transpose(stats[:, 0, me * rows:(me + 1) * rows], m[0:rows])
@@ -564,18 +572,19 @@ def _split_lnc_supports(dims: Mapping[str, int], dtype: str, target: Target) -> 
 
 
 def _cte_launcher(fast_exp: bool) -> Callable[..., torch.Tensor]:
-    def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        return attention_cte_kernel(q, k, v, scale=scale, fast_exp=fast_exp)
+    def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                          lnc: int = 1) -> torch.Tensor:
+        return attention_cte_kernel[lnc](q, k, v, scale=scale, fast_exp=fast_exp)
 
     return attention_prefill
 
 
 def _tkg_launcher(kernel: Callable[..., Any], fast_exp: bool) -> Callable[..., torch.Tensor]:
     def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: int | torch.Tensor,
-                         scale: float) -> torch.Tensor:
+                         scale: float, lnc: int = 1) -> torch.Tensor:
         # A tensor length stays a tensor, so that a traced graph reads it at run time.
         valid = torch.as_tensor(length, dtype=torch.int32).reshape(1, 1)
-        return kernel(q, k_cache, v_cache, valid, scale=scale, fast_exp=fast_exp)
+        return kernel[lnc](q, k_cache, v_cache, valid, scale=scale, fast_exp=fast_exp)
 
     return attention_decode
 

@@ -250,6 +250,8 @@ def expert_mlp_cte_kernel(x, n_blocks, block_expert, block_tokens, block_weights
     hf = h // P
     tiles, _, last = _intermediate_tiles(i)
     acc = nl.ndarray((t1, h), dtype=nl.float32, buffer=nl.shared_hbm)
+    if nl.program_id(0) > 0:  # a one-core kernel on an LNC=2 grid: program 0 does the work
+        return nl.ndarray((t, h), dtype=x.dtype, buffer=nl.shared_hbm)  # the output, as program 0 allocates it
     zeros = nl.ndarray((P, h), dtype=nl.float32, buffer=nl.sbuf)
     nisa.memset(dst=zeros, value=0.0)
     for r in nl.affine_range((t1 + P - 1) // P):
@@ -360,6 +362,8 @@ def expert_mlp_tokens_kernel(x, n_used, slot_expert, slot_weights, w_gu, w_dn, b
             nisa.scalar_tensor_tensor(dst=acc[0:t, c * block:c * block + cols], data=ps[0:t, 0:cols], op0=nl.multiply,
                                       operand0=wt[0:t], op1=nl.add, operand1=acc[0:t, c * block:c * block + cols])
     out = nl.ndarray((t, h), dtype=x.dtype, buffer=nl.shared_hbm)
+    if nl.program_id(0) > 0:  # a one-core kernel on an LNC=2 grid: program 0 does the work
+        return out
     y = nl.ndarray((P, h), dtype=x.dtype, buffer=nl.sbuf)
     nisa.tensor_copy(dst=y[0:t], src=acc[0:t])
     nisa.dma_copy(dst=out, src=y[0:t])
@@ -497,20 +501,20 @@ def _tkg_launcher(programs: int) -> Callable[..., torch.Tensor]:
 
 def _cte_launcher(block: int) -> Callable[..., torch.Tensor]:
     def expert_mlp(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w_gu: torch.Tensor,
-                   w_dn: torch.Tensor) -> torch.Tensor:
+                   w_dn: torch.Tensor, lnc: int = 1) -> torch.Tensor:
         n_blocks, block_expert, block_tokens, block_weights = expert_blocks(ids, weights, w_gu.shape[0])
         x_pad = torch.cat([x, torch.zeros(1, x.shape[1], dtype=x.dtype)])
-        return expert_mlp_cte_kernel(x_pad, n_blocks, block_expert, block_tokens, block_weights, w_gu, w_dn,
-                                     block=block)
+        return expert_mlp_cte_kernel[lnc](x_pad, n_blocks, block_expert, block_tokens, block_weights, w_gu, w_dn,
+                                          block=block)
 
     return expert_mlp
 
 
 def _tokens_launcher(block: int) -> Callable[..., torch.Tensor]:
     def expert_mlp(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w_gu: torch.Tensor,
-                   w_dn: torch.Tensor) -> torch.Tensor:
+                   w_dn: torch.Tensor, lnc: int = 1) -> torch.Tensor:
         n_used, slot_expert, slot_weights = expert_slots(ids, weights, w_gu.shape[0])
-        return expert_mlp_tokens_kernel(x, n_used, slot_expert, slot_weights, w_gu, w_dn, block=block)
+        return expert_mlp_tokens_kernel[lnc](x, n_used, slot_expert, slot_weights, w_gu, w_dn, block=block)
 
     return expert_mlp
 

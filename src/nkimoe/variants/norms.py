@@ -86,6 +86,8 @@ def rmsnorm_kernel(x, weight, eps: float = 1e-6, square_on_scalar: bool = False)
     Returns: [T, H] HBM, x.dtype.
     """
     out = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
+    if nl.program_id(0) > 0:  # a one-core kernel on an LNC=2 grid: program 0 does the work
+        return out
     _rmsnorm_2d(x, weight, out, eps, square_on_scalar)
     return out
 
@@ -102,6 +104,8 @@ def add_rmsnorm_kernel(x, residual, weight, eps: float = 1e-6, square_on_scalar:
     rows, width = x.shape
     summed = nl.ndarray((rows, width), dtype=x.dtype, buffer=nl.shared_hbm)
     out = nl.ndarray((rows, width), dtype=x.dtype, buffer=nl.shared_hbm)
+    if nl.program_id(0) > 0:  # a one-core kernel on an LNC=2 grid: program 0 does the work
+        return summed, out
     w_tile = _broadcast_rows(weight, width, min(P, rows))
     for t in nl.affine_range((rows + P - 1) // P):
         p = min(P, rows - t * P)
@@ -130,6 +134,8 @@ def qk_norm_kernel(q, k, q_weight, k_weight, eps: float = 1e-6, square_on_scalar
     hkv = k.shape[1]
     q_out = nl.ndarray((t, hq, d), dtype=q.dtype, buffer=nl.shared_hbm)
     k_out = nl.ndarray((t, hkv, d), dtype=k.dtype, buffer=nl.shared_hbm)
+    if nl.program_id(0) > 0:  # a one-core kernel on an LNC=2 grid: program 0 does the work
+        return q_out, k_out
     _rmsnorm_2d(q.reshape((t * hq, d)), q_weight, q_out.reshape((t * hq, d)), eps, square_on_scalar)
     _rmsnorm_2d(k.reshape((t * hkv, d)), k_weight, k_out.reshape((t * hkv, d)), eps, square_on_scalar)
     return q_out, k_out
@@ -194,6 +200,8 @@ def rmsnorm_tkg_kernel(x, weight, eps: float = 1e-6):
     Args: x [T, H] HBM; weight [H] HBM. Returns: [T, H] HBM, x.dtype.
     """
     out = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
+    if nl.program_id(0) > 0:  # a one-core kernel on an LNC=2 grid: program 0 does the work
+        return out
     store_spread(out, spread_rmsnorm(load_spread(x), weight, eps))
     return out
 
@@ -208,6 +216,8 @@ def add_rmsnorm_tkg_kernel(x, residual, weight, eps: float = 1e-6):
     """
     summed = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
     out = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
+    if nl.program_id(0) > 0:  # a one-core kernel on an LNC=2 grid: program 0 does the work
+        return summed, out
     st = add_spread(x, residual)
     store_spread(summed, st)
     store_spread(out, spread_rmsnorm(st, weight, eps))
@@ -230,16 +240,16 @@ def _fits_sbuf(width_key: str) -> Callable[[Mapping[str, int], str, Target], tup
 
 
 def _launchers(square_on_scalar: bool) -> dict[str, Callable[..., Any]]:
-    def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-        return rmsnorm_kernel(x, weight, eps=eps, square_on_scalar=square_on_scalar)
+    def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, lnc: int = 1) -> torch.Tensor:
+        return rmsnorm_kernel[lnc](x, weight, eps=eps, square_on_scalar=square_on_scalar)
 
     def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                    eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-        return tuple(add_rmsnorm_kernel(x, residual, weight, eps=eps, square_on_scalar=square_on_scalar))
+                    eps: float = 1e-6, lnc: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(add_rmsnorm_kernel[lnc](x, residual, weight, eps=eps, square_on_scalar=square_on_scalar))
 
     def qk_norm(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
-                eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-        return tuple(qk_norm_kernel(q, k, q_weight, k_weight, eps=eps, square_on_scalar=square_on_scalar))
+                eps: float = 1e-6, lnc: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(qk_norm_kernel[lnc](q, k, q_weight, k_weight, eps=eps, square_on_scalar=square_on_scalar))
 
     return {"rmsnorm": rmsnorm, "add_rmsnorm": add_rmsnorm, "qk_norm": qk_norm}
 
@@ -258,13 +268,13 @@ def _tkg_supports(dims: Mapping[str, int], dtype: str, target: Target) -> tuple[
     return True, f"T <= {TKG_MAX_TOKENS}, H a multiple of {P}"
 
 
-def _rmsnorm_tkg(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    return rmsnorm_tkg_kernel(x, weight, eps=eps)
+def _rmsnorm_tkg(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, lnc: int = 1) -> torch.Tensor:
+    return rmsnorm_tkg_kernel[lnc](x, weight, eps=eps)
 
 
 def _add_rmsnorm_tkg(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                     eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    return tuple(add_rmsnorm_tkg_kernel(x, residual, weight, eps=eps))
+                     eps: float = 1e-6, lnc: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(add_rmsnorm_tkg_kernel[lnc](x, residual, weight, eps=eps))
 
 
 def variants() -> list[Variant]:
