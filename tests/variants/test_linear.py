@@ -143,3 +143,12 @@ def test_bench_select_picks_lnc2_for_large_decode_and_one_core_for_a_tiny_batch(
     tiny = select_problem(REGISTRY, trn3, Problem.of("linear", "bfloat16", T=8, K=256, N=128), ["s"], "fastest")
     assert tiny.winner == "linear_nki_trn3"
     assert any(c.variant == "linear_tkg_lnc2_trn3" and c.status == "ok" for c in tiny.candidates)
+
+
+@pytest.mark.parametrize("target", ["trn2", "trn3"])
+def test_lnc2_linear_in_fp32_where_a_weight_row_outgrows_a_chunk(target: str) -> None:
+    """o_proj at a TP 4 rank in fp32 (the NxDI CPU runs): a 2048-column row is 8 KiB, two chunks."""
+    registry = load_registry({})
+    problem = Problem.of("linear", "float32", T=1, K=1024, N=2048)
+    trial = run_trial(registry.variants[f"linear_tkg_lnc2_{target}"], problem, registry.targets[target])
+    assert trial.ok, trial.detail  # within LINEAR_TOLERANCE["float32"]

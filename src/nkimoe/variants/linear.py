@@ -139,7 +139,8 @@ def linear_lnc_kernel(x, w_t, block: int = 512):
     base, rows, lo, cols = lnc_share(k, n, me, cores)
     split_k = rows < k
     kc = rows // P
-    per_slot = max(LNC_CHUNK_BYTES // (2 if w_t.dtype == nl.bfloat16 else 4), block)
+    # a slot holds one chunk, a moving block, and (split by rows) at least one whole weight row
+    per_slot = max(LNC_CHUNK_BYTES // (2 if w_t.dtype == nl.bfloat16 else 4), block, cols if split_k else 0)
     group = cols if split_k else per_slot  # columns of one accumulator
     step = max(1, min(kc, per_slot // cols)) if split_k else 1  # rows per partition of one DMA
     out = nl.ndarray((t, n), dtype=x.dtype, buffer=nl.shared_hbm)
@@ -204,7 +205,7 @@ def _lnc_supports(block: int) -> Callable[[Mapping[str, int], str, Target], tupl
         if t > LNC_MAX_TOKENS:
             return False, f"T={t} > {LNC_MAX_TOKENS}: a decode kernel (x^T read by a strided DMA)"
         itemsize = 2 if dtype == "bfloat16" else 4
-        slots = LNC_RING * max(LNC_CHUNK_BYTES // itemsize, block)
+        slots = LNC_RING * max(LNC_CHUNK_BYTES // itemsize, block, min(dims["N"], LNC_SPLIT_K_MAX_N))
         need = itemsize * ((k // P) * t + slots) + 4 * 3 * min(dims["N"], LNC_SPLIT_K_MAX_N) + itemsize * -(-dims["N"] // 2)
         if need > target.sbuf_usable_bytes_per_partition:
             return False, f"K={k} needs {need} B per partition of SBUF, {target.name} has {target.sbuf_usable_bytes_per_partition}"
