@@ -300,8 +300,8 @@ def test_each_problem_is_bound_and_logged_once(monkeypatch: pytest.MonkeyPatch, 
 def test_kernels_launch_on_the_ranks_logical_cores(monkeypatch: pytest.MonkeyPatch,
                                                    caplog: pytest.LogCaptureFixture) -> None:
     """On an LNC=2 rank a launcher that takes the grid gets ``lnc=2`` (the router runs
-    ``router_kernel[2]``); one that does not runs its kernel as ``kernel[1]`` and is named in the log
-    once. Both give the reference's result."""
+    ``router_kernel[2]``); one that does not (a plugin's) runs its kernel as ``kernel[1]`` and is
+    named in the log once. Both give the reference's result."""
     monkeypatch.setenv("NKIMOE_TARGET", "trn3")
     kernels = Kernels(lnc=2)
     logits = untied_logits(130, E, torch.bfloat16, torch.Generator().manual_seed(2), margin=0.02)
@@ -320,13 +320,20 @@ def test_kernels_launch_on_the_ranks_logical_cores(monkeypatch: pytest.MonkeyPat
     assert seen == [2] and torch.equal(ids, expected_ids)
     torch.testing.assert_close(weights.float(), expected_w.float(), atol=1e-3, rtol=2**-7)
     x = torch.randn(3, H, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    weight = torch.ones(H, dtype=torch.bfloat16)
     norm = kernels.bound("rmsnorm", torch.bfloat16, T=3, H=H)
-    assert norm.variant.nki and not takes_grid(norm.fn)
+    assert norm.variant.nki and takes_grid(norm.fn)  # every builtin launcher takes the grid
+    gridded = norm.fn
+
+    def ungridded(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+        return gridded(x, w, eps)
+
+    plugin = dataclasses.replace(norm, variant=dataclasses.replace(norm.variant, name="plugin_rmsnorm", kernel=ungridded))
     with caplog.at_level(logging.WARNING, logger="nkimoe.neuron"):
-        outs = [rms_norm(kernels, x, torch.ones(H, dtype=torch.bfloat16), 1e-6) for _ in range(2)]
-    named = [r.getMessage() for r in caplog.records if norm.variant.name in r.getMessage()]
+        outs = [launch(plugin, x, weight, 1e-6, lnc=kernels.lnc) for _ in range(2)]
+    named = [r.getMessage() for r in caplog.records if "plugin_rmsnorm" in r.getMessage()]
     assert len(named) == 1 and "LNC=2" in named[0]
-    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], launch(norm, x, torch.ones(H, dtype=torch.bfloat16), 1e-6))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], rms_norm(kernels, x, weight, 1e-6))
 
 
 def test_kernels_get_plain_tensors_as_nxdi_hands_them(monkeypatch: pytest.MonkeyPatch) -> None:
