@@ -232,6 +232,22 @@ def swap_and_store(out, acc) -> None:  # noqa: ANN001
         nisa.dma_copy(dst=out.reshape((t, P, hf)).permute((1, 0, 2))[:, :, lo:hi], src=res[:, :, lo:hi])
 
 
+def _count_register(count_hbm):  # noqa: ANN001, ANN202
+    """A register holding the int32 count ``count_hbm`` [1, 1] (HBM): a dynamic loop's trip count."""
+    count = nl.ndarray((1, 1), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=count, src=count_hbm)
+    reg = nisa.register_alloc()
+    nisa.register_load(reg, count)
+    return reg
+
+
+def _table_entry(table, index):  # noqa: ANN001, ANN202
+    """Entry ``index`` (a loop register) of the int32 table [N] (HBM) as a [1, 1] SBUF tile."""
+    entry = nl.ndarray((1, 1), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=entry, src=table.ap([[1, 1], [1, 1]], offset=0, scalar_offset=index, indirect_dim=0))
+    return entry
+
+
 @nki.jit
 def expert_mlp_cte_kernel(x, n_blocks, block_expert, block_tokens, block_weights, w_gu, w_dn, block: int = 512):
     """Prefill: blocks of up to 128 tokens of one expert, only for experts that received tokens.
@@ -257,13 +273,8 @@ def expert_mlp_cte_kernel(x, n_blocks, block_expert, block_tokens, block_weights
     for r in nl.affine_range((t1 + P - 1) // P):
         rows = min(P, t1 - r * P)
         nisa.dma_copy(dst=acc[r * P:r * P + rows, :], src=zeros[0:rows])
-    count = nl.ndarray((1, 1), dtype=nl.int32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=count, src=n_blocks)
-    n_reg = nisa.register_alloc()
-    nisa.register_load(n_reg, count)
-    for b in nl.dynamic_range(n_reg):
-        expert = nl.ndarray((1, 1), dtype=nl.int32, buffer=nl.sbuf)
-        nisa.dma_copy(dst=expert, src=block_expert.ap([[1, 1], [1, 1]], offset=0, scalar_offset=b, indirect_dim=0))
+    for b in nl.dynamic_range(_count_register(n_blocks)):
+        expert = _table_entry(block_expert, b)
         gu, dn = load_expert(w_gu, w_dn, expert, h, i2)
         tok = nl.ndarray((P, 1), dtype=nl.int32, buffer=nl.sbuf)
         nisa.dma_copy(dst=tok, src=block_tokens.ap([[1, P], [1, 1]], offset=0, scalar_offset=b, indirect_dim=0))
@@ -332,13 +343,8 @@ def expert_mlp_tokens_kernel(x, n_used, slot_expert, slot_weights, w_gu, w_dn, b
         x_t = _hidden_partition_major(rows, t)
     acc = nl.ndarray((P, h), dtype=nl.float32, buffer=nl.sbuf)
     nisa.memset(dst=acc[0:t], value=0.0)
-    count = nl.ndarray((1, 1), dtype=nl.int32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=count, src=n_used)
-    n_reg = nisa.register_alloc()
-    nisa.register_load(n_reg, count)
-    for s in nl.dynamic_range(n_reg):
-        expert = nl.ndarray((1, 1), dtype=nl.int32, buffer=nl.sbuf)
-        nisa.dma_copy(dst=expert, src=slot_expert.ap([[1, 1], [1, 1]], offset=0, scalar_offset=s, indirect_dim=0))
+    for s in nl.dynamic_range(_count_register(n_used)):
+        expert = _table_entry(slot_expert, s)
         wt = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
         nisa.dma_copy(dst=wt[0:t], src=slot_weights.ap([[1, t], [1, 1]], offset=0, scalar_offset=s, indirect_dim=0))
         gu, dn = load_expert(w_gu, w_dn, expert, h, i2)
