@@ -17,12 +17,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import Qwen3MoeConfig
+from transformers import DynamicCache, Qwen3MoeConfig
 from transformers.models.qwen3_moe import modeling_qwen3_moe as hf
 
 from nkimoe.neuron import (
     Kernels,
     NeuronWiringError,
+    attention_block_binding,
+    attention_block_step,
+    attention_block_weights,
     axis_permutation,
     check_neuron_config,
     decode_attention,
@@ -53,6 +56,7 @@ from nkimoe.shapes import ModelShapes, intermediate_per_rank, neuron_call_sites
 from nkimoe.variants.attention import ATTENTION_TOLERANCE
 from nkimoe.variants.experts import EXPERT_TOLERANCE
 from nkimoe.variants.fused import MOE_BLOCK_TOLERANCE
+from nkimoe.variants.fused_attention import BLOCK_TOLERANCE
 from nkimoe.variants.linear import LINEAR_TOLERANCE
 
 H, I, E, K = 2048, 768, 128, 8  # Qwen3-30B-A3B
@@ -238,6 +242,76 @@ def test_decode_attention_reads_the_cache_with_the_new_token(kernels: Kernels, k
         assert ok, detail
     else:  # the masked reference adds exact zeros for the masked positions: bit for bit
         assert torch.equal(out[0], expected)
+
+
+@pytest.fixture(scope="module")
+def hf_attention() -> hf.Qwen3MoeAttention:
+    """HF's Qwen3-MoE attention at full width, bf16, with random q/k norm weights."""
+    config = Qwen3MoeConfig(hidden_size=H, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=D,
+                            rms_norm_eps=1e-6, attn_implementation="eager")
+    torch.manual_seed(13)
+    attn = hf.Qwen3MoeAttention(config, layer_idx=0)
+    with torch.no_grad():
+        for norm in (attn.q_norm, attn.k_norm):
+            norm.weight.uniform_(0.5, 1.5)
+    return attn.to(torch.bfloat16).eval()
+
+
+def test_attention_block_is_not_bound_where_the_chain_runs() -> None:
+    """cpu binds the composite's chain, and KV heads replicated over more ranks than there are keep
+    NxDI's attention: no block weights are stored in either case."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NKIMOE_TARGET", "cpu")
+        assert attention_block_binding(Kernels(), torch.bfloat16, H, HEADS, KV_HEADS, D, 1024, TP) is None
+        mp.setenv("NKIMOE_TARGET", "trn3")
+        assert attention_block_binding(Kernels(), torch.bfloat16, H, HEADS, KV_HEADS, D, 1024, 8) is None
+        assert attention_block_binding(Kernels(), torch.bfloat16, H, HEADS, KV_HEADS, D, 1024, TP) is not None
+
+
+@pytest.mark.parametrize("kernels", ["trn2", "trn3"], indirect=True)
+def test_attention_block_ranks_sum_to_hf_attention(kernels: Kernels, hf_attention: hf.Qwen3MoeAttention) -> None:
+    """A decode step's attention half through the fused block on each simulated TP 4 rank: weights
+    converted from HF's projections and split as NxD splits them, each rank's KV head of one cache.
+    The ranks' o_proj partials sum to HF's attention on the normed token over that cache, and each
+    rank's new k and v are the ones HF appends to the cache for that head."""
+    lmax, pos = 640, 300
+    bound = attention_block_binding(kernels, torch.bfloat16, H, HEADS, KV_HEADS, D, lmax, TP)
+    assert bound is not None and bound.variant.nki
+    x, norm_weight = _heads(20, 1, 1, H), (_heads(21, H).float() * 0.1 + 1).to(torch.bfloat16)
+    k_prior, v_prior = _heads(22, 1, KV_HEADS, pos, D), _heads(23, 1, KV_HEADS, pos, D)
+    junk = _heads(24, 1, KV_HEADS, lmax - pos, D)  # cache positions from pos on are never read
+    k_cache_t = torch.cat([k_prior, junk], 2).transpose(2, 3).contiguous()
+    v_cache = torch.cat([v_prior, junk], 2)
+    cos, sin = rope_cos_sin(torch.tensor([pos]), D, 1_000_000.0, torch.bfloat16)
+    a = hf_attention
+    weights = attention_block_weights(bound, a.q_proj.weight.data, a.k_proj.weight.data, a.v_proj.weight.data,
+                                      a.o_proj.weight.data, TP)
+    partials, ks, vs = [], [], []
+    for r in range(TP):
+        heads = slice(r * KV_HEADS // TP, (r + 1) * KV_HEADS // TP)
+        out, k, v = attention_block_step(kernels, bound, x, norm_weight, 1e-6, shard(weights["w_qkv"], 0, 1, r),
+                                         a.q_norm.weight.data, a.k_norm.weight.data, cos[None], sin[None],
+                                         k_cache_t[:, heads], v_cache[:, heads], torch.tensor([[pos]]),
+                                         shard(weights["w_o"], 0, 1, r), D**-0.5)
+        assert out.shape == (1, 1, H) and k.shape == v.shape == (1, KV_HEADS // TP, 1, D)
+        partials.append(out[0])
+        ks.append(k)
+        vs.append(v)
+    cache = DynamicCache()
+    cache.update(k_prior, v_prior, 0)
+    with torch.no_grad():
+        expected, _ = a(rmsnorm(x, norm_weight), (cos[None], sin[None]), None, cache)
+    keys, values = cache.layers[0].keys, cache.layers[0].values
+    atol, rtol = BLOCK_TOLERANCE["bfloat16"]
+    stacked = torch.stack(partials).float()
+    total = stacked.sum(0).to(torch.bfloat16)
+    # The block's tolerance plus the rounding of each rank's bf16 partial (half an ulp each, at most
+    # 2^-9 of the largest), as for the MoE partials.
+    ok, detail = compare(total, expected[0], atol + TP * 2**-9 * float(stacked.abs().max()), rtol)
+    assert ok, detail
+    for got, want in ((torch.cat(ks, 1), keys[:, :, pos:]), (torch.cat(vs, 1), values[:, :, pos:])):
+        ok, detail = compare(got, want, atol, rtol)
+        assert ok, detail
 
 
 @pytest.mark.parametrize("kernels", TARGETS, indirect=True)

@@ -18,11 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from nkimoe.bench.cache import BenchCache
+from nkimoe.neuron import Kernels, attention_block_binding
 from nkimoe.offhw import runner
+from nkimoe.offhw.checks import SEQ_LEN
 from nkimoe.offhw.environment import SDK_VERSIONS, vendor_root
 from nkimoe.plugins import load_registry
+from nkimoe.registry import CHAIN
 from nkimoe.submit import build_bundle, verify_through_nxdi
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +99,8 @@ def sharded(request: pytest.FixtureRequest, nxdi_python: Path, checkpoints: dict
 def test_shard_checkpoint_at_harness_defaults(sharded: dict[str, Any]) -> None:
     """TP 4, bf16, the model built on the meta device first (as load() does): every rank holds its
     slice of every expert (intermediate 128 / 4 = 32 columns) and the whole router gate, in the
-    layouts of the variants bound on each target (identity for the references on cpu)."""
+    layouts of the variants bound on each target (identity for the references on cpu), and on trn3
+    its heads' q|k|v rows and W_o columns in the fused attention block's layout."""
     assert set(sharded["targets"]) == {"cpu", "trn3"}
     for target, entry in sharded["targets"].items():
         assert (entry["tp"], entry["dtype"], len(entry["ranks"])) == (4, "torch.bfloat16", 4)
@@ -105,6 +110,9 @@ def test_shard_checkpoint_at_harness_defaults(sharded: dict[str, Any]) -> None:
             assert shards["layers.0.mlp.experts.down_proj"]["shape"] == [reference_shape[a] for a in layout]
             if target == "cpu":
                 assert layout == [0, 1, 2]
+            # trn3 stores the fused attention block's q|k|v and W_o per rank; cpu keeps NxDI's attention only
+            blocks = {name for name in shards if ".self_attn.block." in name}
+            assert blocks == (set() if target == "cpu" else {"layers.0.self_attn.block.qkv", "layers.0.self_attn.block.o"})
     assert runner.shard_differences(sharded) == []
 
 
@@ -144,8 +152,40 @@ def test_release_gaps_found_by_feature(tiny: dict[str, Any]) -> None:
         assert len(tiny["filled_in"]) == 2
 
 
+def _attention_ops(run: dict[str, Any]) -> set[str]:
+    """The attention ops a run bound to a variant (problems are named ``op[dims] dtype``; a composite
+    bound to its chain runs its parts instead)."""
+    return {problem.partition("[")[0] for problem, name in run["bound"].items()
+            if problem.startswith("attention") and not name.startswith(CHAIN)}
+
+
 def test_full_width_layer(full_width: dict[str, Any]) -> None:
     assert runner.differences(full_width) == []
+    # Decode ran the fused attention block on trn3 (NxDI's own attention, whose token-generation
+    # seam binds attention_decode, never ran a decode step), and on trn2 wherever the binder puts it:
+    # in fp32 at TP 1 the block's SBUF working set fits Trn3's SBUF, not Trn2's.
+    runs = full_width["runs"]
+    assert _attention_ops(runs["qwen.py:trn3"]) == {"attention_block", "attention_prefill"}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NKIMOE_TARGET", "trn2")
+        block = attention_block_binding(Kernels(), torch.float32, 2048, 32, 4, 128, SEQ_LEN, 1)
+    assert _attention_ops(runs["qwen.py:trn2"]) == {"attention_block" if block else "attention_decode", "attention_prefill"}
+    assert _attention_ops(runs["qwen.py:cpu"]) == {"attention_decode", "attention_prefill"}
+
+
+def test_full_width_tensor_parallel_2_runs_the_attention_block(nxdi_python: Path, checkpoints: dict[str, Path],
+                                                               full_width: dict[str, Any],
+                                                               tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Two ranks at full width, each running its half of the heads through the fused attention block
+    on weights NxD sharded (fp32): the tokens and logits are those of TP 1 on trn3, within the
+    harness's tolerances (only the order of the partial sums differs)."""
+    tp2 = runner.run_tensor_parallel(nxdi_python, full_width["sdk"], checkpoints["full"], ROOT / "qwen.py", "trn3",
+                                     tmp_path_factory.mktemp("work"), vendor=vendor_root(ROOT))
+    one, two = full_width["runs"]["qwen.py:trn3"], tp2["runs"]["qwen.py:trn3"]
+    assert any(problem.startswith("attention_block[H=2048,Hq=16,Hkv=2") for problem in two["bound"])
+    assert _attention_ops(two) == {"attention_block", "attention_prefill"}
+    assert two["tokens"] == one["tokens"]
+    assert runner.within_tol_map(two["logits"], one["logits"], full_width["tol_map"]) == []
 
 
 def test_tol_map_is_the_harness_one(tiny: dict[str, Any]) -> None:

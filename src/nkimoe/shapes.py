@@ -144,7 +144,8 @@ def neuron_call_sites(shapes: ModelShapes, tp: int, phase: str, tokens: int, dty
     heads split, or replicated to one per rank when there are fewer than ``tp`` (NxDI's
     ``GQA.REPLICATE_TO_TP_DEGREE``). q/k norms run per head row; every position reaches the final
     norm and only the last one lm_head. The composite ``moe_block`` covers add_norm, router_gate,
-    router and experts (a fused variant, or their chain).
+    router and experts (a fused variant, or their chain); in decode, where KV heads split over the
+    ranks, ``attention_block`` covers the input norm and the attention sites (``NEURON_REPLACED``).
     """
     if phase not in ("prefill", "decode"):
         raise ValueError(f"unknown phase {phase!r}; valid: prefill, decode")
@@ -182,4 +183,18 @@ def neuron_call_sites(shapes: ModelShapes, tp: int, phase: str, tokens: int, dty
         sites["attention"] = Problem.of("attention_prefill", dtype, S=t, **heads)
     else:
         sites["attention"] = Problem.of("attention_decode", dtype, L=tokens, **heads)
+        if s.kv_heads % tp == 0:  # KV heads split, not replicated: the fused block's weights shard per rank
+            sites["attention_block"] = Problem.of("attention_block", dtype, H=s.hidden, L=tokens, **heads)
     return {f"{phase}.{name}": problem for name, problem in sites.items()}
+
+
+#: Neuron-path sites issued more than once per layer: ``kv_proj`` is the problem of NxDI's k_proj
+#: and of its v_proj (two projections of the same shape, unless q|k|v are fused).
+NEURON_CALLS_PER_LAYER: dict[str, int] = {"kv_proj": 2}
+
+#: Neuron-path sites that a fused composite replaces besides those named like its parts: the fused
+#: attention block runs the input norm and NxDI's attention (q and k|v as two projections, q and k
+#: norms as plain RMSNorms over head rows) in one kernel.
+NEURON_REPLACED: dict[str, tuple[str, ...]] = {
+    "attention_block": ("input_norm", "q_proj", "kv_proj", "qkv_proj", "q_norm", "k_norm"),
+}

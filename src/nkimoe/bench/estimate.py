@@ -23,7 +23,7 @@ from nkimoe.bench.cache import BenchCache
 from nkimoe.bench.trial import run_trial
 from nkimoe.ops import Problem
 from nkimoe.registry import Binding, Registry, default_policy
-from nkimoe.shapes import ModelShapes, call_sites, neuron_call_sites
+from nkimoe.shapes import NEURON_CALLS_PER_LAYER, NEURON_REPLACED, ModelShapes, call_sites, neuron_call_sites
 from nkimoe.targets import Target
 
 #: Sites that run once per pass; every other site runs once per layer.
@@ -108,6 +108,14 @@ def _site_sets(shapes: ModelShapes, tp: int, phase: str, tokens: int) -> dict[st
     return call_sites(shapes, phase, tokens) if tp == 1 else neuron_call_sites(shapes, tp, phase, tokens)
 
 
+def _runs(binding: Binding, site: str) -> bool:
+    """Whether ``site`` issues calls: :meth:`Binding.runs`, and not a Neuron-path site that a fused
+    composite of its phase replaces (``NEURON_REPLACED``)."""
+    phase, _, name = site.rpartition(".")
+    return binding.runs(site) and not any(
+        name in replaced and binding.fused(f"{phase}.{composite}") for composite, replaced in NEURON_REPLACED.items())
+
+
 def _cached(cache: BenchCache, target: Target, problem: Problem, policy: str, variant: Any) -> dict | None:
     found = cache.entry(target, problem, policy)
     if found is None:
@@ -159,9 +167,10 @@ def estimate_model(registry: Registry, target: Target, *, tp: int = 1, seq_len: 
         binding = registry.bind(target, problems, policy=default_policy(), cache=cache)
         sites = []
         for site, problem in problems.items():
-            if not binding.runs(site):
+            if not _runs(binding, site):
                 continue
-            calls = 1 if site.split(".", 1)[1] in ONCE_PER_PASS else shapes.layers
+            name = site.split(".", 1)[1]
+            calls = 1 if name in ONCE_PER_PASS else shapes.layers * NEURON_CALLS_PER_LAYER.get(name, 1)
             sites.append(_estimate_site(binding, site, calls, cache, target))
             if phase == "decode":
                 roofline_bytes += calls * must_read_bytes(problem)

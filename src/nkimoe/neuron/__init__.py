@@ -24,6 +24,11 @@ attention_decode                ``compute_for_token_gen`` (K cache stored transp
 linear (router gate), router,   nkimoe's sparse MoE block: every rank holds all experts' slice
 expert_mlp                      of the intermediate axis (768 over TP 4: 192, unpadded), runs
                                 the bound expert variant on it and all-reduces the partial sums
+moe_block                       the decoder layer: the fused variant, or the chain above
+attention_block (decode)        the decoder layer in a token-generation step
+                                (``NeuronQwen3MoEAttention.decode_block``), where KV heads split
+                                over the ranks and a fused variant is bound: the block's weights
+                                are stored per rank beside NxDI's; otherwise NxDI's attention
 ==============================  ==============================================================
 
 Each op is bound the first time a traced forward meets its shape (so the bucket sizes NxDI
@@ -54,6 +59,9 @@ from nkimoe.neuron.seams import (
     LocalMatmul,
     NeuronWiringError,
     add_rms_norm,
+    attention_block_binding,
+    attention_block_step,
+    attention_block_weights,
     axis_permutation,
     call_bound,
     check_neuron_config,
@@ -75,6 +83,7 @@ from nkimoe.neuron.seams import (
 __all__ = [
     "KERNELS", "NEURON_AVAILABLE", "BoundRMSNorm", "Kernels", "Layout", "LocalMatmul", "NeuronQwen3MoeForCausalLM",
     "NeuronQwen3MoeModel", "NeuronUnavailable", "NeuronWiringError", "Qwen3MoeInferenceConfig", "add_rms_norm",
+    "attention_block_binding", "attention_block_step", "attention_block_weights",
     "axis_permutation", "call_bound", "check_neuron_config", "convert_qwen3_moe_hf_to_neuron_state_dict",
     "decode_attention", "decode_layouts", "launch", "linear_rows", "moe_layer_partial", "moe_partial",
     "permuted_shape", "prefill_attention", "rms_norm", "rotary", "stack_experts", "takes_grid", "variant_layout",

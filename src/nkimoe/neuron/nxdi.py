@@ -16,6 +16,9 @@ from nkimoe.neuron.seams import (
     BoundRMSNorm,
     Layout,
     LocalMatmul,
+    attention_block_binding,
+    attention_block_step,
+    attention_block_weights,
     check_neuron_config,
     decode_attention,
     decode_layouts,
@@ -27,6 +30,7 @@ from nkimoe.neuron.seams import (
     stack_experts,
     variant_layout,
 )
+from nkimoe.registry import BoundOp
 from nkimoe.shapes import intermediate_per_rank
 
 try:  # pragma: no cover - exercised only where the Neuron SDK is installed
@@ -126,8 +130,38 @@ if NEURON_AVAILABLE:  # pragma: no cover - needs the Neuron SDK
         divisor = getattr(attention, "softmax_scale", None)
         return 1.0 / (math.sqrt(attention.head_dim) if divisor is None else divisor)
 
+    def _head_dim(config: Any) -> int:
+        return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+    def attention_block_variant(config: Any) -> BoundOp | None:
+        """The fused ``attention_block`` variant whose weights every layer stores (bound for a decode
+        step over NxDI's whole KV cache, ``seq_len`` positions), or None where decode runs NxDI's
+        attention through the part seams."""
+        nc = config.neuron_config
+        dtype = getattr(nc, "attention_dtype", None) or nc.torch_dtype  # the attention module's (attention_base.py)
+        return attention_block_binding(KERNELS, dtype, config.hidden_size, config.num_attention_heads,
+                                       config.num_key_value_heads, _head_dim(config), nc.seq_len, nc.tp_degree)
+
+    class AttentionBlockWeights(BaseParallelLinear):
+        """This rank's q|k|v and o_proj weights for the fused attention block, in its variant's layout
+        (``attention_block_weights`` stacks the ranks' on axis 0; NxD hands each rank its own)."""
+
+        def __init__(self, config: Any, bound: BoundOp) -> None:
+            super().__init__()
+            tp, d, h = config.neuron_config.tp_degree, _head_dim(config), config.hidden_size
+            hq, hkv = config.num_attention_heads // tp, config.num_key_value_heads // tp
+            for name, arg, shape in (("qkv", "w_qkv", ((hq + 2 * hkv) * d, h)), ("o", "w_o", (h, hq * d))):
+                convert = bound.variant.prepare.get(arg)
+                probe = torch.empty(shape, device="meta")
+                local = tuple((probe if convert is None else convert(probe)).shape)
+                setattr(self, name, nn.Parameter(torch.empty(local, dtype=getattr(torch, bound.problem.dtype)),
+                                                 requires_grad=False))
+                set_tensor_model_parallel_attributes(getattr(self, name), is_parallel=True, dim=0, stride=1,
+                                                     num_partitions=tp)
+
     class NeuronQwen3MoEAttention(_nxdi.NeuronQwen3MoEAttention):
-        """NxDI's attention with nkimoe's q/k norms, projections, RoPE, prefill and decode."""
+        """NxDI's attention with nkimoe's q/k norms, projections, RoPE, prefill and decode; a decode
+        step runs the fused attention block where one is bound (:meth:`decode_block`)."""
 
         def __init__(self, config: Any) -> None:
             super().__init__(config)
@@ -138,6 +172,39 @@ if NEURON_AVAILABLE:  # pragma: no cover - needs the Neuron SDK
                 for module in proj.modules():
                     if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
                         _wire_linear(module, config)
+            self.block_variant = attention_block_variant(config)
+            if self.block_variant is not None:
+                self.block = AttentionBlockWeights(config, self.block_variant)
+
+        def decode_block(self, hidden_states: torch.Tensor, norm: BoundRMSNorm, position_ids: torch.Tensor,
+                         past_key_value: Any, cos_cache: torch.Tensor | None = None,
+                         sin_cache: torch.Tensor | None = None, rotary_position_ids: torch.Tensor | None = None,
+                         get_kv_per_layer: bool = False, update_kv_per_layer: bool = False,
+                         **_: Any) -> tuple | None:
+            """One decode step of ``norm`` and this attention through the fused block: ``(attention
+            output (all-reduced), (k, v) of the new token for the KV-cache manager, cos, sin)``; None
+            where NxDI's attention runs instead (context encoding, several new tokens per step, per-layer
+            KV-cache access, no block weights, or a block bound at this cache length to its chain or to
+            a variant wanting other weight layouts)."""
+            if (self.block_variant is None or past_key_value is None or get_kv_per_layer or update_kv_per_layer
+                    or hidden_states.shape[1] != 1 or not self.k_cache_transposed):
+                return None
+            k_prior, v_prior = past_key_value[0], past_key_value[1]
+            bound = self.kernels.bound("attention_block", self.torch_dtype, H=hidden_states.shape[-1],
+                                       Hq=self.num_heads, Hkv=self.num_key_value_heads, D=self.head_dim,
+                                       L=v_prior.shape[2])
+            if bound.is_chain or bound.variant.prepare != self.block_variant.variant.prepare:
+                return None
+            x = hidden_states.to(self.torch_dtype)
+            if cos_cache is None or sin_cache is None:
+                cos_cache, sin_cache = self.rotary_emb(x, position_ids if rotary_position_ids is None
+                                                       else rotary_position_ids)
+            out, k, v = attention_block_step(self.kernels, bound, x, norm.weight, norm.variance_epsilon,
+                                             self.block.qkv, self.q_layernorm.weight, self.k_layernorm.weight,
+                                             cos_cache, sin_cache, k_prior, v_prior, position_ids, self.block.o,
+                                             _score_scale(self))
+            out = reduce_from_tensor_model_parallel_region(out).to(hidden_states.dtype)
+            return out, (k.permute(0, 1, 3, 2), v), cos_cache, sin_cache
 
         def apply_rotary_embedding(self, Q, K, V, position_ids, cos_cache, sin_cache, use_polar_compatible_rope):
             if use_polar_compatible_rope:
@@ -213,7 +280,8 @@ if NEURON_AVAILABLE:  # pragma: no cover - needs the Neuron SDK
             return summed, reduce_from_tensor_model_parallel_region(partial)
 
     class NeuronQwen3MoeDecoderLayer(nn.Module):
-        """Norm, attention, residual add fused with the post-attention norm, MoE, residual add."""
+        """Norm, attention, residual add fused with the post-attention norm, MoE, residual add; in a
+        decode step the norm and the attention run as one fused block where one is bound."""
 
         def __init__(self, config: Any, layer_idx: int) -> None:
             super().__init__()
@@ -227,9 +295,11 @@ if NEURON_AVAILABLE:  # pragma: no cover - needs the Neuron SDK
                     position_ids: torch.Tensor | None = None, past_key_value: Any = None, **kwargs: Any) -> tuple:
             kwargs.pop("padding_mask", None)
             residual = ModuleMarkerStartWrapper()(hidden_states)
-            attn, present_key_value, cos_cache, sin_cache = self.self_attn(
-                hidden_states=self.input_layernorm(residual), attention_mask=attention_mask, position_ids=position_ids,
-                past_key_value=past_key_value, **kwargs)
+            step = self.self_attn.decode_block(residual, self.input_layernorm, position_ids, past_key_value, **kwargs)
+            if step is None:
+                step = self.self_attn(hidden_states=self.input_layernorm(residual), attention_mask=attention_mask,
+                                      position_ids=position_ids, past_key_value=past_key_value, **kwargs)
+            attn, present_key_value, cos_cache, sin_cache = step
             residual, moe_out = self.mlp.with_norm(attn, residual, self.post_attention_layernorm)
             hidden_states = ModuleMarkerEndWrapper()(residual + moe_out)
             return hidden_states, present_key_value, cos_cache, sin_cache, None
@@ -256,9 +326,13 @@ if NEURON_AVAILABLE:  # pragma: no cover - needs the Neuron SDK
         tp = config.neuron_config.tp_degree
         sd["rank_util.rank"] = torch.arange(0, tp, dtype=torch.int32)
         gate_layout, expert_layouts = model_layouts(config)
+        block = attention_block_variant(config)
         experts = config.num_experts
         for layer in range(config.num_hidden_layers):
             p = f"layers.{layer}."
+            if block is not None:
+                weights = attention_block_weights(block, *(sd[f"{p}self_attn.{n}_proj.weight"] for n in "qkvo"), tp)
+                sd[f"{p}self_attn.block.qkv"], sd[f"{p}self_attn.block.o"] = weights["w_qkv"], weights["w_o"]
             sd[f"{p}self_attn.rank_util.rank"] = torch.arange(0, tp, dtype=torch.int32)
             sd[f"{p}self_attn.q_layernorm.weight"] = sd.pop(f"{p}self_attn.q_norm.weight")
             sd[f"{p}self_attn.k_layernorm.weight"] = sd.pop(f"{p}self_attn.k_norm.weight")

@@ -66,6 +66,10 @@ class Kernels:
         """The problems bound so far."""
         return list(self._bound)
 
+    def bound_names(self) -> dict[str, str]:
+        """Each problem bound so far and the name of what it is bound to (a variant or a chain)."""
+        return {str(problem): bound.name for problem, bound in self._bound.items()}
+
 
 def axis_permutation(convert: Callable[[torch.Tensor], Any], ndim: int) -> Layout | None:
     """The axis permutation that ``convert`` (a variant's ``prepare``) applies, or None if it does
@@ -241,6 +245,66 @@ def decode_attention(kernels: Kernels, q: torch.Tensor, k_new: torch.Tensor, v_n
             out = _masked_decode(query, k_cache, v_cache, length, scale)
         outs.append(out.transpose(0, 1))
     return torch.stack(outs)
+
+
+def attention_block_binding(kernels: Kernels, dtype: torch.dtype, hidden: int, heads: int, kv_heads: int,
+                            head_dim: int, cache_len: int, tp: int) -> BoundOp | None:
+    """The fused ``attention_block`` variant bound for one rank's decode step (a KV cache of
+    ``cache_len`` positions), or None where the Neuron path keeps NxDI's attention and its part
+    seams: the block binds its chain, or the heads do not split over the ranks (NxDI replicates
+    KV heads when there are fewer than ``tp``)."""
+    if heads % tp or kv_heads % tp:
+        return None
+    bound = kernels.bound("attention_block", dtype, H=hidden, Hq=heads // tp, Hkv=kv_heads // tp, D=head_dim,
+                          L=cache_len)
+    return None if bound.is_chain else bound
+
+
+def attention_block_weights(bound: BoundOp, w_q: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor,
+                            w_o: torch.Tensor, tp: int) -> dict[str, torch.Tensor]:
+    """The fused ``attention_block`` variant's weights for every rank, from the whole model's
+    projections (HF's q/k/v [heads * D, H] and o [H, Hq * D]): rank r's q|k|v rows (its query
+    heads, then its KV heads' k and v rows) and its columns of W_o, each in the bound variant's
+    load-time layout (``prepare``), stacked on axis 0 so that NxD's contiguous split of that axis
+    (``dim=0, stride=1``) hands every rank its own. KV heads must split over the ranks (no
+    replication), as the rank's KV cache then holds exactly the heads its query heads read."""
+    kv_rows = w_k.shape[0]
+    if w_q.shape[0] % tp or kv_rows % tp or w_o.shape[1] % tp:
+        raise NeuronWiringError(f"attention_block: q rows {w_q.shape[0]}, k/v rows {kv_rows} and W_o columns "
+                                f"{w_o.shape[1]} must split over tp_degree={tp}")
+    prepare = bound.variant.prepare
+    qkv, out = [], []
+    for q, k, v, o in zip(*(torch.chunk(w, tp, dim=0) for w in (w_q, w_k, w_v)), torch.chunk(w_o, tp, dim=1)):
+        for stack, name, weight in ((qkv, "w_qkv", torch.cat([q, k, v])), (out, "w_o", o.contiguous())):
+            convert = prepare.get(name)
+            stack.append(weight if convert is None else convert(weight))
+    return {"w_qkv": torch.cat(qkv), "w_o": torch.cat(out)}
+
+
+def attention_block_step(kernels: Kernels, bound: BoundOp, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                         w_qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor,
+                         cos: torch.Tensor, sin: torch.Tensor, k_prior: torch.Tensor, v_prior: torch.Tensor,
+                         position: torch.Tensor, w_o: torch.Tensor,
+                         scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The attention half of a decode layer on one rank in the bound fused ``attention_block``
+    variant: input norm, q|k|v, QK-norm, RoPE, attention over the cache and the new position, o_proj.
+
+    x [B, 1, H] is the layer's input (the residual sum already: the block adds zeros to it);
+    w_qkv, w_o this rank's weights in the variant's layout (:func:`attention_block_weights`);
+    cos, sin [B, 1, D]; k_prior [B, Hkv, D, L] (NxDI's transposed K cache) and v_prior [B, Hkv, L, D]
+    without the new token; position [B, 1]. Returns this rank's o_proj partial sum [B, 1, H] (the
+    ranks' sum is the attention output) and the new token's k, v [B, Hkv, 1, D] for NxDI's KV-cache
+    manager to write at ``position``."""
+    zeros = torch.zeros(1, x.shape[-1], dtype=x.dtype, device=x.device)
+    outs, ks, vs = [], [], []
+    for i in range(x.shape[0]):
+        _, out, k, v = launch(bound, x[i], zeros, norm_weight.to(x.dtype), w_qkv, q_norm_weight.to(x.dtype),
+                              k_norm_weight.to(x.dtype), cos[i].to(x.dtype), sin[i].to(x.dtype), k_prior[i],
+                              v_prior[i], position[i].reshape(1, 1).to(torch.int32), w_o, scale, eps, lnc=kernels.lnc)
+        outs.append(out)
+        ks.append(k.transpose(0, 1))
+        vs.append(v.transpose(0, 1))
+    return torch.stack(outs), torch.stack(ks), torch.stack(vs)
 
 
 def stack_experts(state_dict: Mapping[str, torch.Tensor], prefix: str, experts: int, tp: int) -> tuple[torch.Tensor, torch.Tensor]:

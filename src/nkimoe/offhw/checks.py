@@ -22,6 +22,8 @@ from typing import Any
 
 #: The prompt's token ids (any ids of the vocabulary above 2).
 PROMPT_IDS = (5, 17, 33, 8, 21, 40, 3, 9)
+#: The harness's ``--seq-len`` in these runs: the prompt and as many generated tokens (the KV cache length).
+SEQ_LEN = 16
 
 
 def harness_tol_map(main_source: str) -> dict[Any, tuple[float, float]]:
@@ -210,6 +212,7 @@ def run(sdk: str, vendor: Path, work: Path, model_dir: Path, qwen_files: list[Pa
         kernels = getattr(inspect.getmodule(cls), "KERNELS", None)  # nkimoe's models: the grid their kernels got
         if kernels is not None:
             runs[label]["lnc"] = kernels.lnc
+            runs[label]["bound"] = kernels.bound_names()
         runs["dtype"] = str(model.config.neuron_config.torch_dtype).removeprefix("torch.")
         release_parallel_state()
 
@@ -230,8 +233,9 @@ def run(sdk: str, vendor: Path, work: Path, model_dir: Path, qwen_files: list[Pa
 def shard(sdk: str, vendor: Path, work: Path, model_dir: Path, qwen_file: Path, targets: list[str]) -> dict[str, Any]:
     """``shard_checkpoint()`` at the harness defaults (TP 4, bf16, ``save_sharded_checkpoint`` off: what
     ``load()`` does, building the model on the meta device first) for ``qwen_file`` on each target.
-    Reports every rank's expert, router-gate and q-projection shards: shape, and whether the shard
-    equals the slice of the HF weights in the layout the bound variants want."""
+    Reports every rank's expert and router-gate shards, and its fused attention-block weights where
+    the model stores them: shape, and whether the shard equals the slice of the HF weights in the
+    layout the bound variants want."""
     import inspect
 
     import torch
@@ -250,7 +254,7 @@ def shard(sdk: str, vendor: Path, work: Path, model_dir: Path, qwen_file: Path, 
     for target in targets:
         os.environ["NKIMOE_TARGET"] = target
         neuron.KERNELS.clear()
-        args = harness_args(main, model_dir, work, "w0005", 16, [])
+        args = harness_args(main, model_dir, work, "w0005", SEQ_LEN, [])
         neuron_config = module.NeuronQwen3MoeForCausalLM.get_neuron_config_cls()(
             **{k: v for k, v in vars(args).items() if v is not None}, blockwise_matmul_config={"use_torch_block_wise": True})
         config = module.NeuronQwen3MoeForCausalLM.get_config_cls()(
@@ -275,9 +279,33 @@ def shard(sdk: str, vendor: Path, work: Path, model_dir: Path, qwen_file: Path, 
                 got = shards[name]
                 entry[name] = {"shape": list(got.shape), "layout": list(layout), "dtype": str(got.dtype),
                                "equal": bool(torch.equal(got, reference.to(got.dtype).permute(layout).contiguous()))}
+            entry.update(block_shards(neuron, config, hf, shards, rank))
             report.append(entry)
         results["targets"][target] = {"tp": tp, "dtype": str(config.neuron_config.torch_dtype), "ranks": report}
     return results
+
+
+def block_shards(neuron: Any, config: Any, hf: dict[str, Any], shards: dict[str, Any], rank: int) -> dict[str, Any]:
+    """Rank ``rank``'s fused attention-block weights of layer 0 where the model stores them (see
+    ``shard``): its query heads' q rows, its KV heads' k and v rows and its W_o columns, sliced
+    from the HF checkpoint here and put in the bound variant's layout by its ``prepare``."""
+    import torch
+
+    block = neuron.attention_block_variant(config)
+    if block is None:
+        return {}
+    tp = config.neuron_config.tp_degree
+    q, k, v, o = (hf[f"model.layers.0.self_attn.{n}_proj.weight"] for n in "qkvo")
+    rows = [w[rank * w.shape[0] // tp:(rank + 1) * w.shape[0] // tp] for w in (q, k, v)]
+    columns = o[:, rank * o.shape[1] // tp:(rank + 1) * o.shape[1] // tp]
+    entry = {}
+    for name, arg, weight in (("qkv", "w_qkv", torch.cat(rows)), ("o", "w_o", columns.contiguous())):
+        got = shards[f"layers.0.self_attn.block.{name}"]
+        convert = block.variant.prepare.get(arg)
+        want = weight.to(got.dtype) if convert is None else convert(weight.to(got.dtype))
+        entry[f"layers.0.self_attn.block.{name}"] = {"shape": list(got.shape), "layout": block.variant.name,
+                                                     "dtype": str(got.dtype), "equal": bool(torch.equal(got, want))}
+    return entry
 
 
 def model_layouts(neuron: Any, config: Any) -> dict[str, tuple[int, ...]]:
@@ -297,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path)
     parser.add_argument("--qwen", type=Path, action="append", default=[])
     parser.add_argument("--targets", default="cpu")
-    parser.add_argument("--seq-len", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=SEQ_LEN)
     parser.add_argument("--harness-arg", action="append", default=[])
     parser.add_argument("--no-references", action="store_true", help="neither NxDI's own model nor HF transformers")
     ns = parser.parse_args(argv)
