@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from nkimoe.bench.estimate import all_gather_seconds, all_reduce_seconds, estimate_model, generation
+from nkimoe.bench.estimate import all_gather_seconds, all_reduce_seconds, estimate_model, generation, site_runs
 from nkimoe.plugins import get_registry
+from nkimoe.shapes import ModelShapes, neuron_call_sites
 from nkimoe.targets import TRN2, TRN3
 from tests.test_cli import run
 
@@ -64,3 +65,26 @@ def test_cli_estimate_json_and_score_estimate() -> None:
     assert "ESTIMATED" in score.stdout and "estimated (cost model)" in score.stdout
     bad = run("estimate", "--target", "cpu")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "trn2 or trn3" in bad.stderr
+
+
+#: The Neuron path's decode sites of the attention half of a layer (NxDI's attention with the part seams).
+NEURON_ATTENTION = ("input_norm", "q_proj", "kv_proj", "q_norm", "k_norm", "rope", "attention", "o_proj")
+
+
+@pytest.mark.parametrize("head_dim,fused", [(128, True), (64, False)])
+def test_neuron_attention_sites_run_only_where_the_block_binds_its_chain(head_dim: int, fused: bool) -> None:
+    """At TP 4 the fused attention block (D = 128 only) replaces the input norm and every attention
+    site of the Neuron path; bound to its chain, those sites run and the block does not."""
+    sites = neuron_call_sites(ModelShapes(head_dim=head_dim), 4, "decode", 1024)
+    binding = get_registry().bind(TRN3, sites)
+    assert site_runs(binding, "decode.attention_block") is fused
+    assert [site_runs(binding, f"decode.{name}") for name in NEURON_ATTENTION] == [not fused] * len(NEURON_ATTENTION)
+    assert site_runs(binding, "decode.moe_block") and site_runs(binding, "decode.lm_head")
+
+
+def test_decode_at_tp_4_runs_two_kernels_per_layer(reports) -> None:  # noqa: ANN001
+    """The TP 4 rank's decode is the fused attention block and the fused MoE block per layer, plus
+    the final norm and lm_head."""
+    sites = {s["site"]: s for s in reports[4]["decode_sites"]}
+    assert set(sites) == {"attention_block", "moe_block", "final_norm", "lm_head"}
+    assert reports[4]["kernel_launches_per_token"] == 2 * 48 + 2

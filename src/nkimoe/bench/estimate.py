@@ -108,7 +108,7 @@ def _site_sets(shapes: ModelShapes, tp: int, phase: str, tokens: int) -> dict[st
     return call_sites(shapes, phase, tokens) if tp == 1 else neuron_call_sites(shapes, tp, phase, tokens)
 
 
-def _runs(binding: Binding, site: str) -> bool:
+def site_runs(binding: Binding, site: str) -> bool:
     """Whether ``site`` issues calls: :meth:`Binding.runs`, and not a Neuron-path site that a fused
     composite of its phase replaces (``NEURON_REPLACED``)."""
     phase, _, name = site.rpartition(".")
@@ -167,7 +167,7 @@ def estimate_model(registry: Registry, target: Target, *, tp: int = 1, seq_len: 
         binding = registry.bind(target, problems, policy=default_policy(), cache=cache)
         sites = []
         for site, problem in problems.items():
-            if not _runs(binding, site):
+            if not site_runs(binding, site):
                 continue
             name = site.split(".", 1)[1]
             calls = 1 if name in ONCE_PER_PASS else shapes.layers * NEURON_CALLS_PER_LAYER.get(name, 1)
