@@ -64,9 +64,11 @@ def test_default_problems_cover_every_op_in_both_phases() -> None:
 
 def test_default_problems_at_tp4_are_one_ranks_shapes() -> None:
     problems = default_problems(ModelShapes(), 1024, (128,), tp=4)
-    # NxDI's q/k norm modules take head rows: rmsnorm problems, no qk_norm (nor its attention_block).
-    assert {p.op for p in problems} == set(OP_NAMES) - {"qk_norm", "attention_block"}
+    # NxDI's q/k norm modules take head rows: rmsnorm problems, no qk_norm (the fused attention block
+    # runs one in decode; its chain's parts are timed with it).
+    assert {p.op for p in problems} == set(OP_NAMES) - {"qk_norm"}
     assert Problem.of("attention_decode", L=1024, Hq=8, Hkv=1, D=128) in problems
+    assert Problem.of("attention_block", H=2048, Hq=8, Hkv=1, D=128, L=1024) in problems
     assert Problem.of("expert_mlp", T=1, H=2048, I=192, E=128, K=8) in problems  # 768 / 4, unpadded
     assert Problem.of("linear", T=1, K=2048, N=151_936 // 4) in problems  # lm_head's vocabulary slice
     assert Problem.of("linear", T=128, K=1024, N=2048) in problems  # o_proj contracts this rank's heads
