@@ -69,9 +69,10 @@ def vector_add_streamed(a, b, free):
 
 
 @nki.jit
-def matmul_tiled(lhs_t, rhs, hoist):
+def matmul_tiled(lhs_t, rhs, hoist, hoist_moving=False):
     """``lhs_t.T @ rhs`` in [128, 128] x [128, 512] tiles; ``hoist`` loads each M tile's column of
-    ``lhs_t`` once per M tile instead of once per output tile."""
+    ``lhs_t`` once per M tile instead of once per output tile, and ``hoist_moving`` each output
+    tile's column of ``rhs`` in one loop before its matmuls instead of one tile per matmul."""
     k, m = lhs_t.shape
     n = rhs.shape[1]
     out = nl.ndarray((m, n), dtype=lhs_t.dtype, buffer=nl.shared_hbm)
@@ -81,6 +82,10 @@ def matmul_tiled(lhs_t, rhs, hoist):
             for kk in nl.affine_range(k // 128):
                 nisa.dma_copy(dst=column[:, kk, :], src=lhs_t[kk * 128:(kk + 1) * 128, i * 128:(i + 1) * 128])
         for j in nl.affine_range(n // 512):
+            if hoist_moving:
+                moving_column = nl.ndarray((128, k // 128, 512), dtype=rhs.dtype, buffer=nl.sbuf)
+                for kk in nl.affine_range(k // 128):
+                    nisa.dma_copy(dst=moving_column[:, kk, :], src=rhs[kk * 128:(kk + 1) * 128, j * 512:(j + 1) * 512])
             acc = nl.ndarray((128, 512), dtype=nl.float32, buffer=nl.psum)
             for kk in nl.affine_range(k // 128):
                 if hoist:
@@ -88,8 +93,11 @@ def matmul_tiled(lhs_t, rhs, hoist):
                 else:
                     stationary = nl.ndarray((128, 128), dtype=lhs_t.dtype, buffer=nl.sbuf)
                     nisa.dma_copy(dst=stationary, src=lhs_t[kk * 128:(kk + 1) * 128, i * 128:(i + 1) * 128])
-                moving = nl.ndarray((128, 512), dtype=rhs.dtype, buffer=nl.sbuf)
-                nisa.dma_copy(dst=moving, src=rhs[kk * 128:(kk + 1) * 128, j * 512:(j + 1) * 512])
+                if hoist_moving:
+                    moving = moving_column[:, kk, :]
+                else:
+                    moving = nl.ndarray((128, 512), dtype=rhs.dtype, buffer=nl.sbuf)
+                    nisa.dma_copy(dst=moving, src=rhs[kk * 128:(kk + 1) * 128, j * 512:(j + 1) * 512])
                 nisa.nc_matmul(dst=acc, stationary=stationary, moving=moving, accumulate=kk > 0)
             result = nl.ndarray((128, 512), dtype=lhs_t.dtype, buffer=nl.sbuf)
             nisa.tensor_copy(dst=result, src=acc)

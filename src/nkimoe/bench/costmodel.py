@@ -344,7 +344,8 @@ def _simulate(trace: Sequence[Instruction], target: Target) -> tuple[dict[int, _
         else:
             start = max(core.engine_free[instr.engine], ready)
             if instr.engine == "tensor":
-                duration = _throttled_seconds(_tensor_cycles(instr, target, core) / target.tensor_hz, start, target, core)
+                work = _tensor_cycles(instr, target, core) / target.tensor_hz
+                duration = _throttled_seconds(work, start, target, core)
             else:
                 duration = _elementwise_seconds(instr, target)
             done = start + duration
