@@ -36,7 +36,7 @@ def test_calibration_set_has_sources_generations_and_shapes() -> None:
     assert sum(not m.heavy for m in measurements) >= 5
     for m in measurements:
         assert m.target in TARGETS and m.measured_us > 0 and m.url.startswith("https://")
-        assert m.quantity in ("kernel_us", "dma_engine_us") and m.inputs
+        assert m.quantity in ("kernel_us", "dma_engine_us", "interval_us") and m.inputs
 
 
 def test_model_ratio_to_every_measurement(ratios) -> None:  # noqa: ANN001

@@ -2,7 +2,8 @@
 
 Each measurement names a kernel below (written here after the published description of the
 measured kernel), its inputs, the hardware generation and what was measured: ``kernel_us`` (a
-kernel's device latency) or ``dma_engine_us`` (one DMA engine's busy time in a profile). The model
+kernel's device latency), ``dma_engine_us`` (one DMA engine's busy time in a profile) or
+``interval_us`` (the time between the starts of consecutive compute instructions in a profile). The model
 runs the kernel in the emulator on that generation's :class:`~nkimoe.targets.Target` and reports
 its ESTIMATE over the measurement. Nothing here adjusts the model.
 """
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from nkimoe.bench.costmodel import Estimate, estimate
+from nkimoe.bench.costmodel import Estimate, estimate, schedule
 from nkimoe.nki import nisa, nki, nl
 from nkimoe.nki.emulator import session
 from nkimoe.targets import TRN1, TRN2, TRN3, Target
@@ -30,6 +31,19 @@ def single_load(x):
     """One HBM -> SBUF DMA of all of ``x`` (rows on partitions)."""
     tile = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.sbuf)
     nisa.dma_copy(dst=tile, src=x)
+    return nl.ndarray((1, 1), dtype=x.dtype, buffer=nl.shared_hbm)
+
+
+@nki.jit
+def scalar_chain(x, count):
+    """``count`` ScalarE activations (identity with a scale) of one element per partition, each
+    reading the previous one's output."""
+    tile = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=tile, src=x)
+    for _ in range(count):
+        result = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.sbuf)
+        nisa.activation(dst=result, op=nl.copy, data=tile, scale=1.0)
+        tile = result
     return nl.ndarray((1, 1), dtype=x.dtype, buffer=nl.shared_hbm)
 
 
@@ -107,6 +121,7 @@ def matmul_tiled(lhs_t, rhs, hoist, hoist_moving=False):
 
 KERNELS: dict[str, Callable[..., Any]] = {
     "single_load": single_load,
+    "scalar_chain": scalar_chain,
     "vector_add_rows": vector_add_rows,
     "vector_add_streamed": vector_add_streamed,
     "matmul_tiled": matmul_tiled,
@@ -122,7 +137,7 @@ class Measurement:
     inputs: list[list[Any]]  #: [shape, dtype] per array argument
     options: dict[str, Any]
     target: str
-    quantity: str  #: "kernel_us" or "dma_engine_us"
+    quantity: str  #: "kernel_us", "dma_engine_us" or "interval_us"
     measured_us: float
     source: str
     url: str
@@ -145,4 +160,9 @@ def model_estimate(m: Measurement) -> tuple[float, Estimate]:
     with session(target) as s:
         KERNELS[m.kernel](*_inputs(m), **m.options)
     est = estimate(s.trace, target)
-    return (est.busy_us.get("dma", 0.0) if m.quantity == "dma_engine_us" else est.micros), est
+    if m.quantity == "dma_engine_us":
+        return est.busy_us.get("dma", 0.0), est
+    if m.quantity == "interval_us":  # a chain on one engine: starts are as far apart as completions
+        done = [t for (_, t), instr in zip(schedule(s.trace, target), s.trace) if instr.engine != "dma"]
+        return (done[-1] - done[0]) / (len(done) - 1) * 1e6, est
+    return est.micros, est

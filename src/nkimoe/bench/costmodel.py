@@ -64,7 +64,8 @@ PARTITIONS_PER_DMA_ENGINE = 8
 #: moving small descriptors in a few nanoseconds: a 4 B transfer takes 7 ns
 #: (nki/deep-dives/nki_perf_guide.rst, fig29.png, "Example timeline with tiny DMA transfers"), and
 #: nki-dma-overview.rst's Example 2 profile (nki-dma-intro-5.png, Trn2) shows each engine moving
-#: its 2 KiB share of a [128, 128] bf16 load in 97 ns, i.e. 2 KiB / 23 B/ns + ~7 ns.
+#: its 2 KiB share of a [128, 128] bf16 load in 97 ns, i.e. 2 KiB / 23 B/ns + ~8 ns (the model,
+#: counting a descriptor per partition, gives 89 + 8 x 7 = 145 ns there).
 DMA_DESCRIPTOR_NS = 7.0
 
 #: Least time between the starts of two transfers of one DMA queue. nki-dma-overview.rst's
