@@ -80,6 +80,8 @@ class Target:
     matmul_min_cycles: int
     engine_fixed_cycles: int
     dge_ns: float = 0.0  #: descriptor generation per dynamic (DGE) DMA
+    tensor_throttled_rate: float = 1.0  #: TensorE's fraction of its full rate when a burst starts
+    tensor_ramp_ns: float = 0.0  #: TensorE's ramp to full rate, and the utilisation window that re-throttles it
     neuronlink_bytes_per_s: float = 0.0  #: chip-to-chip interconnect per chip (collectives)
     collective_hop_ns: float = 0.0  #: latency of one step of a collective algorithm
     tensor_peak_tflops: Mapping[str, float] = field(default_factory=dict)
@@ -164,6 +166,12 @@ TRN2 = Target(
     engine_fixed_cycles=100,
     # nki/deep-dives/nki-dge.rst, trainium2_arch.rst: ~600 ns per hardware-DGE DMA instruction.
     dge_ns=600.0,
+    # tools/neuron-explorer/overview-summary-page.rst and glossary.rst (SDK 2.32), dI/dt throttling:
+    # "On Trn2 and Trn3 the Tensor Engine starts at roughly 50% utilization of maximum utilization
+    # and ramps to full over about the first ~3 microseconds after work begins. If utilization
+    # drops below 50% over any ~3 microsecond window ... the limit re-engages."
+    tensor_throttled_rate=0.5,
+    tensor_ramp_ns=3000.0,
     # about-neuron/arch/neuron-hardware/trainium2.rst: NeuronLink-v3 1280 GB/s per chip;
     # neuron-runtime/explore/intranode-collective-comm.rst: per-hop latency "about 1-2 us" (1.5 used).
     neuronlink_bytes_per_s=1280e9,
@@ -220,6 +228,12 @@ TRN3 = Target(
     engine_fixed_cycles=100,
     # nki/deep-dives/nki-dge.rst gives ~600 ns per hardware-DGE DMA for NeuronCore-v3; assumed for v4.
     dge_ns=600.0,
+    # tools/neuron-explorer/overview-summary-page.rst and glossary.rst (SDK 2.32), dI/dt throttling:
+    # "On Trn2 and Trn3 the Tensor Engine starts at roughly 50% utilization of maximum utilization
+    # and ramps to full over about the first ~3 microseconds after work begins. If utilization
+    # drops below 50% over any ~3 microsecond window ... the limit re-engages."
+    tensor_throttled_rate=0.5,
+    tensor_ramp_ns=3000.0,
     # about-neuron/arch/neuron-hardware/trainium3.rst: NeuronLink-v4 2560 GB/s per chip;
     # neuron-runtime/explore/intranode-collective-comm.rst: per-hop latency "about 1-2 us" (1.5 used).
     neuronlink_bytes_per_s=2560e9,

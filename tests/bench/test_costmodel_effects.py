@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nkimoe.bench.costmodel import estimate, schedule
+from nkimoe.bench.costmodel import DMA_QUEUE_NS, estimate, schedule
 from nkimoe.nki import nki, nisa, nl
 from nkimoe.nki.emulator import session
 from nkimoe.targets import TRN2, TRN3
@@ -55,10 +55,12 @@ def test_many_small_dmas_cost_more_than_one_large() -> None:
     single_row = estimate(_trace(row_loads, "trn2", x), TRN2).micros
     # One 1 MiB load at ~368 GB/s plus ~1.3 us: a few microseconds.
     assert 2 < large < 10
-    # 32 B per partition is descriptor-bound (~1.4 % of peak in AWS's curve): tens of times slower.
+    # 32 B per partition is bound by the per-transfer cost (~1.4 % of peak in AWS's curve): tens of
+    # times slower.
     assert 10 * large < narrow < 1000 * large
-    # One partition per DMA keeps one engine of 16 busy: slower, but within an order of magnitude.
-    assert 1.5 * large < single_row < 20 * large
+    # 128 transfers of one queue, each at least DMA_QUEUE_NS apart, whatever their 8 KiB would need.
+    queued = 128 * DMA_QUEUE_NS * 1e-3
+    assert 10 * large < single_row and queued < single_row < 1.5 * queued
 
 
 @nki.jit
@@ -218,3 +220,31 @@ def test_vector_performance_mode_applies_per_instruction() -> None:
     # 16-bit SBUF tensor_copy at 4x, fp32 at 1x; tensor_tensor streams two inputs at 2x (16-bit).
     assert 3 < busy["copy", "float32"] / busy["copy", "float16"] < 4.5
     assert 3 < busy["tensor", "float16"] / busy["copy", "float16"] < 4.5
+
+
+@nki.jit
+def matmuls(lhs_t, rhs, gaps):
+    """Eight matmuls, back to back or each after a chain of 40 VectorE instructions (TensorE idle)."""
+    a = nl.ndarray((ROWS, 128), dtype=lhs_t.dtype, buffer=nl.sbuf)
+    b = nl.ndarray((ROWS, 512), dtype=rhs.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=a, src=lhs_t)
+    nisa.dma_copy(dst=b, src=rhs)
+    for i in nl.sequential_range(8):
+        if gaps:
+            for _ in nl.sequential_range(40):
+                nisa.tensor_scalar(dst=b, data=b, op0=nl.multiply, operand0=1.0)
+        acc = nl.ndarray((ROWS, 512), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_matmul(dst=acc, stationary=a, moving=b)
+    return nl.ndarray((1, 1), dtype=lhs_t.dtype, buffer=nl.shared_hbm)
+
+
+def test_tensor_engine_ramps_up_after_idle() -> None:
+    lhs_t, rhs = _bf16(ROWS, 128), _bf16(ROWS, 512)
+    for target, name in ((TRN2, "trn2"), (TRN3, "trn3")):
+        steady = estimate(_trace(matmuls, name, lhs_t, rhs, False), target).busy_us["tensor"]
+        bursts = estimate(_trace(matmuls, name, lhs_t, rhs, True), target).busy_us["tensor"]
+        # 512 columns: ~213 ns at full rate each. Back to back, the first ~3 us of work ramps from
+        # half rate; after every idle gap each matmul starts again at half rate: close to 2x.
+        full = 8 * 512 / target.tensor_hz * 1e6
+        assert full < steady < 1.5 * full
+        assert 1.6 * full < bursts <= 2.05 * full

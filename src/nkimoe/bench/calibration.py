@@ -2,7 +2,8 @@
 
 Each measurement names a kernel below (written here after the published description of the
 measured kernel), its inputs, the hardware generation and what was measured: ``kernel_us`` (a
-kernel's device latency) or ``dma_engine_us`` (one DMA engine's busy time in a profile). The model
+kernel's device latency), ``dma_engine_us`` (one DMA engine's busy time in a profile) or
+``interval_us`` (the time between the starts of consecutive compute instructions in a profile). The model
 runs the kernel in the emulator on that generation's :class:`~nkimoe.targets.Target` and reports
 its ESTIMATE over the measurement. Nothing here adjusts the model.
 """
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from nkimoe.bench.costmodel import Estimate, estimate
+from nkimoe.bench.costmodel import Estimate, estimate, schedule
 from nkimoe.nki import nisa, nki, nl
 from nkimoe.nki.emulator import session
 from nkimoe.targets import TRN1, TRN2, TRN3, Target
@@ -30,6 +31,19 @@ def single_load(x):
     """One HBM -> SBUF DMA of all of ``x`` (rows on partitions)."""
     tile = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.sbuf)
     nisa.dma_copy(dst=tile, src=x)
+    return nl.ndarray((1, 1), dtype=x.dtype, buffer=nl.shared_hbm)
+
+
+@nki.jit
+def scalar_chain(x, count):
+    """``count`` ScalarE activations (identity with a scale) of one element per partition, each
+    reading the previous one's output."""
+    tile = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=tile, src=x)
+    for _ in range(count):
+        result = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.sbuf)
+        nisa.activation(dst=result, op=nl.copy, data=tile, scale=1.0)
+        tile = result
     return nl.ndarray((1, 1), dtype=x.dtype, buffer=nl.shared_hbm)
 
 
@@ -69,9 +83,10 @@ def vector_add_streamed(a, b, free):
 
 
 @nki.jit
-def matmul_tiled(lhs_t, rhs, hoist):
+def matmul_tiled(lhs_t, rhs, hoist, hoist_moving=False):
     """``lhs_t.T @ rhs`` in [128, 128] x [128, 512] tiles; ``hoist`` loads each M tile's column of
-    ``lhs_t`` once per M tile instead of once per output tile."""
+    ``lhs_t`` once per M tile instead of once per output tile, and ``hoist_moving`` each output
+    tile's column of ``rhs`` in one loop before its matmuls instead of one tile per matmul."""
     k, m = lhs_t.shape
     n = rhs.shape[1]
     out = nl.ndarray((m, n), dtype=lhs_t.dtype, buffer=nl.shared_hbm)
@@ -81,6 +96,10 @@ def matmul_tiled(lhs_t, rhs, hoist):
             for kk in nl.affine_range(k // 128):
                 nisa.dma_copy(dst=column[:, kk, :], src=lhs_t[kk * 128:(kk + 1) * 128, i * 128:(i + 1) * 128])
         for j in nl.affine_range(n // 512):
+            if hoist_moving:
+                moving_column = nl.ndarray((128, k // 128, 512), dtype=rhs.dtype, buffer=nl.sbuf)
+                for kk in nl.affine_range(k // 128):
+                    nisa.dma_copy(dst=moving_column[:, kk, :], src=rhs[kk * 128:(kk + 1) * 128, j * 512:(j + 1) * 512])
             acc = nl.ndarray((128, 512), dtype=nl.float32, buffer=nl.psum)
             for kk in nl.affine_range(k // 128):
                 if hoist:
@@ -88,8 +107,11 @@ def matmul_tiled(lhs_t, rhs, hoist):
                 else:
                     stationary = nl.ndarray((128, 128), dtype=lhs_t.dtype, buffer=nl.sbuf)
                     nisa.dma_copy(dst=stationary, src=lhs_t[kk * 128:(kk + 1) * 128, i * 128:(i + 1) * 128])
-                moving = nl.ndarray((128, 512), dtype=rhs.dtype, buffer=nl.sbuf)
-                nisa.dma_copy(dst=moving, src=rhs[kk * 128:(kk + 1) * 128, j * 512:(j + 1) * 512])
+                if hoist_moving:
+                    moving = moving_column[:, kk, :]
+                else:
+                    moving = nl.ndarray((128, 512), dtype=rhs.dtype, buffer=nl.sbuf)
+                    nisa.dma_copy(dst=moving, src=rhs[kk * 128:(kk + 1) * 128, j * 512:(j + 1) * 512])
                 nisa.nc_matmul(dst=acc, stationary=stationary, moving=moving, accumulate=kk > 0)
             result = nl.ndarray((128, 512), dtype=lhs_t.dtype, buffer=nl.sbuf)
             nisa.tensor_copy(dst=result, src=acc)
@@ -99,6 +121,7 @@ def matmul_tiled(lhs_t, rhs, hoist):
 
 KERNELS: dict[str, Callable[..., Any]] = {
     "single_load": single_load,
+    "scalar_chain": scalar_chain,
     "vector_add_rows": vector_add_rows,
     "vector_add_streamed": vector_add_streamed,
     "matmul_tiled": matmul_tiled,
@@ -114,7 +137,7 @@ class Measurement:
     inputs: list[list[Any]]  #: [shape, dtype] per array argument
     options: dict[str, Any]
     target: str
-    quantity: str  #: "kernel_us" or "dma_engine_us"
+    quantity: str  #: "kernel_us", "dma_engine_us" or "interval_us"
     measured_us: float
     source: str
     url: str
@@ -137,4 +160,9 @@ def model_estimate(m: Measurement) -> tuple[float, Estimate]:
     with session(target) as s:
         KERNELS[m.kernel](*_inputs(m), **m.options)
     est = estimate(s.trace, target)
-    return (est.busy_us.get("dma", 0.0) if m.quantity == "dma_engine_us" else est.micros), est
+    if m.quantity == "dma_engine_us":
+        return est.busy_us.get("dma", 0.0), est
+    if m.quantity == "interval_us":  # a chain on one engine: starts are as far apart as completions
+        done = [t for (_, t), instr in zip(schedule(s.trace, target), s.trace) if instr.engine != "dma"]
+        return (done[-1] - done[0]) / (len(done) - 1) * 1e6, est
+    return est.micros, est

@@ -8,22 +8,27 @@ Modelled effects and their sources (aws-neuron/aws-neuron-sdk):
 
 - DMA engines (nki/get-started/about/nki-dma-overview.rst): every ``dma_copy`` is spread over the
   16 engines of its core, eight SBUF partitions per engine, so a transfer spanning few partitions
-  uses few engines. Each engine spends ``max(descriptors x DMA_DESCRIPTOR_NS, bytes / rate)`` on
-  its share: a descriptor is one contiguous run (at least one per partition), and the engines a
+  uses few engines. Each engine spends ``bytes / rate + descriptors x DMA_DESCRIPTOR_NS`` on its
+  share (a descriptor is one contiguous run, at least one per partition), and the engines a
   transfer does not span still write its completion semaphore (one descriptor each).
   ``Target.dma_fixed_ns`` (~1.3 us, nki/deep-dives/nki-dma-bandwidth-guide.rst) passes between
   the trigger and the start of the data (latency, overlapped between transfers).
-- DMA queues (nki-dma-overview.rst): transfers of one queue run in order; queues are tied to the
-  trigger and descriptor generation, so loads into the chip, stores to HBM, on-chip copies and
-  dynamic (DGE) transfers each have their own queue and a store waiting for its data does not hold
-  up an independent load. A DMA whose address depends on a run-time offset is a DGE DMA: it reads
-  the offset tensor and costs ``Target.dge_ns`` of descriptor generation before it starts
-  (nki/deep-dives/nki-dge.rst: ~600 ns per hardware-DGE instruction on NeuronCore-v3).
+- DMA queues (nki-dma-overview.rst): transfers of one queue run in order, and a queue starts at
+  most one transfer every ``DMA_QUEUE_NS`` (the per-transfer cost that makes small DMAs slow);
+  queues are tied to the trigger and descriptor generation, so loads into the chip, stores to HBM,
+  on-chip copies and dynamic (DGE) transfers each have their own queue and a store waiting for its
+  data does not hold up an independent load. A DMA whose address depends on a run-time offset is a
+  DGE DMA: it reads the offset tensor and costs ``Target.dge_ns`` of descriptor generation before
+  it starts (nki/deep-dives/nki-dge.rst: ~600 ns per hardware-DGE instruction on NeuronCore-v3).
 - DMA transpose runs at 90 % (HBM source) or 50 % (SBUF source) of copy throughput
   (nki/guides/architecture/trainium2_arch.rst).
 - TensorE: one MultiplyMoving of N moving columns takes max(N, 64) cycles for BF16/FP16/FP8 and
   4x that for FP32 (nki/guides/architecture/trainium_inferentia2_arch.rst); a new stationary
   costs max(M, 64)/4 cycles of LoadStationary ("up to 4x faster" than MultiplyMoving, same file).
+  dI/dt throttling (tools/neuron-explorer/overview-summary-page.rst, Trn2 and Trn3): a burst
+  starts at ``Target.tensor_throttled_rate`` (~50 %) of the full rate and ramps linearly to full
+  over ``Target.tensor_ramp_ns`` (~3 us); once a ramp is done, an instruction that finds TensorE
+  less than half busy over the preceding window starts a new one.
 - VectorE (trainium2_arch.rst, "Vector Engine performance mode"): 4x the NeuronCore-v2 rate only
   for tensor_copy/tensor_scalar with BF16/FP16 operands all in SBUF and unit-stride; 2x for those
   with a PSUM operand or strided, and for tensor_tensor on SBUF BF16/FP16 inputs; 1x otherwise.
@@ -34,14 +39,15 @@ Modelled effects and their sources (aws-neuron/aws-neuron-sdk):
   write waits for earlier reads and writes of the bytes it overwrites (write-after-read,
   write-after-write), at the granularity of the byte interval each operand covers.
 
-Not modelled: TensorE clock changes after idle periods (no AWS document gives numbers for them).
+Not modelled: the start-up and tear-down of a NEFF execution around the kernel
+(nki/guides/tutorials/fused_mamba.rst names it; no AWS document gives its size per target).
 """
 
 from __future__ import annotations
 
 import bisect
 import math
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -54,12 +60,22 @@ ENGINES: tuple[str, ...] = ("tensor", "vector", "scalar", "gpsimd", "dma")
 #: 8 partition lanes").
 PARTITIONS_PER_DMA_ENGINE = 8
 
-#: Engine time per DMA descriptor. nki-dma-overview.rst's throughput curve (nki-dma-intro-1.jpg,
-#: Trn2, p_dim=128, eight descriptors per engine) is flat in time up to ~1 KiB per partition and
-#: reaches ~1.4 % of its plateau at 32 B per partition: 32 B / (0.014 x 23 B/ns) ~ 100 ns per
-#: descriptor; max(8 x 100 ns, bytes / 23 B/ns) then reproduces the curve's 256 B-4 KiB points
-#: within ~10 %. No curve is published for Trn3; the same time per descriptor is assumed.
-DMA_DESCRIPTOR_NS = 100.0
+#: Engine time per DMA descriptor beyond its bytes. Profiles in AWS's documents show engines
+#: moving small descriptors in a few nanoseconds: a 4 B transfer takes 7 ns
+#: (nki/deep-dives/nki_perf_guide.rst, fig29.png, "Example timeline with tiny DMA transfers"), and
+#: nki-dma-overview.rst's Example 2 profile (nki-dma-intro-5.png, Trn2) shows each engine moving
+#: its 2 KiB share of a [128, 128] bf16 load in 97 ns, i.e. 2 KiB / 23 B/ns + ~8 ns (the model,
+#: counting a descriptor per partition, gives 89 + 8 x 7 = 145 ns there).
+DMA_DESCRIPTOR_NS = 7.0
+
+#: Least time between the starts of two transfers of one DMA queue. nki-dma-overview.rst's
+#: throughput curve (nki-dma-intro-1.jpg, Trn2, p_dim=128) is flat in time up to ~1 KiB per
+#: partition and reaches 1.4 / 2.6 / 5.0 / 10.3 / 20.9 / 42.4 % of its plateau at 32 ... 1024 B
+#: per partition: each is (8 x bytes / 23 B/ns) / ~850 ns, and max(850 ns, engine time) gives its
+#: 2 KiB and 4 KiB points (84 % and 96 %; read 81 % and 97 %). The engine time per descriptor is
+#: a few ns (above), so this cost belongs to the transfer, not to its descriptors. No curve is
+#: published for Trn1 or Trn3; the same time is assumed.
+DMA_QUEUE_NS = 850.0
 
 #: DMA transpose throughput relative to a copy (trainium2_arch.rst): HBM source / SBUF source.
 DMA_TRANSPOSE_EFFICIENCY = {"hbm": 0.9, "sbuf": 0.5}
@@ -117,8 +133,11 @@ class _Core:
     queue_free: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     dma_engines: list[_Timeline] = field(default_factory=list)
     dma_busy: dict[int, float] = field(default_factory=lambda: defaultdict(float))
+    queue_busy: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     busy: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     last_stationary: int | None = None
+    tensor_ramp_start: float | None = None
+    tensor_recent: deque[tuple[float, float]] = field(default_factory=deque)  #: TensorE intervals of the last window
     end: float = 0.0
 
 
@@ -184,6 +203,33 @@ def _tensor_cycles(instr: Instruction, target: Target, core: _Core) -> float:
     return cycles
 
 
+def _throttled_seconds(work: float, start: float, target: Target, core: _Core) -> float:
+    """Time TensorE needs for ``work`` seconds at full rate from ``start``, under dI/dt throttling:
+    the rate ramps linearly from ``tensor_throttled_rate`` to 1 over ``tensor_ramp_ns``."""
+    window, low = target.tensor_ramp_ns * 1e-9, target.tensor_throttled_rate
+    if window <= 0 or low >= 1:
+        return work
+    recent = core.tensor_recent
+    while recent and recent[0][1] <= start - window:
+        recent.popleft()
+    busy = sum(min(end, start) - max(begin, start - window) for begin, end in recent)
+    if core.tensor_ramp_start is None or (start - core.tensor_ramp_start >= window and busy < window / 2):
+        core.tensor_ramp_start = start
+    elapsed = start - core.tensor_ramp_start
+    if elapsed >= window:
+        duration = work
+    else:
+        slope = (1 - low) / window
+        rate = low + slope * elapsed
+        ramp_work = (window - elapsed) * (rate + 1) / 2  # work done by the end of the ramp
+        if work >= ramp_work:
+            duration = window - elapsed + work - ramp_work
+        else:  # rate * d + slope * d^2 / 2 = work
+            duration = (math.sqrt(rate * rate + 2 * slope * work) - rate) / slope
+    recent.append((start, start + duration))
+    return duration
+
+
 def _perf_mode(instr: Instruction) -> int:
     """VectorE performance-mode multiple over the NeuronCore-v2 rate (trainium2_arch.rst)."""
     if not instr.sixteen_bit:
@@ -247,13 +293,14 @@ def _dma_engine_seconds(instr: Instruction, target: Target) -> list[float]:
         row = max(instr.bytes // partitions, 1)
     share = instr.bytes / max(len(used), 1)
     descriptors = math.ceil(share / max(row, 1))
-    busy = max(descriptors * DMA_DESCRIPTOR_NS * 1e-9, share / rate)
+    busy = descriptors * DMA_DESCRIPTOR_NS * 1e-9 + share / rate
     semaphore = DMA_DESCRIPTOR_NS * 1e-9
     return [busy if e in used else semaphore for e in range(engines)]
 
 
 def _schedule_dma(instr: Instruction, target: Target, core: _Core, ready: float) -> tuple[float, float]:
-    """(start of data, completion) of one DMA on ``core``; ``core.dma_busy`` sums each engine's time."""
+    """(start of data, completion) of one DMA on ``core``; ``core.dma_busy`` sums each engine's time
+    and ``core.queue_busy`` each queue's."""
     queue = _dma_queue(instr)
     issue = ready + target.dma_fixed_ns * 1e-9
     if instr.detail.get("dynamic"):
@@ -271,7 +318,9 @@ def _schedule_dma(instr: Instruction, target: Target, core: _Core, ready: float)
         tl.reserve(start, d)
         core.dma_busy[e] += d
     done = start + max(durations)
-    core.queue_free[queue] = done
+    occupied = max(max(durations), DMA_QUEUE_NS * 1e-9)
+    core.queue_free[queue] = max(done, start + occupied)
+    core.queue_busy[queue] += occupied
     return start, done
 
 
@@ -292,11 +341,12 @@ def _simulate(trace: Sequence[Instruction], target: Target) -> tuple[dict[int, _
         ready = deps.ready(instr)
         if instr.engine == "dma":
             _, done = _schedule_dma(instr, target, core, ready)
-            core.busy["dma"] = max(core.dma_busy.values())
+            core.busy["dma"] = max(*core.dma_busy.values(), *core.queue_busy.values())
         else:
             start = max(core.engine_free[instr.engine], ready)
             if instr.engine == "tensor":
-                duration = _tensor_cycles(instr, target, core) / target.tensor_hz
+                work = _tensor_cycles(instr, target, core) / target.tensor_hz
+                duration = _throttled_seconds(work, start, target, core)
             else:
                 duration = _elementwise_seconds(instr, target)
             done = start + duration

@@ -14,14 +14,14 @@ matmul does; the sum order differs, so results agree within bf16 (or fp32) round
 
 Per target: Trn2 moves at most 512 fp32 columns per matmul (one PSUM bank); the Trn3 kernel uses
 NeuronCore-v4's wide moving tiles (1024 columns over 2 banks per instruction), half the
-instructions and stationary loads, which Trn2 cannot run. Tiles allocated inside a loop are
-double-buffered (the emulator, like the compiler, keeps the previous iteration's tile live while
-the next is allocated), which bounds the block at 1024: two fp32 [128, 1024] accumulators use
-half of PSUM.
+instructions and stationary loads, which Trn2 cannot run. A tile is live from its allocation to
+its last use (in the emulator as in the compiler), so a loop's accumulator and output tile are
+free for the next iteration once its copy and store have read them; an fp32 [128, 1024]
+accumulator takes two of PSUM's eight 2 KiB banks.
 
 Decode on both cores of an LNC=2 rank (``linear_tkg_lnc2_*``, a few tokens): the single-core kernel
-reads a column block's weight in one DMA of 2 KiB rows (a descriptor per 2 KiB costs more engine
-time than the bytes at 23-33 B/ns) and starts its matmuls only when the whole block has arrived.
+reads a column block's weight in one DMA of 2 KiB rows and starts its matmuls only when the
+whole block has arrived.
 The LNC=2 kernel (same K-major weight) gives each physical core half of the contraction rows when
 N <= 2048, laid partition-major so that a partition's rows are one contiguous run of the weight
 (the cores then swap their fp32 partial sums with ``sendrecv``), and half of the columns for wider
