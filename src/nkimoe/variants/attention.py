@@ -251,6 +251,94 @@ def attend_cache_block(q_t, block, penalty, state, scale: float, fast_exp: bool)
                  key_stride=0 if n % P else n // P)
 
 
+def key_columns(lmax: int) -> int:
+    """Columns C of the keys-on-partitions layout of an ``lmax`` cache (key p*C + c on partition p,
+    column c): as few as hold every key on the 128 partitions."""
+    return -(-lmax // P)
+
+
+def load_cache_by_key(k_cache, v_cache, g: int):  # noqa: ANN001, ANN202
+    """KV head ``g`` of the caches (k_cache [Hkv, D, Lmax], v_cache [Hkv, Lmax, D] in HBM) in SBUF
+    with key p*C + c on partition p (``key_columns``): (K^T [D, 128 C], V [128, C, D]), one DMA each
+    (one contiguous run per partition; a ragged last partition takes one more for V). Slots past the
+    cache are zeroed, so that the scores and P.V products there are finite (and masked)."""
+    d, lmax = k_cache.shape[1], k_cache.shape[2]
+    cols = key_columns(lmax)
+    k_sb = nl.ndarray((d, P * cols), dtype=k_cache.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=k_sb[:, 0:lmax], src=k_cache[g])
+    if lmax < P * cols:
+        nisa.memset(dst=k_sb[:, lmax:P * cols], value=0.0, engine=nisa.engine.gpsimd)
+    v_sb = nl.ndarray((P, cols, d), dtype=v_cache.dtype, buffer=nl.sbuf)
+    full, rest = lmax // cols, lmax % cols
+    nisa.dma_copy(dst=v_sb[0:full], src=v_cache[g, 0:full * cols, :].reshape((full, cols, d)))
+    if rest:
+        nisa.dma_copy(dst=v_sb[full:full + 1, 0:rest, :], src=v_cache[g, full * cols:lmax, :].reshape((1, rest, d)))
+        nisa.memset(dst=v_sb[full:full + 1, rest:cols, :], value=0.0, engine=nisa.engine.gpsimd)
+    used = full + (1 if rest else 0)
+    if used < P:
+        nisa.memset(dst=v_sb[used:P], value=0.0, engine=nisa.engine.gpsimd)
+    return k_sb, v_sb
+
+
+def key_penalty(valid_all, cols: int, group: int):  # noqa: ANN001, ANN202
+    """The length mask of the keys-on-partitions layout, [128, C + 1, G] fp32: -3e38 where key
+    p*C + c is at or beyond ``valid_all`` ([128, 1] fp32, the run-time length on every partition),
+    and in the extra column C (the new position, on partition 0) on every partition but 0."""
+    pen = nl.ndarray((P, cols + 1, group), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.iota(dst=pen[:, 0:cols, :], pattern=[[1, cols], [0, group]], offset=0, channel_multiplier=cols)
+    nisa.tensor_scalar(dst=pen[:, 0:cols, :], data=pen[:, 0:cols, :], op0=nl.greater_equal, operand0=valid_all,
+                       op1=nl.multiply, operand1=NEG)
+    nisa.iota(dst=pen[:, cols, :], pattern=[[0, group]], offset=0, channel_multiplier=1)
+    nisa.tensor_scalar(dst=pen[:, cols, :], data=pen[:, cols, :], op0=nl.greater_equal, operand0=1.0,
+                       op1=nl.multiply, operand1=NEG)
+    return pen
+
+
+def attend_by_key(dst, q_t, cache, new_kv, penalty, consts, scale: float, fast_exp: bool) -> None:  # noqa: ANN001
+    """Decode attention of one query group with the keys on the partitions: dst [D, G] = O^T.
+
+    q_t [D, G] (SBUF); cache = ``load_cache_by_key``; new_kv = (K^T [D, 128] holding the new key in
+    column 0, V [128, D] holding its value in row 0, zeros elsewhere); penalty = ``key_penalty``;
+    consts = (ones [128, 128] in q's dtype, a [1, 128] fp32 row of -1). Scores S^T [128, C + 1, G]
+    (fp32 PSUM) come from C + 1 matmuls (stationary: every C-th key), so every elementwise step runs
+    on C + 1 columns per head over all lanes. The maximum crosses the partitions on GpSimd and
+    comes back to every partition through a -1 matmul; P = exp(S - max) in q's dtype; P.V
+    accumulates O^T over the C + 1 key columns, and a ones-matmul gives each head's sum of P on
+    every partition, which O^T is divided by."""
+    k_sb, v_sb = cache
+    k_new, v_new = new_kv
+    ones, neg_row = consts
+    group = q_t.shape[1]
+    cols = v_sb.shape[1]
+    sc = nl.ndarray((P, cols + 1, group), dtype=nl.float32, buffer=nl.psum)
+    for c in nl.affine_range(cols):
+        nisa.nc_matmul(dst=sc[:, c, :], stationary=k_sb[:, c:P * cols:cols], moving=q_t)
+    nisa.nc_matmul(dst=sc[:, cols, :], stationary=k_new, moving=q_t)
+    ss = nl.ndarray((P, cols + 1, group), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.scalar_tensor_tensor(dst=ss, data=sc, op0=nl.multiply, operand0=scale, op1=nl.add, operand1=penalty)
+    part_max = nl.ndarray((P, group), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_reduce(dst=part_max, op=nl.maximum, data=ss.permute((0, 2, 1)), axis=2)
+    top = nl.ndarray((1, group), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_partition_reduce(dst=top, op=nl.maximum, data=part_max)
+    shift = nl.ndarray((P, group), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_matmul(dst=shift, stationary=neg_row, moving=top)
+    nisa.tensor_tensor(dst=ss, data1=ss, data2=shift.ap([[group, P], [0, cols + 1], [1, group]], offset=0), op=nl.add)
+    p_sb = nl.ndarray((P, cols + 1, group), dtype=q_t.dtype, buffer=nl.sbuf)
+    if fast_exp:
+        nisa.exponential(dst=p_sb, src=ss)
+    else:
+        nisa.activation(dst=p_sb, op=nl.exp, data=ss)
+    o_t = nl.ndarray((q_t.shape[0], group), dtype=nl.float32, buffer=nl.psum)
+    for c in nl.affine_range(cols):
+        nisa.nc_matmul(dst=o_t, stationary=v_sb[:, c, :], moving=p_sb[:, c, :], accumulate=(c > 0))
+    nisa.nc_matmul(dst=o_t, stationary=v_new, moving=p_sb[:, cols, :], accumulate=True)
+    sums = nl.ndarray((P, cols + 1, group), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_matmul(dst=sums, stationary=ones, moving=p_sb)
+    total = nl.ndarray((P, group), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_reduce(dst=total, op=nl.add, data=sums.permute((0, 2, 1)), axis=2)
+    nisa.tensor_tensor(dst=dst, data1=o_t, data2=total, op=nl.divide)
+
+
 def decode_blocks(lmax: int) -> int:
     """512-key blocks of an ``lmax``-long cache."""
     return (lmax + DECODE_BLOCK - 1) // DECODE_BLOCK

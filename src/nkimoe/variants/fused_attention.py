@@ -61,16 +61,19 @@ from nkimoe.targets import Target
 from nkimoe.variants.attention import (
     DECODE_BLOCK,
     _running_state,
+    attend_by_key,
     attend_cache_block,
     cache_penalty,
     decode_block,
     decode_blocks,
     decode_over_cache,
+    key_columns,
+    key_penalty,
     load_cache_block,
+    load_cache_by_key,
     normalized,
 )
-from nkimoe.variants.norms import add_spread, normalize_rows, spread_rmsnorm, store_spread
-from nkimoe.variants.rope import rotate_rows
+from nkimoe.variants.norms import add_spread, spread_rmsnorm, store_spread
 from nkimoe.variants.tiles import matmul_accumulate, pe_transpose
 
 P = 128
@@ -113,50 +116,106 @@ def _load(dst, w_blocks, per_load: int) -> None:  # noqa: ANN001
         nisa.dma_copy(dst=dst[:, first:last], src=w_blocks[first:last].permute((1, 0, 2, 3)))
 
 
-def _row_matmul(row, x_t, w_sb) -> None:  # noqa: ANN001
-    """``row [1, nb*W] = x_t . w_sb``: x_t [128, KT, 1] (SBUF) is the stationary token with the
-    contraction on (partition, slot); the blocks of w_sb [128, nb, KT, W] (SBUF) stream as W-column
-    moving tiles, accumulated over KT in fp32 PSUM and rounded once to row.dtype."""
-    _, nb, _, width = w_sb.shape
-    acc = nl.ndarray((1, nb * width), dtype=nl.float32, buffer=nl.psum)
-    for b in nl.affine_range(nb):
-        matmul_accumulate(acc[0:1, b * width:(b + 1) * width], x_t, w_sb[:, b])
-    nisa.tensor_copy(dst=row, src=acc)
-
-
-def _project(row, x_t, w_blocks, per_load: int, resident=None) -> None:  # noqa: ANN001
-    """``row [1, nb*W] (SBUF) = x_t . W`` for w_blocks [nb, 128, KT, W] (HBM, ``head_blocks``),
-    ``per_load`` blocks at a time: from ``resident`` [128, nb, KT, W] (SBUF) when given (loaded
-    earlier by ``_load``), otherwise loaded here into double-buffered tiles."""
-    nb, _, kt, width = w_blocks.shape
-    for load in nl.affine_range((nb + per_load - 1) // per_load):
-        first = load * per_load
-        count = min(per_load, nb - first)
-        if resident is None:
-            w_sb = nl.ndarray((P, per_load, kt, width), dtype=w_blocks.dtype, buffer=nl.sbuf)
-            _load(w_sb, w_blocks[first:first + count], per_load)
-        else:
-            w_sb = resident[:, first:first + count]
-        _row_matmul(row[0:1, first * width:(first + count) * width], x_t, w_sb[:, 0:count])
-
-
-def _project_heads(qkv, x_t, w_qkv_blocks, ranges, resident) -> None:  # noqa: ANN001
-    """This program's q, k and v columns of the fused projection, head ranges ``ranges`` ((first head,
-    count) of w_qkv_blocks, in order), side by side in the SBUF row ``qkv`` [1, heads * D]; the
-    weight blocks from ``resident`` [128, heads, H/128, D] when given, else streamed."""
-    d = w_qkv_blocks.shape[3]
+def _weight_blocks(w_qkv_blocks, ranges, resident):  # noqa: ANN001, ANN202
+    """This program's q|k|v weight blocks, one per head in the order of ``ranges`` ((first head,
+    count) of w_qkv_blocks [heads, 128, H/128, D]): [128, H/128, D] SBUF tiles, from ``resident``
+    [128, heads, H/128, D] when given (loaded earlier by ``_load``), otherwise loaded here
+    ``QKV_HEADS_PER_LOAD`` at a time into double-buffered tiles."""
+    _, _, kt, d = w_qkv_blocks.shape
     at = 0
     for first, count in ranges:
-        blocks = None if resident is None else resident[:, at:at + count]
-        _project(qkv[0:1, at * d:(at + count) * d], x_t, w_qkv_blocks[first:first + count], QKV_HEADS_PER_LOAD,
-                 resident=blocks)
+        for load in nl.affine_range((count + QKV_HEADS_PER_LOAD - 1) // QKV_HEADS_PER_LOAD):
+            a = load * QKV_HEADS_PER_LOAD
+            b = min(count, a + QKV_HEADS_PER_LOAD)
+            if resident is None:
+                w_sb = nl.ndarray((P, QKV_HEADS_PER_LOAD, kt, d), dtype=w_qkv_blocks.dtype, buffer=nl.sbuf)
+                _load(w_sb[:, 0:b - a], w_qkv_blocks[first + a:first + b], QKV_HEADS_PER_LOAD)
+            else:
+                w_sb = resident[:, at + a:at + b]
+            for i in range(b - a):
+                yield w_sb[:, i]
         at += count
+
+
+def _project_heads(cols, v_row, x_t, w_qkv_blocks, ranges, resident) -> None:  # noqa: ANN001
+    """This program's q and k heads into the columns of ``cols`` [D, rows] (PSUM): the weight block
+    [128 (hidden), D] is the stationary operand and the token x_t [128, H/128, 1] moves, so each
+    head lands with head_dim on the partitions; its v heads, the other way round, into the row
+    ``v_row`` [1, heads * D] (PSUM). Accumulated over H/128 in fp32."""
+    rows = cols.shape[1]
+    d = w_qkv_blocks.shape[3]
+    for i, w_sb in enumerate(_weight_blocks(w_qkv_blocks, ranges, resident)):
+        if i < rows:
+            matmul_accumulate(cols[:, i:i + 1], w_sb, x_t)
+        else:
+            matmul_accumulate(v_row[0:1, (i - rows) * d:(i - rows + 1) * d], x_t, w_sb)
 
 
 def _split(total: int, me: int, programs: int) -> tuple[int, int]:
     """This program's contiguous share [first, last) of ``total`` items."""
     share = total // programs
     return me * share, (me + 1) * share
+
+
+def _as_columns(vectors, d: int):  # noqa: ANN001, ANN202
+    """HBM vectors of ``d`` values (each [d] or [1, d]) as the columns of one [d, n] fp32 SBUF tile:
+    one single-partition DMA each, then one TensorE transpose."""
+    n = len(vectors)
+    rows = nl.ndarray((P, d), dtype=vectors[0].dtype, buffer=nl.sbuf)
+    for i, vec in enumerate(vectors):
+        nisa.dma_copy(dst=rows[i:i + 1], src=vec.reshape((1, d)))
+    staged = nl.ndarray((d, n), dtype=vectors[0].dtype, buffer=nl.psum)
+    nisa.nc_transpose(dst=staged, data=rows[0:n], engine=nisa.engine.tensor)
+    out = nl.ndarray((d, n), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=out, src=staged)
+    return out
+
+
+def _rotate_half_matrix(d: int, dtype):  # noqa: ANN001, ANN202
+    """The stationary [d, d] of rotate-half on a column: -1 at (m + d/2, m), +1 at (m - d/2, m)."""
+    rot = nl.ndarray((d, d), dtype=dtype, buffer=nl.sbuf)
+    nisa.memset(dst=rot, value=0.0, engine=nisa.engine.gpsimd)
+    for offset, value in ((-(d // 2), -1.0), (d // 2, 1.0)):
+        nisa.affine_select(dst=rot, pattern=[[-1, d]], channel_multiplier=1, offset=offset, on_true_tile=rot,
+                           on_false_value=value, cmp_op=nl.not_equal)
+    return rot
+
+
+def _qk_columns(dst, cols, vectors, nq: int, ones_f32, rot, eps: float, square_on_scalar: bool,  # noqa: ANN001
+                sin_on_scalar: bool) -> None:
+    """QK-norm then RoPE of the q and k heads held as columns (head_dim on the partitions):
+    ``cols`` [D, rows] (PSUM, fp32 projection sums; the first ``nq`` columns q, the rest k) into
+    ``dst`` [D, rows] (SBUF). ``vectors`` [D, 4] fp32 holds the q and k norm weights, cos and sin
+    as per-partition scalars. The sum of squares over head_dim crosses the partitions through an
+    fp32 ones-matmul (which leaves it on every partition), rotate-half is a +-1 matmul (exact).
+    Rounding as the reference: the projection, the normalised value, the weight product, both
+    RoPE products and their sum are each rounded once to the activation dtype."""
+    d, rows = cols.shape
+    dtype = dst.dtype
+    x = nl.ndarray((d, rows), dtype=dtype, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=x, src=cols)
+    sq = nl.ndarray((d, rows), dtype=nl.float32, buffer=nl.sbuf)
+    if square_on_scalar:
+        nisa.activation(dst=sq, op=nl.square, data=x)
+    else:
+        nisa.tensor_tensor(dst=sq, data1=x, data2=x, op=nl.multiply)
+    total = nl.ndarray((d, rows), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_matmul(dst=total, stationary=ones_f32, moving=sq)
+    rstd = nl.ndarray((d, rows), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=rstd, data=total, op0=nl.multiply, operand0=1.0 / d, op1=nl.add, operand1=eps)
+    nisa.activation(dst=rstd, op=nl.rsqrt, data=rstd)
+    normed = nl.ndarray((d, rows), dtype=dtype, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=normed, data1=x, data2=rstd, op=nl.multiply)
+    for a, b, w in ((0, nq, 0), (nq, rows, 1)):
+        nisa.tensor_scalar(dst=normed[:, a:b], data=normed[:, a:b], op0=nl.multiply, operand0=vectors[:, w:w + 1])
+    turned = nl.ndarray((d, rows), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_matmul(dst=turned, stationary=rot, moving=normed)
+    by_cos = nl.ndarray((d, rows), dtype=dtype, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=by_cos, data=normed, op0=nl.multiply, operand0=vectors[:, 2:3])
+    by_sin = nl.ndarray((d, rows), dtype=dtype, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=by_sin, data=turned, op0=nl.multiply, operand0=vectors[:, 3:4],
+                       engine=nisa.engine.scalar if sin_on_scalar else nisa.engine.vector)
+    nisa.tensor_tensor(dst=dst, data1=by_cos, data2=by_sin, op=nl.add)
 
 
 @nki.jit
@@ -171,12 +230,12 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
     (``head_blocks(w_qkv)``); q_norm_weight, k_norm_weight [D]; cos, sin [1, D]; k_cache_t
     [Hkv, D, C]; v_cache [Hkv, C, D]; length [1, 1] int32 (valid cache positions); w_o_t
     [128, H/128, Hq, 128] (``output_on_partitions(w_o)``);
-    scale; eps; fast_exp, square_on_scalar, sin_on_gpsimd: the Trn3 engine choices of the
-    attention, norm and RoPE kernels.
+    scale; eps; fast_exp, square_on_scalar, sin_on_gpsimd: the Trn3 engine choices (fast exp,
+    squares on ScalarE, RoPE's sin products off VectorE).
     Returns: summed [1, H], out [1, H], k [1, Hkv, D], v [1, Hkv, D] (HBM, x.dtype).
     """
     h = x.shape[1]
-    hkv, d, _ = k_cache_t.shape
+    hkv, d, capacity = k_cache_t.shape
     hq = w_o_t.shape[2]
     group = hq // hkv
     me, programs = nl.program_id(0), nl.num_programs()
@@ -188,15 +247,14 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
     q0, q1 = _split(hq, me, programs)
     g0, g1 = q0 // group, -(-q1 // group)
     nq, nkv = q1 - q0, g1 - g0
-    rows = nq + nkv  # the rows QK-norm and RoPE see: this program's q heads, then its k heads
+    rows = nq + nkv  # the columns QK-norm and RoPE see: this program's q heads, then its k heads
+    key_cols = key_columns(capacity)
+    width = min(group, nq)  # query heads per attention call
+    by_key = (key_cols + 1) * width * 4 <= BANK_BYTES
 
     # Loads go out in the order of use: x, the residual and the norm weight, the q|k|v weights,
     # the small operands of the QK stage, the cache, W_o. Tiles loaded ahead are allocated first,
     # so that their loads wait for no earlier tile.
-    w_rows = nl.ndarray((P, d), dtype=q_norm_weight.dtype, buffer=nl.sbuf)
-    c = nl.ndarray((P, 1, d), dtype=cos.dtype, buffer=nl.sbuf)
-    s = nl.ndarray((P, 1, d), dtype=sin.dtype, buffer=nl.sbuf)
-    valid_len = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
     c0, c1 = _split(h // P, me, programs)  # this program's o_proj output slots (hidden p*H/128 + c)
     w_o_sb = nl.ndarray((P, c1 - c0, hq, P), dtype=w_o_t.dtype, buffer=nl.sbuf)
     # This program's q, k and v weight blocks (one per head), resident when they fit beside W_o.
@@ -212,72 +270,75 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
     if me == 0:
         store_spread(summed, st)
 
-    # 2. this program's q, k and v columns of the fused projection: one SBUF row [1, (rows + nkv) D].
-    qkv = nl.ndarray((1, (rows + nkv) * d), dtype=x.dtype, buffer=nl.sbuf)
+    # 2. the weights, the QK stage's small operands and the cache go out (constants are built meanwhile).
     x_t = normed.reshape((P, h // P, 1))
-    if w_qkv_sb is None:  # streamed: its loads go out here, ahead of the cache's and W_o's
-        _project_heads(qkv, x_t, w_qkv_blocks, ranges, None)
-    else:
+    if w_qkv_sb is not None:
         at = 0
         for first, count in ranges:
             _load(w_qkv_sb[:, at:at + count], w_qkv_blocks[first:first + count], QKV_HEADS_PER_LOAD)
             at += count
-    nisa.dma_copy(dst=w_rows[0:nq], src=q_norm_weight.reshape((1, d)).ap([[0, nq], [1, d]]))
-    nisa.dma_copy(dst=w_rows[nq:rows], src=k_norm_weight.reshape((1, d)).ap([[0, nkv], [1, d]]))
-    nisa.dma_copy(dst=c[0:rows], src=cos.ap([[0, rows], [0, 1], [1, d]], offset=0))
-    nisa.dma_copy(dst=s[0:rows], src=sin.ap([[0, rows], [0, 1], [1, d]], offset=0))
-    nisa.dma_copy(dst=valid_len[0:group], src=length.ap([[0, group], [1, 1]]))
-    # The cache of this program's KV heads ahead of W_o (attention needs it first), when it fits.
-    blocks = decode_blocks(k_cache_t.shape[2])
+    vectors = _as_columns((q_norm_weight, k_norm_weight, cos, sin), d)
+    length_f = nl.ndarray((1, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=length_f, src=length)
     cache = None
-    if item * 2 * DECODE_BLOCK * blocks * nkv <= CACHE_BYTES:
-        cache = [[load_cache_block(k_cache_t, v_cache, g0 + j, blk) for blk in range(blocks)] for j in range(nkv)]
+    if by_key and item * 2 * P * key_cols * nkv <= CACHE_BYTES:
+        cache = [load_cache_by_key(k_cache_t, v_cache, g0 + j) for j in range(nkv)]
+    elif not by_key and item * 2 * DECODE_BLOCK * decode_blocks(capacity) * nkv <= CACHE_BYTES:
+        cache = [[load_cache_block(k_cache_t, v_cache, g0 + j, blk) for blk in range(decode_blocks(capacity))]
+                 for j in range(nkv)]
     pieces = next(n for n in (4, 2, 1) if (c1 - c0) % n == 0)  # so that the first slots' matmuls start early
     for piece in nl.affine_range(pieces):
         a, b = _split(c1 - c0, piece, pieces)
         nisa.dma_copy(dst=w_o_sb[:, a:b], src=w_o_t[:, c0 + a:c0 + b])
 
-    if w_qkv_sb is not None:
-        _project_heads(qkv, x_t, w_qkv_blocks, ranges, w_qkv_sb)
+    ones = nl.ndarray((P, P), dtype=x.dtype, buffer=nl.sbuf)
+    nisa.memset(dst=ones, value=1.0, engine=nisa.engine.gpsimd)
+    ones_f32 = nl.ndarray((P, P), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=ones_f32, value=1.0, engine=nisa.engine.gpsimd)
+    rot = _rotate_half_matrix(d, x.dtype)
+    k_new = nl.ndarray((d, nkv, P), dtype=x.dtype, buffer=nl.sbuf)  # the new key in column 0 per KV head
+    nisa.memset(dst=k_new, value=0.0, engine=nisa.engine.gpsimd)
+    v_new = nl.ndarray((P, nkv, d), dtype=x.dtype, buffer=nl.sbuf)  # its value in row 0
+    nisa.memset(dst=v_new, value=0.0, engine=nisa.engine.gpsimd)
+    valid = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)  # the length on every partition
+    spread = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_matmul(dst=spread, stationary=ones_f32[0:1, :], moving=length_f)
+    nisa.tensor_copy(dst=valid, src=spread)
+    if by_key:
+        penalty = key_penalty(valid, key_cols, group)
+        neg_row = nl.ndarray((1, P), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.memset(dst=neg_row, value=-1.0, engine=nisa.engine.gpsimd)
 
-    if cache is not None:  # the masks depend only on the block and the length: computed while the cache arrives
-        penalties = [cache_penalty(valid_len, blk, cache[0][blk][2], group) for blk in range(blocks)]
-
-    # 3. q and k heads onto partitions, QK-norm and RoPE on all rows at once.
-    cols = nl.ndarray((d, rows), dtype=x.dtype, buffer=nl.psum)
-    for i in nl.affine_range(rows):
-        nisa.nc_transpose(dst=cols[:, i:i + 1], data=qkv[0:1, i * d:(i + 1) * d], engine=nisa.engine.tensor)
-    cols_sb = nl.ndarray((d, rows), dtype=x.dtype, buffer=nl.sbuf)
-    nisa.tensor_copy(dst=cols_sb, src=cols)
-    heads = nl.ndarray((P, d), dtype=x.dtype, buffer=nl.sbuf)
-    pe_transpose(heads[0:rows], cols_sb)
-    qk_normed = nl.ndarray((P, 1, d), dtype=x.dtype, buffer=nl.sbuf)
-    normalize_rows(qk_normed.reshape((P, d)), heads, w_rows, rows, d, eps, square_on_scalar)
-    roped = nl.ndarray((P, 1, d), dtype=x.dtype, buffer=nl.sbuf)
-    rotate_rows(roped, qk_normed, c, s, rows, nisa.engine.gpsimd if sin_on_gpsimd else nisa.engine.vector)
-    qk_t = nl.ndarray((d, rows), dtype=x.dtype, buffer=nl.sbuf)  # q^T then k^T, head_dim on partitions
-    pe_transpose(qk_t, roped.reshape((P, d))[0:rows])
+    # 3. the projections (q and k heads as columns, v as a row), QK-norm and RoPE on the columns.
+    cols = nl.ndarray((d, rows), dtype=nl.float32, buffer=nl.psum)
+    v_row = nl.ndarray((1, nkv * d), dtype=nl.float32, buffer=nl.psum)
+    _project_heads(cols, v_row, x_t, w_qkv_blocks, ranges, w_qkv_sb)
     for j in nl.affine_range(nkv):
+        nisa.tensor_copy(dst=v_new[0:1, j, :], src=v_row[0:1, j * d:(j + 1) * d])
+    qk_t = nl.ndarray((d, rows), dtype=x.dtype, buffer=nl.sbuf)  # q^T then k^T, head_dim on partitions
+    _qk_columns(qk_t, cols, vectors, nq, ones_f32, rot, eps, square_on_scalar, sin_on_gpsimd)
+    k_rows = nl.ndarray((P, d), dtype=x.dtype, buffer=nl.sbuf)
+    pe_transpose(k_rows[0:nkv], qk_t[:, nq:rows])
+    for j in nl.affine_range(nkv):
+        nisa.tensor_copy(dst=k_new[:, j, 0:1], src=qk_t[:, nq + j:nq + j + 1])
         if q0 <= (g0 + j) * group < q1:  # the program holding the KV head's first query head stores it
-            nisa.dma_copy(dst=k_out[0, g0 + j:g0 + j + 1, :], src=roped.reshape((P, d))[nq + j:nq + j + 1])
-            nisa.dma_copy(dst=v_out[0, g0 + j:g0 + j + 1, :], src=qkv[0:1, (rows + j) * d:(rows + j + 1) * d])
+            nisa.dma_copy(dst=k_out[0, g0 + j:g0 + j + 1, :], src=k_rows[j:j + 1])
+            nisa.dma_copy(dst=v_out[0, g0 + j:g0 + j + 1, :], src=v_new[0:1, j, :])
 
-    # 4. attention: per KV head, the new position from SBUF, then the cache (read once).
+    # 4. attention: per KV head, over the cache (read once) and the new position.
     attn_t = nl.ndarray((d, hq), dtype=x.dtype, buffer=nl.sbuf)  # O^T, head_dim on partitions
+    consts = (ones, neg_row) if by_key else None
     for j in nl.affine_range(nkv):
         g = g0 + j
         a, b = max(q0, g * group), min(q1, (g + 1) * group)  # this program's query heads of KV head g
         q_t = qk_t[:, a - q0:b - q0]
-        state = _running_state(d)
-        v_new = qkv[0:1, (rows + j) * d:(rows + j + 1) * d]
-        decode_block(q_t, qk_t[:, nq + j:nq + j + 1], 1, lambda ch, kc, v=v_new: v, state, scale, fast_exp)
-        if cache is None:
-            decode_over_cache(q_t, k_cache_t, v_cache, g, valid_len, state, scale, fast_exp)
+        if by_key:
+            blocks = cache[j] if cache is not None else load_cache_by_key(k_cache_t, v_cache, g)
+            attend_by_key(attn_t[:, a:b], q_t, blocks, (k_new[:, j, :], v_new[:, j, :]), penalty[:, :, 0:b - a], consts, scale,
+                          fast_exp)
         else:
-            for blk in nl.affine_range(blocks):
-                attend_cache_block(q_t, cache[j][blk], penalties[blk], state, scale, fast_exp)
-        res = normalized(state[2], state[1], b - a, d, x.dtype)
-        pe_transpose(attn_t[:, a:b], res[0:b - a])
+            _attend_by_block(attn_t[:, a:b], q_t, qk_t[:, nq + j:nq + j + 1], v_new[0:1, j, :], k_cache_t, v_cache,
+                             g, valid, None if cache is None else cache[j], scale, fast_exp)
     if programs > 1:  # swap O^T halves: both programs then hold all of it
         peer = 1 - me
         p0, p1 = _split(hq, peer, programs)
@@ -297,6 +358,22 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
     return summed, out, k_out, v_out
 
 
+def _attend_by_block(dst, q_t, k_new, v_new, k_cache_t, v_cache, g: int, valid, blocks, scale: float,  # noqa: ANN001
+                     fast_exp: bool) -> None:
+    """Attention of one query group over caches too long for ``attend_by_key``: the new position as
+    one online-softmax block, then the cache in 512-key blocks (``blocks`` when loaded ahead)."""
+    d, width = q_t.shape
+    state = _running_state(d)
+    decode_block(q_t, k_new, 1, lambda ch, kc: v_new, state, scale, fast_exp)
+    if blocks is None:
+        decode_over_cache(q_t, k_cache_t, v_cache, g, valid, state, scale, fast_exp)
+    else:
+        for blk in nl.affine_range(len(blocks)):
+            penalty = cache_penalty(valid, blk, blocks[blk][2], width)
+            attend_cache_block(q_t, blocks[blk], penalty, state, scale, fast_exp)
+    pe_transpose(dst, normalized(state[2], state[1], width, d, q_t.dtype)[0:width])
+
+
 # --- launchers and support checks ----------------------------------------------------------------
 
 #: Projection weight blocks per DMA of the q|k|v weight: 2 heads, 2 x 128 x H/128 values per
@@ -308,6 +385,10 @@ QKV_HEADS_PER_LOAD = 2
 #: too when both fit): well below both targets' usable SBUF (207 KiB Trn2, 239 KiB Trn3), leaving
 #: room for the streamed q|k|v loads, the cache blocks and the activations.
 RESIDENT_BYTES = 128 * 1024
+
+#: Bytes per partition of one PSUM bank: the keys-on-partitions scores [128, C + 1, G] fp32 of one
+#: attention call fit one (both targets: 8 banks of 2 KiB, trainium2_arch.rst / trainium3_arch.rst).
+BANK_BYTES = 2048
 
 #: SBUF bytes per partition for the cache loaded ahead of W_o (K^T and V of every 512-key block of
 #: this program's KV heads: 2 KiB per block in bf16); a longer cache streams block by block.
