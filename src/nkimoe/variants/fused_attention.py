@@ -116,39 +116,21 @@ def _load(dst, w_blocks, per_load: int) -> None:  # noqa: ANN001
         nisa.dma_copy(dst=dst[:, first:last], src=w_blocks[first:last].permute((1, 0, 2, 3)))
 
 
-def _weight_blocks(w_qkv_blocks, ranges, resident):  # noqa: ANN001, ANN202
-    """This program's q|k|v weight blocks, one per head in the order of ``ranges`` ((first head,
-    count) of w_qkv_blocks [heads, 128, H/128, D]): [128, H/128, D] SBUF tiles, from ``resident``
-    [128, heads, H/128, D] when given (loaded earlier by ``_load``), otherwise loaded here
-    ``QKV_HEADS_PER_LOAD`` at a time into double-buffered tiles."""
-    _, _, kt, d = w_qkv_blocks.shape
-    at = 0
-    for first, count in ranges:
-        for load in nl.affine_range((count + QKV_HEADS_PER_LOAD - 1) // QKV_HEADS_PER_LOAD):
-            a = load * QKV_HEADS_PER_LOAD
-            b = min(count, a + QKV_HEADS_PER_LOAD)
-            if resident is None:
-                w_sb = nl.ndarray((P, QKV_HEADS_PER_LOAD, kt, d), dtype=w_qkv_blocks.dtype, buffer=nl.sbuf)
-                _load(w_sb[:, 0:b - a], w_qkv_blocks[first + a:first + b], QKV_HEADS_PER_LOAD)
-            else:
-                w_sb = resident[:, at + a:at + b]
-            for i in range(b - a):
-                yield w_sb[:, i]
-        at += count
-
-
-def _project_heads(cols, v_row, x_t, w_qkv_blocks, ranges, resident) -> None:  # noqa: ANN001
-    """This program's q and k heads into the columns of ``cols`` [D, rows] (PSUM): the weight block
-    [128 (hidden), D] is the stationary operand and the token x_t [128, H/128, 1] moves, so each
-    head lands with head_dim on the partitions; its v heads, the other way round, into the row
-    ``v_row`` [1, heads * D] (PSUM). Accumulated over H/128 in fp32."""
-    rows = cols.shape[1]
-    d = w_qkv_blocks.shape[3]
-    for i, w_sb in enumerate(_weight_blocks(w_qkv_blocks, ranges, resident)):
-        if i < rows:
-            matmul_accumulate(cols[:, i:i + 1], w_sb, x_t)
+def _weight_blocks(w_blocks, resident):  # noqa: ANN001, ANN202
+    """The weight blocks w_blocks [heads, 128, H/128, D] (HBM, ``head_blocks``), one [128, H/128, D]
+    SBUF tile per head in order: from ``resident`` [128, heads, H/128, D] when given (loaded earlier
+    by ``_load``), otherwise loaded here ``QKV_HEADS_PER_LOAD`` at a time into double-buffered tiles."""
+    heads, _, kt, d = w_blocks.shape
+    for load in nl.affine_range((heads + QKV_HEADS_PER_LOAD - 1) // QKV_HEADS_PER_LOAD):
+        a = load * QKV_HEADS_PER_LOAD
+        b = min(heads, a + QKV_HEADS_PER_LOAD)
+        if resident is None:
+            w_sb = nl.ndarray((P, QKV_HEADS_PER_LOAD, kt, d), dtype=w_blocks.dtype, buffer=nl.sbuf)
+            _load(w_sb[:, 0:b - a], w_blocks[a:b], QKV_HEADS_PER_LOAD)
         else:
-            matmul_accumulate(v_row[0:1, (i - rows) * d:(i - rows + 1) * d], x_t, w_sb)
+            w_sb = resident[:, a:b]
+        for i in range(b - a):
+            yield w_sb[:, i]
 
 
 def _split(total: int, me: int, programs: int) -> tuple[int, int]:
@@ -181,19 +163,17 @@ def _rotate_half_matrix(d: int, dtype):  # noqa: ANN001, ANN202
     return rot
 
 
-def _qk_columns(dst, cols, vectors, nq: int, ones_f32, rot, eps: float, square_on_scalar: bool,  # noqa: ANN001
+def _qk_columns(dst, x, vectors, nq: int, ones_f32, rot, eps: float, square_on_scalar: bool,  # noqa: ANN001
                 sin_on_scalar: bool) -> None:
     """QK-norm then RoPE of the q and k heads held as columns (head_dim on the partitions):
-    ``cols`` [D, rows] (PSUM, fp32 projection sums; the first ``nq`` columns q, the rest k) into
+    ``x`` [D, rows] (SBUF, the rounded projection; the first ``nq`` columns q, the rest k) into
     ``dst`` [D, rows] (SBUF). ``vectors`` [D, 4] fp32 holds the q and k norm weights, cos and sin
     as per-partition scalars. The sum of squares over head_dim crosses the partitions through an
     fp32 ones-matmul (which leaves it on every partition), rotate-half is a +-1 matmul (exact).
-    Rounding as the reference: the projection, the normalised value, the weight product, both
+    Rounding as the reference: the normalised value, the weight product, both
     RoPE products and their sum are each rounded once to the activation dtype."""
-    d, rows = cols.shape
+    d, rows = x.shape
     dtype = dst.dtype
-    x = nl.ndarray((d, rows), dtype=dtype, buffer=nl.sbuf)
-    nisa.tensor_copy(dst=x, src=cols)
     sq = nl.ndarray((d, rows), dtype=nl.float32, buffer=nl.sbuf)
     if square_on_scalar:
         nisa.activation(dst=sq, op=nl.square, data=x)
@@ -238,67 +218,53 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
     hkv, d, capacity = k_cache_t.shape
     hq = w_o_t.shape[2]
     group = hq // hkv
+    heads = hq + 2 * hkv  # projected heads: q, then k, then v
     me, programs = nl.program_id(0), nl.num_programs()
     summed = nl.ndarray((1, h), dtype=x.dtype, buffer=nl.shared_hbm)
     out = nl.ndarray((1, h), dtype=x.dtype, buffer=nl.shared_hbm)
     k_out = nl.ndarray((1, hkv, d), dtype=x.dtype, buffer=nl.shared_hbm)
     v_out = nl.ndarray((1, hkv, d), dtype=x.dtype, buffer=nl.shared_hbm)
-    # This program's query heads [q0, q1) and the KV heads [g0, g1) they read.
-    q0, q1 = _split(hq, me, programs)
-    g0, g1 = q0 // group, -(-q1 // group)
-    nq, nkv = q1 - q0, g1 - g0
-    rows = nq + nkv  # the columns QK-norm and RoPE see: this program's q heads, then its k heads
+    b0, b1 = _split(heads, me, programs)  # the heads this program projects
+    c0, c1 = _split(h // P, me, programs)  # its o_proj output slots (hidden p*H/128 + c)
     key_cols = key_columns(capacity)
-    width = min(group, nq)  # query heads per attention call
-    by_key = (key_cols + 1) * width * 4 <= BANK_BYTES
-
-    # Loads go out in the order of use: x, the residual and the norm weight, the q|k|v weights,
-    # the small operands of the QK stage, the cache, W_o. Tiles loaded ahead are allocated first,
-    # so that their loads wait for no earlier tile.
-    c0, c1 = _split(h // P, me, programs)  # this program's o_proj output slots (hidden p*H/128 + c)
-    w_o_sb = nl.ndarray((P, c1 - c0, hq, P), dtype=w_o_t.dtype, buffer=nl.sbuf)
-    # This program's q, k and v weight blocks (one per head), resident when they fit beside W_o.
-    ranges = ((q0, nq), (hq + g0, nkv), (hq + hkv + g0, nkv))
+    by_key = (key_cols + 1) * group * 4 <= BANK_BYTES
     item = 2 if x.dtype == nl.bfloat16 else 4
-    w_qkv_sb = None
-    if item * ((rows + nkv) * (h // P) * d + (c1 - c0) * hq * P) <= RESIDENT_BYTES:
-        w_qkv_sb = nl.ndarray((P, rows + nkv, h // P, d), dtype=w_qkv_blocks.dtype, buffer=nl.sbuf)
 
-    # 1. residual add + RMSNorm, hidden spread over the partitions.
+    # Tiles loaded ahead are allocated first, so that their loads wait for no earlier tile.
+    w_o_sb = nl.ndarray((P, c1 - c0, hq, P), dtype=w_o_t.dtype, buffer=nl.sbuf)
+    w_qkv_sb = None
+    if item * ((b1 - b0) * (h // P) * d + (c1 - c0) * hq * P) <= RESIDENT_BYTES:
+        w_qkv_sb = nl.ndarray((P, b1 - b0, h // P, d), dtype=w_qkv_blocks.dtype, buffer=nl.sbuf)
+
+    # 1. residual add + RMSNorm, hidden spread over the partitions; the QK stage's small operands
+    # (one single-partition DMA each) go out right behind x, so that the constants built from them
+    # take their turn on TensorE and VectorE before the projections.
     st = add_spread(x, residual)
     normed = spread_rmsnorm(st, norm_weight, eps)
-    if me == 0:
-        store_spread(summed, st)
-
-    # 2. the weights, the QK stage's small operands and the cache go out (constants are built meanwhile).
-    x_t = normed.reshape((P, h // P, 1))
-    if w_qkv_sb is not None:
-        at = 0
-        for first, count in ranges:
-            _load(w_qkv_sb[:, at:at + count], w_qkv_blocks[first:first + count], QKV_HEADS_PER_LOAD)
-            at += count
     vectors = _as_columns((q_norm_weight, k_norm_weight, cos, sin), d)
     length_f = nl.ndarray((1, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.dma_copy(dst=length_f, src=length)
-    cache = None
-    if by_key and item * 2 * P * key_cols * nkv <= CACHE_BYTES:
-        cache = [load_cache_by_key(k_cache_t, v_cache, g0 + j) for j in range(nkv)]
-    elif not by_key and item * 2 * DECODE_BLOCK * decode_blocks(capacity) * nkv <= CACHE_BYTES:
-        cache = [[load_cache_block(k_cache_t, v_cache, g0 + j, blk) for blk in range(decode_blocks(capacity))]
-                 for j in range(nkv)]
-    pieces = next(n for n in (4, 2, 1) if (c1 - c0) % n == 0)  # so that the first slots' matmuls start early
-    for piece in nl.affine_range(pieces):
-        a, b = _split(c1 - c0, piece, pieces)
-        nisa.dma_copy(dst=w_o_sb[:, a:b], src=w_o_t[:, c0 + a:c0 + b])
 
+    # 2. this program's q|k|v weights, then the cache go out in the order of use (W_o after the
+    # exchange of the projections, below).
+    if w_qkv_sb is not None:
+        _load(w_qkv_sb, w_qkv_blocks[b0:b1], QKV_HEADS_PER_LOAD)
+    cache = None
+    if by_key and item * 2 * P * key_cols * hkv <= CACHE_BYTES:
+        cache = [load_cache_by_key(k_cache_t, v_cache, g) for g in range(hkv)]
+    elif not by_key and item * 2 * DECODE_BLOCK * decode_blocks(capacity) * hkv <= CACHE_BYTES:
+        cache = [[load_cache_block(k_cache_t, v_cache, g, blk) for blk in range(decode_blocks(capacity))]
+                 for g in range(hkv)]
+
+    # Constants, while the weights arrive.
     ones = nl.ndarray((P, P), dtype=x.dtype, buffer=nl.sbuf)
     nisa.memset(dst=ones, value=1.0, engine=nisa.engine.gpsimd)
     ones_f32 = nl.ndarray((P, P), dtype=nl.float32, buffer=nl.sbuf)
     nisa.memset(dst=ones_f32, value=1.0, engine=nisa.engine.gpsimd)
     rot = _rotate_half_matrix(d, x.dtype)
-    k_new = nl.ndarray((d, nkv, P), dtype=x.dtype, buffer=nl.sbuf)  # the new key in column 0 per KV head
+    k_new = nl.ndarray((d, hkv, P), dtype=x.dtype, buffer=nl.sbuf)  # the new key in column 0 per KV head
     nisa.memset(dst=k_new, value=0.0, engine=nisa.engine.gpsimd)
-    v_new = nl.ndarray((P, nkv, d), dtype=x.dtype, buffer=nl.sbuf)  # its value in row 0
+    v_new = nl.ndarray((P, hkv, d), dtype=x.dtype, buffer=nl.sbuf)  # its value in row 0
     nisa.memset(dst=v_new, value=0.0, engine=nisa.engine.gpsimd)
     valid = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)  # the length on every partition
     spread = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.psum)
@@ -309,49 +275,58 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
         neg_row = nl.ndarray((1, P), dtype=nl.float32, buffer=nl.sbuf)
         nisa.memset(dst=neg_row, value=-1.0, engine=nisa.engine.gpsimd)
 
-    # 3. the projections (q and k heads as columns, v as a row), QK-norm and RoPE on the columns.
-    cols = nl.ndarray((d, rows), dtype=nl.float32, buffer=nl.psum)
-    v_row = nl.ndarray((1, nkv * d), dtype=nl.float32, buffer=nl.psum)
-    _project_heads(cols, v_row, x_t, w_qkv_blocks, ranges, w_qkv_sb)
-    for j in nl.affine_range(nkv):
-        nisa.tensor_copy(dst=v_new[0:1, j, :], src=v_row[0:1, j * d:(j + 1) * d])
-    qk_t = nl.ndarray((d, rows), dtype=x.dtype, buffer=nl.sbuf)  # q^T then k^T, head_dim on partitions
-    _qk_columns(qk_t, cols, vectors, nq, ones_f32, rot, eps, square_on_scalar, sin_on_gpsimd)
-    k_rows = nl.ndarray((P, d), dtype=x.dtype, buffer=nl.sbuf)
-    pe_transpose(k_rows[0:nkv], qk_t[:, nq:rows])
-    for j in nl.affine_range(nkv):
-        nisa.tensor_copy(dst=k_new[:, j, 0:1], src=qk_t[:, nq + j:nq + j + 1])
-        if q0 <= (g0 + j) * group < q1:  # the program holding the KV head's first query head stores it
-            nisa.dma_copy(dst=k_out[0, g0 + j:g0 + j + 1, :], src=k_rows[j:j + 1])
-            nisa.dma_copy(dst=v_out[0, g0 + j:g0 + j + 1, :], src=v_new[0:1, j, :])
+    # 3. this program's heads of the projection as columns (head_dim on partitions), rounded once;
+    # under LNC=2 the programs swap them, so that both hold every head.
+    x_t = normed.reshape((P, h // P, 1))
+    sums = nl.ndarray((d, b1 - b0), dtype=nl.float32, buffer=nl.psum)
+    for i, w_sb in enumerate(_weight_blocks(w_qkv_blocks[b0:b1], w_qkv_sb)):
+        matmul_accumulate(sums[:, i:i + 1], w_sb, x_t)
+    qkv = nl.ndarray((d, heads), dtype=x.dtype, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=qkv[:, b0:b1], src=sums)
+    if programs > 1:
+        peer = 1 - me
+        p0, p1 = _split(heads, peer, programs)
+        nisa.sendrecv(src=qkv[:, b0:b1], dst=qkv[:, p0:p1], send_to_rank=peer, recv_from_rank=peer, pipe_id=0)
+    pieces = next(n for n in (4, 2, 1) if (c1 - c0) % n == 0)  # so that the first slots' matmuls start early
+    for piece in nl.affine_range(pieces):
+        a, b = _split(c1 - c0, piece, pieces)
+        nisa.dma_copy(dst=w_o_sb[:, a:b], src=w_o_t[:, c0 + a:c0 + b])
 
-    # 4. attention: per KV head, over the cache (read once) and the new position.
+    # 4. QK-norm and RoPE on the q and k columns; the new key and value into their attention tiles.
+    qk_t = nl.ndarray((d, hq + hkv), dtype=x.dtype, buffer=nl.sbuf)  # q^T then k^T, head_dim on partitions
+    _qk_columns(qk_t, qkv[:, 0:hq + hkv], vectors, hq, ones_f32, rot, eps, square_on_scalar, sin_on_gpsimd)
+    for g in nl.affine_range(hkv):
+        nisa.tensor_copy(dst=k_new[:, g, 0:1], src=qk_t[:, hq + g:hq + g + 1])
+        pe_transpose(v_new[0:1, g, :], qkv[:, hq + hkv + g:hq + hkv + g + 1])
+    if me == 0:  # behind the loads: a store between them would hold every DMA engine
+        store_spread(summed, st)
+        k_rows = nl.ndarray((P, d), dtype=x.dtype, buffer=nl.sbuf)
+        pe_transpose(k_rows[0:hkv], qk_t[:, hq:hq + hkv])
+        nisa.dma_copy(dst=k_out[0], src=k_rows[0:hkv])
+        v_rows = nl.ndarray((P, d), dtype=x.dtype, buffer=nl.sbuf)
+        pe_transpose(v_rows[0:hkv], qkv[:, hq + hkv:heads])
+        nisa.dma_copy(dst=v_out[0], src=v_rows[0:hkv])
+
+    # 5. attention: per KV head, over the cache (read once) and the new position.
     attn_t = nl.ndarray((d, hq), dtype=x.dtype, buffer=nl.sbuf)  # O^T, head_dim on partitions
     consts = (ones, neg_row) if by_key else None
-    for j in nl.affine_range(nkv):
-        g = g0 + j
-        a, b = max(q0, g * group), min(q1, (g + 1) * group)  # this program's query heads of KV head g
-        q_t = qk_t[:, a - q0:b - q0]
+    for g in nl.affine_range(hkv):
+        q_t = qk_t[:, g * group:(g + 1) * group]
         if by_key:
-            blocks = cache[j] if cache is not None else load_cache_by_key(k_cache_t, v_cache, g)
-            attend_by_key(attn_t[:, a:b], q_t, blocks, (k_new[:, j, :], v_new[:, j, :]), penalty[:, :, 0:b - a], consts, scale,
-                          fast_exp)
+            blocks = cache[g] if cache is not None else load_cache_by_key(k_cache_t, v_cache, g)
+            attend_by_key(attn_t[:, g * group:(g + 1) * group], q_t, blocks, (k_new[:, g, :], v_new[:, g, :]),
+                          penalty, consts, scale, fast_exp)
         else:
-            _attend_by_block(attn_t[:, a:b], q_t, qk_t[:, nq + j:nq + j + 1], v_new[0:1, j, :], k_cache_t, v_cache,
-                             g, valid, None if cache is None else cache[j], scale, fast_exp)
-    if programs > 1:  # swap O^T halves: both programs then hold all of it
-        peer = 1 - me
-        p0, p1 = _split(hq, peer, programs)
-        nisa.sendrecv(src=attn_t[:, q0:q1], dst=attn_t[:, p0:p1], send_to_rank=peer, recv_from_rank=peer, pipe_id=0)
+            _attend_by_block(attn_t[:, g * group:(g + 1) * group], q_t, qk_t[:, hq + g:hq + g + 1], v_new[0:1, g, :],
+                             k_cache_t, v_cache, g, valid, None if cache is None else cache[g], scale, fast_exp)
 
-    # 5. o_proj, weights stationary: per output slot c, the Hq tiles [128 (d), 128 (p)] against the
+    # 6. o_proj, weights stationary: per output slot c, the Hq tiles [128 (d), 128 (p)] against the
     # O^T columns accumulate out[p*H/128 + c] on partition p; this program's share of the slots.
     acc = nl.ndarray((P, c1 - c0), dtype=nl.float32, buffer=nl.psum)
-    heads_first = [*range(q0, q1), *range(0, q0), *range(q1, hq)]  # this program's heads need no swap
-    for i, hh in enumerate(heads_first):
+    for hh in nl.affine_range(hq):
         for slot in nl.affine_range(c1 - c0):
             nisa.nc_matmul(dst=acc[:, slot:slot + 1], stationary=w_o_sb[:, slot, hh, :], moving=attn_t[:, hh:hh + 1],
-                           accumulate=(i > 0))
+                           accumulate=(hh > 0))
     out_sb = nl.ndarray((P, c1 - c0), dtype=x.dtype, buffer=nl.sbuf)
     nisa.tensor_copy(dst=out_sb, src=acc)
     nisa.dma_copy(dst=out.reshape((P, h // P))[:, c0:c1], src=out_sb)
