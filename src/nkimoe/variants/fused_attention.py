@@ -73,7 +73,7 @@ from nkimoe.variants.attention import (
     load_cache_by_key,
     normalized,
 )
-from nkimoe.variants.norms import add_spread, spread_rmsnorm, store_spread
+from nkimoe.variants.norms import spread_normalize
 from nkimoe.variants.tiles import matmul_accumulate, pe_transpose
 
 P = 128
@@ -137,6 +137,19 @@ def _split(total: int, me: int, programs: int) -> tuple[int, int]:
     """This program's contiguous share [first, last) of ``total`` items."""
     share = total // programs
     return me * share, (me + 1) * share
+
+
+def _spread(dst, rows, one) -> None:  # noqa: ANN001
+    """dst [128, F] (SBUF) = the sum of the single-partition ``rows`` [1, 128 F] in the decode-norm
+    layout (hidden index p*F + j on partition p, slot j), rounded once to dst.dtype: per slot j, one
+    one-row matmul per row (stationary: every F-th value from j, moving: ``one`` [1, 1] = 1.0)
+    accumulates the values in fp32 PSUM."""
+    f = dst.shape[1]
+    acc = nl.ndarray((P, f), dtype=nl.float32, buffer=nl.psum)
+    for j in nl.affine_range(f):
+        for i, row in enumerate(rows):
+            nisa.nc_matmul(dst=acc[:, j:j + 1], stationary=row[0:1, j:P * f:f], moving=one, accumulate=(i > 0))
+    nisa.tensor_copy(dst=dst, src=acc)
 
 
 def _as_columns(vectors, d: int):  # noqa: ANN001, ANN202
@@ -236,14 +249,30 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
     if item * ((b1 - b0) * (h // P) * d + (c1 - c0) * hq * P) <= RESIDENT_BYTES:
         w_qkv_sb = nl.ndarray((P, b1 - b0, h // P, d), dtype=w_qkv_blocks.dtype, buffer=nl.sbuf)
 
-    # 1. residual add + RMSNorm, hidden spread over the partitions; the QK stage's small operands
-    # (one single-partition DMA each) go out right behind x, so that the constants built from them
-    # take their turn on TensorE and VectorE before the projections.
-    st = add_spread(x, residual)
-    normed = spread_rmsnorm(st, norm_weight, eps)
+    # 1. x, the residual and the norm weight arrive as single-partition rows (one descriptor each,
+    # where the spread layout takes one per partition) and are spread over the partitions by
+    # one-row matmuls (``_spread``); the QK stage's small operands follow them.
+    rows_in = []
+    for vec in (x, residual, norm_weight):
+        row = nl.ndarray((1, h), dtype=x.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=row, src=vec.reshape((1, h)))
+        rows_in.append(row)
+    x_row, r_row, w_row = rows_in
     vectors = _as_columns((q_norm_weight, k_norm_weight, cos, sin), d)
     length_f = nl.ndarray((1, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.dma_copy(dst=length_f, src=length)
+    ones_f32 = nl.ndarray((P, P), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=ones_f32, value=1.0, engine=nisa.engine.gpsimd)
+    one = nl.ndarray((1, 1), dtype=x.dtype, buffer=nl.sbuf)
+    nisa.memset(dst=one, value=1.0, engine=nisa.engine.gpsimd)
+    # residual add (x + residual in fp32 PSUM, rounded once as the reference's add) + RMSNorm
+    st = nl.ndarray((P, 1, h // P), dtype=x.dtype, buffer=nl.sbuf)
+    _spread(st.reshape((P, h // P)), (x_row, r_row), one)
+    w_sp = nl.ndarray((P, h // P), dtype=x.dtype, buffer=nl.sbuf)
+    _spread(w_sp, (w_row,), one)
+    normed = spread_normalize(st, w_sp, eps, ones_f32)
+    summed_row = nl.ndarray((1, h), dtype=x.dtype, buffer=nl.sbuf)  # stored as one row
+    nisa.tensor_tensor(dst=summed_row, data1=x_row, data2=r_row, op=nl.add, engine=nisa.engine.gpsimd)
 
     # 2. this program's q|k|v weights, then the cache go out in the order of use (W_o after the
     # exchange of the projections, below).
@@ -259,8 +288,6 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
     # Constants, while the weights arrive.
     ones = nl.ndarray((P, P), dtype=x.dtype, buffer=nl.sbuf)
     nisa.memset(dst=ones, value=1.0, engine=nisa.engine.gpsimd)
-    ones_f32 = nl.ndarray((P, P), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.memset(dst=ones_f32, value=1.0, engine=nisa.engine.gpsimd)
     rot = _rotate_half_matrix(d, x.dtype)
     k_new = nl.ndarray((d, hkv, P), dtype=x.dtype, buffer=nl.sbuf)  # the new key in column 0 per KV head
     nisa.memset(dst=k_new, value=0.0, engine=nisa.engine.gpsimd)
@@ -299,7 +326,7 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
         nisa.tensor_copy(dst=k_new[:, g, 0:1], src=qk_t[:, hq + g:hq + g + 1])
         pe_transpose(v_new[0:1, g, :], qkv[:, hq + hkv + g:hq + hkv + g + 1])
     if me == 0:  # behind the loads: a store between them would hold every DMA engine
-        store_spread(summed, st)
+        nisa.dma_copy(dst=summed, src=summed_row)
         k_rows = nl.ndarray((P, d), dtype=x.dtype, buffer=nl.sbuf)
         pe_transpose(k_rows[0:hkv], qk_t[:, hq:hq + hkv])
         nisa.dma_copy(dst=k_out[0], src=k_rows[0:hkv])
@@ -323,8 +350,8 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
     # 6. o_proj, weights stationary: per output slot c, the Hq tiles [128 (d), 128 (p)] against the
     # O^T columns accumulate out[p*H/128 + c] on partition p; this program's share of the slots.
     acc = nl.ndarray((P, c1 - c0), dtype=nl.float32, buffer=nl.psum)
-    for hh in nl.affine_range(hq):
-        for slot in nl.affine_range(c1 - c0):
+    for slot in nl.affine_range(c1 - c0):  # slot by slot, in the order W_o arrives
+        for hh in nl.affine_range(hq):
             nisa.nc_matmul(dst=acc[:, slot:slot + 1], stationary=w_o_sb[:, slot, hh, :], moving=attn_t[:, hh:hh + 1],
                            accumulate=(hh > 0))
     out_sb = nl.ndarray((P, c1 - c0), dtype=x.dtype, buffer=nl.sbuf)
