@@ -299,15 +299,16 @@ def attend_by_key(dst, q_t, cache, new_kv, penalty, consts, scale: float, fast_e
 
     q_t [D, G] (SBUF); cache = ``load_cache_by_key``; new_kv = (K^T [D, 128] holding the new key in
     column 0, V [128, D] holding its value in row 0, zeros elsewhere); penalty = ``key_penalty``;
-    consts = (ones [128, 128] in q's dtype, a [1, 128] fp32 row of -1). Scores S^T [128, C + 1, G]
-    (fp32 PSUM) come from C + 1 matmuls (stationary: every C-th key), so every elementwise step runs
-    on C + 1 columns per head over all lanes. The maximum crosses the partitions on GpSimd and
-    comes back to every partition through a -1 matmul; P = exp(S - max) in q's dtype; P.V
+    consts = (ones [128, 128] in q's dtype, ones [128, 128] fp32, the fp32 identity [128, 128]).
+    Scores S^T [128, C + 1, G] (fp32 PSUM) come from C + 1 matmuls (stationary: every C-th key), so
+    every elementwise step runs on C + 1 columns per head over all lanes. Each partition's maximum
+    per head crosses the partitions by a TensorE transpose and a reduction, and its negation comes
+    back to every partition by a matmul against the identity; P = exp(S - max) in q's dtype; P.V
     accumulates O^T over the C + 1 key columns, and a ones-matmul gives each head's sum of P on
     every partition, which O^T is divided by."""
     k_sb, v_sb = cache
     k_new, v_new = new_kv
-    ones, neg_row = consts
+    ones, ones_f32, eye = consts
     group = q_t.shape[1]
     cols = v_sb.shape[1]
     sc = nl.ndarray((P, cols + 1, group), dtype=nl.float32, buffer=nl.psum)
@@ -318,10 +319,14 @@ def attend_by_key(dst, q_t, cache, new_kv, penalty, consts, scale: float, fast_e
     nisa.scalar_tensor_tensor(dst=ss, data=sc, op0=nl.multiply, operand0=scale, op1=nl.add, operand1=penalty)
     part_max = nl.ndarray((P, group), dtype=nl.float32, buffer=nl.sbuf)
     nisa.tensor_reduce(dst=part_max, op=nl.maximum, data=ss.permute((0, 2, 1)), axis=2)
-    top = nl.ndarray((1, group), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_partition_reduce(dst=top, op=nl.maximum, data=part_max)
+    by_head = nl.ndarray((group, P), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_transpose(dst=by_head, data=part_max, engine=nisa.engine.tensor)
+    neg_max = nl.ndarray((group, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_reduce(dst=neg_max, op=nl.maximum, data=by_head, axis=1, negate=True)
+    spread = nl.ndarray((group, P), dtype=nl.float32, buffer=nl.sbuf)  # row h: -max of head h
+    nisa.tensor_scalar(dst=spread, data=ones_f32[0:group, :], op0=nl.multiply, operand0=neg_max)
     shift = nl.ndarray((P, group), dtype=nl.float32, buffer=nl.psum)
-    nisa.nc_matmul(dst=shift, stationary=neg_row, moving=top)
+    nisa.nc_matmul(dst=shift, stationary=spread, moving=eye[0:group, 0:group])
     nisa.tensor_tensor(dst=ss, data1=ss, data2=shift.ap([[group, P], [0, cols + 1], [1, group]], offset=0), op=nl.add)
     p_sb = nl.ndarray((P, cols + 1, group), dtype=q_t.dtype, buffer=nl.sbuf)
     if fast_exp:

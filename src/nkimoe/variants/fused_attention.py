@@ -146,20 +146,26 @@ def _spread(dst, rows, one) -> None:  # noqa: ANN001
     accumulates the values in fp32 PSUM."""
     f = dst.shape[1]
     acc = nl.ndarray((P, f), dtype=nl.float32, buffer=nl.psum)
-    for j in nl.affine_range(f):
-        for i, row in enumerate(rows):
+    for i, row in enumerate(rows):
+        for j in nl.affine_range(f):
             nisa.nc_matmul(dst=acc[:, j:j + 1], stationary=row[0:1, j:P * f:f], moving=one, accumulate=(i > 0))
     nisa.tensor_copy(dst=dst, src=acc)
 
 
-def _as_columns(vectors, d: int):  # noqa: ANN001, ANN202
-    """HBM vectors of ``d`` values (each [d] or [1, d]) as the columns of one [d, n] fp32 SBUF tile:
-    one single-partition DMA each, then one TensorE transpose."""
-    n = len(vectors)
+def _load_rows(vectors, d: int):  # noqa: ANN001, ANN202
+    """HBM vectors of ``d`` values (each [d] or [1, d]) as the rows of one [128, d] SBUF tile, one
+    single-partition DMA each (``_as_columns`` turns them)."""
     rows = nl.ndarray((P, d), dtype=vectors[0].dtype, buffer=nl.sbuf)
     for i, vec in enumerate(vectors):
         nisa.dma_copy(dst=rows[i:i + 1], src=vec.reshape((1, d)))
-    staged = nl.ndarray((d, n), dtype=vectors[0].dtype, buffer=nl.psum)
+    return rows
+
+
+def _as_columns(rows, n: int):  # noqa: ANN001, ANN202
+    """The first ``n`` rows [n, d] of an SBUF tile as the columns of one [d, n] fp32 SBUF tile
+    (one TensorE transpose)."""
+    d = rows.shape[1]
+    staged = nl.ndarray((d, n), dtype=rows.dtype, buffer=nl.psum)
     nisa.nc_transpose(dst=staged, data=rows[0:n], engine=nisa.engine.tensor)
     out = nl.ndarray((d, n), dtype=nl.float32, buffer=nl.sbuf)
     nisa.tensor_copy(dst=out, src=staged)
@@ -251,16 +257,13 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
 
     # 1. x, the residual and the norm weight arrive as single-partition rows (one descriptor each,
     # where the spread layout takes one per partition) and are spread over the partitions by
-    # one-row matmuls (``_spread``); the QK stage's small operands follow them.
+    # one-row matmuls (``_spread``).
     rows_in = []
     for vec in (x, residual, norm_weight):
         row = nl.ndarray((1, h), dtype=x.dtype, buffer=nl.sbuf)
         nisa.dma_copy(dst=row, src=vec.reshape((1, h)))
         rows_in.append(row)
     x_row, r_row, w_row = rows_in
-    vectors = _as_columns((q_norm_weight, k_norm_weight, cos, sin), d)
-    length_f = nl.ndarray((1, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=length_f, src=length)
     ones_f32 = nl.ndarray((P, P), dtype=nl.float32, buffer=nl.sbuf)
     nisa.memset(dst=ones_f32, value=1.0, engine=nisa.engine.gpsimd)
     one = nl.ndarray((1, 1), dtype=x.dtype, buffer=nl.sbuf)
@@ -278,6 +281,9 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
     # exchange of the projections, below).
     if w_qkv_sb is not None:
         _load(w_qkv_sb, w_qkv_blocks[b0:b1], QKV_HEADS_PER_LOAD)
+    small = _load_rows((q_norm_weight, k_norm_weight, cos, sin), d)  # the QK stage's operands
+    length_f = nl.ndarray((1, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=length_f, src=length)
     cache = None
     if by_key and item * 2 * P * key_cols * hkv <= CACHE_BYTES:
         cache = [load_cache_by_key(k_cache_t, v_cache, g) for g in range(hkv)]
@@ -293,14 +299,10 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
     nisa.memset(dst=k_new, value=0.0, engine=nisa.engine.gpsimd)
     v_new = nl.ndarray((P, hkv, d), dtype=x.dtype, buffer=nl.sbuf)  # its value in row 0
     nisa.memset(dst=v_new, value=0.0, engine=nisa.engine.gpsimd)
-    valid = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)  # the length on every partition
-    spread = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.psum)
-    nisa.nc_matmul(dst=spread, stationary=ones_f32[0:1, :], moving=length_f)
-    nisa.tensor_copy(dst=valid, src=spread)
-    if by_key:
-        penalty = key_penalty(valid, key_cols, group)
-        neg_row = nl.ndarray((1, P), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.memset(dst=neg_row, value=-1.0, engine=nisa.engine.gpsimd)
+    eye = nl.ndarray((P, P), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=eye, value=0.0, engine=nisa.engine.gpsimd)
+    nisa.affine_select(dst=eye, pattern=[[-1, P]], channel_multiplier=1, on_true_tile=eye, on_false_value=1.0,
+                       cmp_op=nl.not_equal)
 
     # 3. this program's heads of the projection as columns (head_dim on partitions), rounded once;
     # under LNC=2 the programs swap them, so that both hold every head.
@@ -314,6 +316,15 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
         peer = 1 - me
         p0, p1 = _split(heads, peer, programs)
         nisa.sendrecv(src=qkv[:, b0:b1], dst=qkv[:, p0:p1], send_to_rank=peer, recv_from_rank=peer, pipe_id=0)
+    # Behind the projections on TensorE and VectorE (their operands arrive behind the weights):
+    # the QK stage's vectors as columns, the length on every partition, the mask.
+    vectors = _as_columns(small, 4)
+    valid = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
+    spread = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_matmul(dst=spread, stationary=ones_f32[0:1, :], moving=length_f)
+    nisa.tensor_copy(dst=valid, src=spread)
+    if by_key:
+        penalty = key_penalty(valid, key_cols, group)
     pieces = next(n for n in (4, 2, 1) if (c1 - c0) % n == 0)  # so that the first slots' matmuls start early
     for piece in nl.affine_range(pieces):
         a, b = _split(c1 - c0, piece, pieces)
@@ -325,18 +336,10 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
     for g in nl.affine_range(hkv):
         nisa.tensor_copy(dst=k_new[:, g, 0:1], src=qk_t[:, hq + g:hq + g + 1])
         pe_transpose(v_new[0:1, g, :], qkv[:, hq + hkv + g:hq + hkv + g + 1])
-    if me == 0:  # behind the loads: a store between them would hold every DMA engine
-        nisa.dma_copy(dst=summed, src=summed_row)
-        k_rows = nl.ndarray((P, d), dtype=x.dtype, buffer=nl.sbuf)
-        pe_transpose(k_rows[0:hkv], qk_t[:, hq:hq + hkv])
-        nisa.dma_copy(dst=k_out[0], src=k_rows[0:hkv])
-        v_rows = nl.ndarray((P, d), dtype=x.dtype, buffer=nl.sbuf)
-        pe_transpose(v_rows[0:hkv], qkv[:, hq + hkv:heads])
-        nisa.dma_copy(dst=v_out[0], src=v_rows[0:hkv])
 
     # 5. attention: per KV head, over the cache (read once) and the new position.
     attn_t = nl.ndarray((d, hq), dtype=x.dtype, buffer=nl.sbuf)  # O^T, head_dim on partitions
-    consts = (ones, neg_row) if by_key else None
+    consts = (ones, ones_f32, eye)
     for g in nl.affine_range(hkv):
         q_t = qk_t[:, g * group:(g + 1) * group]
         if by_key:
@@ -346,6 +349,15 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
         else:
             _attend_by_block(attn_t[:, g * group:(g + 1) * group], q_t, qk_t[:, hq + g:hq + g + 1], v_new[0:1, g, :],
                              k_cache_t, v_cache, g, valid, None if cache is None else cache[g], scale, fast_exp)
+
+    if me == 0:  # behind the loads and the attention (a store between loads holds every DMA engine)
+        nisa.dma_copy(dst=summed, src=summed_row)
+        k_rows = nl.ndarray((P, d), dtype=x.dtype, buffer=nl.sbuf)
+        pe_transpose(k_rows[0:hkv], qk_t[:, hq:hq + hkv])
+        nisa.dma_copy(dst=k_out[0], src=k_rows[0:hkv])
+        v_rows = nl.ndarray((P, d), dtype=x.dtype, buffer=nl.sbuf)
+        pe_transpose(v_rows[0:hkv], qkv[:, hq + hkv:heads])
+        nisa.dma_copy(dst=v_out[0], src=v_rows[0:hkv])
 
     # 6. o_proj, weights stationary: per output slot c, the Hq tiles [128 (d), 128 (p)] against the
     # O^T columns accumulate out[p*H/128 + c] on partition p; this program's share of the slots.
