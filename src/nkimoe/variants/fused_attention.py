@@ -62,6 +62,7 @@ from nkimoe.variants.attention import (
     DECODE_BLOCK,
     _running_state,
     attend_by_key,
+    by_key_constants,
     attend_cache_block,
     cache_penalty,
     decode_block,
@@ -69,6 +70,7 @@ from nkimoe.variants.attention import (
     decode_over_cache,
     key_columns,
     key_penalty,
+    length_on_partitions,
     load_cache_block,
     load_cache_by_key,
     normalized,
@@ -264,8 +266,8 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
         nisa.dma_copy(dst=row, src=vec.reshape((1, h)))
         rows_in.append(row)
     x_row, r_row, w_row = rows_in
-    ones_f32 = nl.ndarray((P, P), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.memset(dst=ones_f32, value=1.0, engine=nisa.engine.gpsimd)
+    consts = by_key_constants(x.dtype)
+    ones_f32 = consts[1]
     one = nl.ndarray((1, 1), dtype=x.dtype, buffer=nl.sbuf)
     nisa.memset(dst=one, value=1.0, engine=nisa.engine.gpsimd)
     # residual add (x + residual in fp32 PSUM, rounded once as the reference's add) + RMSNorm
@@ -292,17 +294,11 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
                  for g in range(hkv)]
 
     # Constants, while the weights arrive.
-    ones = nl.ndarray((P, P), dtype=x.dtype, buffer=nl.sbuf)
-    nisa.memset(dst=ones, value=1.0, engine=nisa.engine.gpsimd)
     rot = _rotate_half_matrix(d, x.dtype)
     k_new = nl.ndarray((d, hkv, P), dtype=x.dtype, buffer=nl.sbuf)  # the new key in column 0 per KV head
     nisa.memset(dst=k_new, value=0.0, engine=nisa.engine.gpsimd)
     v_new = nl.ndarray((P, hkv, d), dtype=x.dtype, buffer=nl.sbuf)  # its value in row 0
     nisa.memset(dst=v_new, value=0.0, engine=nisa.engine.gpsimd)
-    eye = nl.ndarray((P, P), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.memset(dst=eye, value=0.0, engine=nisa.engine.gpsimd)
-    nisa.affine_select(dst=eye, pattern=[[-1, P]], channel_multiplier=1, on_true_tile=eye, on_false_value=1.0,
-                       cmp_op=nl.not_equal)
 
     # 3. this program's heads of the projection as columns (head_dim on partitions), rounded once;
     # under LNC=2 the programs swap them, so that both hold every head.
@@ -319,10 +315,7 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
     # Behind the projections on TensorE and VectorE (their operands arrive behind the weights):
     # the QK stage's vectors as columns, the length on every partition, the mask.
     vectors = _as_columns(small, 4)
-    valid = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
-    spread = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.psum)
-    nisa.nc_matmul(dst=spread, stationary=ones_f32[0:1, :], moving=length_f)
-    nisa.tensor_copy(dst=valid, src=spread)
+    valid = length_on_partitions(length_f, ones_f32)
     if by_key:
         penalty = key_penalty(valid, key_cols, group)
     pieces = next(n for n in (4, 2, 1) if (c1 - c0) % n == 0)  # so that the first slots' matmuls start early
@@ -339,7 +332,6 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
 
     # 5. attention: per KV head, over the cache (read once) and the new position.
     attn_t = nl.ndarray((d, hq), dtype=x.dtype, buffer=nl.sbuf)  # O^T, head_dim on partitions
-    consts = (ones, ones_f32, eye)
     for g in nl.affine_range(hkv):
         q_t = qk_t[:, g * group:(g + 1) * group]
         if by_key:
