@@ -132,12 +132,12 @@ def test_split_lnc2_states_its_range() -> None:
     assert not ok and "LNC=1" in reason
 
 
-#: Keys on the partitions at one TP 4 rank's heads: buckets of one key, of a ragged last partition
-#: (1000 = 124 x 8 + 8 keys over 125 partitions; 17 = 8 x 2 + 1), the contest's context and the
-#: longest bucket at G = 8 (64 key columns, one PSUM bank of fp32 scores).
+#: Keys on the partitions at one TP 4 rank's heads: buckets of one key, of 17 keys (17 partitions
+#: of one column), of 125 x 8 keys and a ragged last partition of one (1001), the contest's context
+#: and the longest bucket at G = 8 (64 key columns, one PSUM bank of fp32 scores).
 @pytest.mark.parametrize("variant", ["attention_tkg_bykey", "attention_tkg_bykey_lnc2"])
 @pytest.mark.parametrize("target", ["trn2", "trn3"])
-@pytest.mark.parametrize("length,bucket", [(1, 1), (17, 17), (999, 1000), (1024, 1024), (8000, 8192)])
+@pytest.mark.parametrize("length,bucket", [(1, 1), (17, 17), (999, 1001), (1024, 1024), (8000, 8192)])
 def test_bykey_decode_at_a_tp4_rank(variant: str, target: str, length: int, bucket: int) -> None:
     _decode_case(variant, target, length, bucket, hq=8, hkv=1)
 

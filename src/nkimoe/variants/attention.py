@@ -36,6 +36,19 @@ instructions) per KV head whatever the length, so at short contexts (a few hundr
 one-pass kernel wins. Its range: n at most 512 keys on Trn2 (one PSUM bank of fp32 scores) and
 1024 on Trn3 (wide moving tiles): buckets up to 8192 / 16384 keys at G = 8.
 
+Decode with the keys on the partitions (``_tkg_bykey``, and the fused attention block): key
+p*C + c of an Lmax cache on partition p, column c (C = ceil(Lmax/128)), so K^T [D, 128 C] and V
+[128, C, D] each arrive in one DMA of one contiguous run per partition. C score matmuls (the
+stationary takes every C-th key of K^T, the group's queries move) fill S^T [128, C, G] in one PSUM
+bank; scaling, the length mask, the maximum, exp and the sums then run over C columns per head
+on all 128 lanes, about a dozen instructions per KV head whatever the length. Each partition's
+maximum per head crosses the partitions by one TensorE transpose and a reduction and comes back
+to every partition through a matmul against the identity; P.V accumulates O^T [D, G] over the C
+columns, and a ones-matmul puts each head's sum of P on every partition, by which O^T is divided
+once. Why it wins: the one-pass kernel's elementwise work is Lmax columns on G lanes and split-K's
+Lmax/16 columns plus a combine, where this layout's is Lmax/128 columns. Its range: C x G fp32
+scores in one PSUM bank (2 KiB), up to 8192 keys at G = 8.
+
 Rounding differs from the eager reference, which rounds q.k to bf16, then the scaled scores, then
 the normalised probabilities: the kernels keep scores in fp32 and normalise once at the end.
 

@@ -4,47 +4,55 @@ o_proj, with every activation kept in SBUF between the stages.
 
 Layout, stage by stage (T = 1):
 
-- add + RMSNorm: the hidden spread over the 128 partitions (``norms.load_spread``); the sum of
-  squares crosses partitions through a ones-matmul.
-- q|k|v projection: the normalised token is the stationary operand (the contraction on the spread
-  layout's (partition, slot)); the weight, re-laid-out at load time in one block per head
-  (``head_blocks``: a contiguous run of H/128 x D values per partition and head), streams as
-  D-column moving tiles accumulated in fp32 PSUM. The [1, N] result stays on one partition.
-- QK-norm and RoPE: the q and k heads go onto partitions (one TensorE transpose per head into a
-  [D, heads] PSUM tile, one back to [heads, D] rows), then the norm and rotary kernels' row
-  helpers run on all Hq + Hkv rows at once; one more transpose gives q^T and k^T [D, heads].
-- attention: per KV head, the new position is one online-softmax block whose key (k^T column) and
-  value (the v slice of the [1, N] row) come from SBUF, then the cache is read once in 512-key
-  blocks masked at the run-time ``length`` (the one-pass decode kernel's helpers). The
-  normalised output of each query group is transposed into O^T [D, Hq].
+- add + RMSNorm: x, the residual and the norm weight arrive as single-partition rows (one DMA
+  descriptor each) and are spread over the 128 partitions (hidden p*H/128 + j on partition p,
+  slot j: the layout of the projection's contraction) by one-row matmuls (``_spread``), x and the
+  residual summed in fp32 PSUM and rounded once, as the reference adds; the sum of squares
+  crosses partitions through a ones-matmul (``norms.spread_normalize``).
+- q|k|v projection, weights stationary: per head, the [128 (hidden), D] tiles of its block
+  (``head_blocks``: a contiguous run of H/128 x D values per partition and head) against the
+  token's column accumulate the head as a column [D, 1] in fp32 PSUM, so that q, k and v land
+  with head_dim on the partitions, rounded once.
+- QK-norm and RoPE on those columns: the sum of squares over head_dim by an fp32 ones-matmul
+  (which leaves it on every partition), the weights, cos and sin as per-partition scalars
+  (``_as_columns``), rotate-half as a matmul with a +-1 matrix (exact); ten [128, heads] steps.
+- attention with the keys on the partitions (``attention.attend_by_key``): per KV head, the cache
+  in two DMAs (``load_cache_by_key``), the new position one more key column (its key in column 0
+  of a zero K^T tile, its value in row 0 of a zero V tile), masked at the run-time ``length``;
+  the output lands as O^T [D, Hq].
 - o_proj: weights stationary (``output_on_partitions``): per output slot c and head h, a
   [128 (d), 128] tile of ``W_o`` against the O^T column of head h accumulates outputs
-  p*H/128 + c on partition p. One token moves one column per matmul (64 cycles at the minimum,
-  plus 32 to load the stationary) where streaming the weight as 128 moving columns against a
-  one-token stationary takes 128, and the result lands spread over the partitions, a short copy
-  and a full-width store instead of an H-wide row on one partition.
+  p*H/128 + c on partition p, slot by slot in the order W_o arrives. One token moves one column
+  per matmul (64 cycles at the minimum, plus 32 to load the stationary) where streaming the
+  weight as 128 moving columns against a one-token stationary takes 128, and the result lands
+  spread over the partitions, a short copy and a full-width store instead of an H-wide row on one
+  partition.
 
-DMA order: every load goes out in the order of use (x, the residual and the norm weight, the
-q|k|v weights, the QK stage's small operands, the cache, then W_o), into tiles allocated up front
-where they fit
-(``RESIDENT_BYTES``, ``CACHE_BYTES``), so the weight and cache traffic overlaps the norm, the
-QK stage and the attention. Estimates against the chain of part kernels: README, "Fused decode
-attention block".
+DMA order: the loads go out in the order of use (the rows of x, the residual and the norm weight,
+the q|k|v weights, the QK stage's small operands, the cache, then W_o), into tiles allocated up
+front where they fit (``RESIDENT_BYTES``, ``CACHE_BYTES``), so the weight and cache traffic
+overlaps the norm, the projections, the QK stage and the attention; the stores go out behind
+the loads (a store between loads holds every DMA engine for its completion). Instructions that
+wait for late operands come after the projections in program order (each engine runs in order).
+Estimates and what bounds them: README, "Fused decode attention block".
 
-LNC=2 (``kernel[2]``, Trn2 and Trn3 ranks): program p takes half of the query heads and the KV
-heads they read (the cache of a KV head shared by both halves is read by both cores), so each core
-reads half of the q weights; the two programs swap their O^T halves (``sendrecv``) and each
-computes half of the o_proj outputs (its own heads' terms first, while the swap is under way), so
-each core reads half of ``W_o``. Arithmetic and rounding are those of the one-program kernel.
+LNC=2 (``kernel[2]``, Trn2 and Trn3 ranks): program p projects the p-th half of the q|k|v heads
+(every weight byte is read once), the two programs swap their projected columns (``sendrecv``,
+while the cache arrives), both run QK-norm, RoPE and the attention for every head (so nothing
+is exchanged after the attention), and each computes half of the o_proj output slots from its
+half of ``W_o``, which goes out behind the swap. Arithmetic and rounding are those of the
+one-program kernel.
 
 Rounding: as the chain of the part kernels (each stage rounds to the activation dtype where the
 reference does); sums run in other orders and the attention keeps fp32 scores (see
-``attention.py``), so outputs agree within ``BLOCK_TOLERANCE``.
+``attention.py``), so outputs agree within ``BLOCK_TOLERANCE``. Caches too long for one PSUM bank
+of keys-on-partitions scores (more than 8064 positions at 8 query heads per KV head) take the
+one-pass kernel's 512-key blocks instead (``_attend_by_block``).
 
-Per target: Trn3 computes exp with VectorE's fast exponential, squares on ScalarE and puts RoPE's
-sin products on GpSimd, as the Trn3 part kernels do; Trn2 uses ScalarE exp and VectorE for the
-norms. Trn3's wide moving tiles do not apply: the projections of one token move D = 128 columns
-(q|k|v, per head) or one (o_proj) per matmul.
+Per target: Trn3 computes exp with VectorE's fast exponential, squares and RoPE's sin products
+on ScalarE (doubled BF16 rate, beside VectorE); Trn2 keeps them on ScalarE exp and VectorE. Trn3's
+wide moving tiles and BF16 PSUM do not apply: the projections of one token move one column per
+matmul and every accumulation is fp32.
 """
 
 from __future__ import annotations
@@ -222,7 +230,7 @@ def _qk_columns(dst, x, vectors, nq: int, ones_f32, rot, eps: float, square_on_s
 @nki.jit
 def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight, k_norm_weight, cos, sin, k_cache_t,
                            v_cache, length, w_o_t, scale: float, eps: float = 1e-6, fast_exp: bool = False,
-                           square_on_scalar: bool = False, sin_on_gpsimd: bool = False):
+                           square_on_scalar: bool = False, sin_on_scalar: bool = False):
     """The decode attention block (see the module docstring).
 
     Dimensions: H hidden (multiple of 128), Hq query and Hkv KV heads (Hq + Hkv <= 128), D = 128
@@ -231,8 +239,8 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
     (``head_blocks(w_qkv)``); q_norm_weight, k_norm_weight [D]; cos, sin [1, D]; k_cache_t
     [Hkv, D, C]; v_cache [Hkv, C, D]; length [1, 1] int32 (valid cache positions); w_o_t
     [128, H/128, Hq, 128] (``output_on_partitions(w_o)``);
-    scale; eps; fast_exp, square_on_scalar, sin_on_gpsimd: the Trn3 engine choices (fast exp,
-    squares on ScalarE, RoPE's sin products off VectorE).
+    scale; eps; fast_exp, square_on_scalar, sin_on_scalar: the Trn3 engine choices (fast exp,
+    squares and RoPE's sin products on ScalarE).
     Returns: summed [1, H], out [1, H], k [1, Hkv, D], v [1, Hkv, D] (HBM, x.dtype).
     """
     h = x.shape[1]
@@ -325,7 +333,7 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
 
     # 4. QK-norm and RoPE on the q and k columns; the new key and value into their attention tiles.
     qk_t = nl.ndarray((d, hq + hkv), dtype=x.dtype, buffer=nl.sbuf)  # q^T then k^T, head_dim on partitions
-    _qk_columns(qk_t, qkv[:, 0:hq + hkv], vectors, hq, ones_f32, rot, eps, square_on_scalar, sin_on_gpsimd)
+    _qk_columns(qk_t, qkv[:, 0:hq + hkv], vectors, hq, ones_f32, rot, eps, square_on_scalar, sin_on_scalar)
     for g in nl.affine_range(hkv):
         nisa.tensor_copy(dst=k_new[:, g, 0:1], src=qk_t[:, hq + g:hq + g + 1])
         pe_transpose(v_new[0:1, g, :], qkv[:, hq + hkv + g:hq + hkv + g + 1])
@@ -396,12 +404,12 @@ RESIDENT_BYTES = 128 * 1024
 #: attention call fit one (both targets: 8 banks of 2 KiB, trainium2_arch.rst / trainium3_arch.rst).
 BANK_BYTES = 2048
 
-#: SBUF bytes per partition for the cache loaded ahead of W_o (K^T and V of every 512-key block of
-#: this program's KV heads: 2 KiB per block in bf16); a longer cache streams block by block.
+#: SBUF bytes per partition for the cache loaded ahead of W_o (K^T and V of every KV head: 512 B per
+#: 128 positions in bf16); a longer cache is loaded per KV head when its attention comes.
 CACHE_BYTES = 32 * 1024
 
-#: Per target: (fast exp, squares on ScalarE, sin products on GpSimd), the choices of the target's
-#: part kernels.
+#: Per target: (fast exp, squares on ScalarE, RoPE's sin products on ScalarE): Trn3's fast
+#: exponential and doubled ScalarE BF16 rate.
 _ENGINES = {"trn2": (False, False, False), "trn3": (True, True, True)}
 
 
@@ -420,10 +428,18 @@ def _supports(programs: int) -> Callable[[Mapping[str, int], str, Target], tuple
         w_o_share = item * hq * (h // programs)
         if w_o_share > RESIDENT_BYTES:
             return False, f"this core's W_o share needs {w_o_share} B per partition, more than {RESIDENT_BYTES}"
-        # Resident weights and cache, double-buffered q|k|v loads and cache blocks (K^T, V), the
-        # [1, N] row, fp32 score tiles.
-        working = item * (2 * QKV_HEADS_PER_LOAD * h + 4 * DECODE_BLOCK + (hq + 2 * hkv) * d) + 4 * 8 * DECODE_BLOCK
-        need = RESIDENT_BYTES + CACHE_BYTES + working
+        # Resident weights (or double-buffered q|k|v loads); the cache, resident when every KV
+        # head's fits ``CACHE_BYTES``, else a KV head's (keys on partitions) or a 512-key block
+        # double-buffered; the rows of x, the residual, the norm weight and the sum; the constants
+        # and the new key's and value's tiles; fp32 scores, their mask and probabilities.
+        group, cols = hq // hkv, -(-dims["L"] // P)
+        by_key = (cols + 1) * group * 4 <= BANK_BYTES
+        head = 2 * item * (P * cols if by_key else DECODE_BLOCK * decode_blocks(dims["L"]))
+        cache = hkv * head if hkv * head <= CACHE_BYTES else 2 * (head if by_key else 2 * item * DECODE_BLOCK)
+        scores = 3 * (cols + 1) * group if by_key else 2 * DECODE_BLOCK
+        working = (item * (2 * QKV_HEADS_PER_LOAD * h + 4 * h + 2 * P + 2 * hkv * P + hq + 2 * hkv)
+                   + 4 * (2 * P + scores))
+        need = RESIDENT_BYTES + cache + working
         if need > target.sbuf_usable_bytes_per_partition:
             return False, (f"needs {need} B per partition of SBUF, {target.name} has "
                            f"{target.sbuf_usable_bytes_per_partition}")
@@ -439,7 +455,7 @@ PREPARE = {"w_qkv": head_blocks, "w_o": output_on_partitions}
 def launcher(target: str, programs: int = 1) -> Callable[..., tuple[torch.Tensor, ...]]:
     """The block's launcher (the op's signature) for ``target`` (trn2 | trn3), by default on
     ``programs`` physical cores; ``w_qkv`` and ``w_o`` arrive prepared (``PREPARE``)."""
-    fast_exp, square_on_scalar, sin_on_gpsimd = _ENGINES[target]
+    fast_exp, square_on_scalar, sin_on_scalar = _ENGINES[target]
     def attention_block(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, w_qkv: torch.Tensor,
                         q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor, cos: torch.Tensor,
                         sin: torch.Tensor, k_cache_t: torch.Tensor, v_cache: torch.Tensor,
@@ -449,7 +465,7 @@ def launcher(target: str, programs: int = 1) -> Callable[..., tuple[torch.Tensor
         valid = torch.as_tensor(length, dtype=torch.int32).reshape(1, 1)  # a tensor stays a run-time value
         return tuple(attention_block_kernel[lnc](x, residual, norm_weight, w_qkv, q_norm_weight, k_norm_weight, cos, sin, k_cache_t,
                             v_cache, valid, w_o, scale=scale, eps=eps, fast_exp=fast_exp,
-                            square_on_scalar=square_on_scalar, sin_on_gpsimd=sin_on_gpsimd))
+                            square_on_scalar=square_on_scalar, sin_on_scalar=sin_on_scalar))
 
     return attention_block
 
