@@ -724,6 +724,8 @@ def _bykey_supports(programs: int) -> Callable[[Mapping[str, int], str, Target],
         problem = _head_checks(dims)
         if problem:
             return False, problem
+        if not programs <= dims["Hq"] <= P * programs:
+            return False, f"Hq={dims['Hq']}: each of {programs} program(s) takes 1 to {P} query heads (rows of O)"
         group, cols = dims["Hq"] // dims["Hkv"], key_columns(dims["L"])
         if cols * group * 4 > target.psum_bank_bytes:
             return False, (f"L={dims['L']}: {cols} key columns x {group} heads of fp32 scores exceed one PSUM bank "
