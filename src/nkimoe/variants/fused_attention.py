@@ -69,6 +69,7 @@ from nkimoe.targets import Target
 from nkimoe.variants.attention import (
     DECODE_BLOCK,
     _running_state,
+    _share,
     attend_by_key,
     by_key_constants,
     attend_cache_block,
@@ -141,12 +142,6 @@ def _weight_blocks(w_blocks, resident):  # noqa: ANN001, ANN202
             w_sb = resident[:, a:b]
         for i in range(b - a):
             yield w_sb[:, i]
-
-
-def _split(total: int, me: int, programs: int) -> tuple[int, int]:
-    """This program's contiguous share [first, last) of ``total`` items."""
-    share = total // programs
-    return me * share, (me + 1) * share
 
 
 def _spread(dst, rows, one) -> None:  # noqa: ANN001
@@ -253,8 +248,8 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
     out = nl.ndarray((1, h), dtype=x.dtype, buffer=nl.shared_hbm)
     k_out = nl.ndarray((1, hkv, d), dtype=x.dtype, buffer=nl.shared_hbm)
     v_out = nl.ndarray((1, hkv, d), dtype=x.dtype, buffer=nl.shared_hbm)
-    b0, b1 = _split(heads, me, programs)  # the heads this program projects
-    c0, c1 = _split(h // P, me, programs)  # its o_proj output slots (hidden p*H/128 + c)
+    b0, b1 = _share(heads, me, programs)  # the heads this program projects
+    c0, c1 = _share(h // P, me, programs)  # its o_proj output slots (hidden p*H/128 + c)
     key_cols = key_columns(capacity)
     by_key = (key_cols + 1) * group * 4 <= BANK_BYTES
     item = 2 if x.dtype == nl.bfloat16 else 4
@@ -318,7 +313,7 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
     nisa.tensor_copy(dst=qkv[:, b0:b1], src=sums)
     if programs > 1:
         peer = 1 - me
-        p0, p1 = _split(heads, peer, programs)
+        p0, p1 = _share(heads, peer, programs)
         nisa.sendrecv(src=qkv[:, b0:b1], dst=qkv[:, p0:p1], send_to_rank=peer, recv_from_rank=peer, pipe_id=0)
     # Behind the projections on TensorE and VectorE (their operands arrive behind the weights):
     # the QK stage's vectors as columns, the length on every partition, the mask.
@@ -328,7 +323,7 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
         penalty = key_penalty(valid, key_cols, group)
     pieces = next(n for n in (4, 2, 1) if (c1 - c0) % n == 0)  # so that the first slots' matmuls start early
     for piece in nl.affine_range(pieces):
-        a, b = _split(c1 - c0, piece, pieces)
+        a, b = _share(c1 - c0, piece, pieces)
         nisa.dma_copy(dst=w_o_sb[:, a:b], src=w_o_t[:, c0 + a:c0 + b])
 
     # 4. QK-norm and RoPE on the q and k columns; the new key and value into their attention tiles.
