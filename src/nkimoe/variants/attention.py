@@ -372,15 +372,15 @@ def attend_by_key(dst, q_t, cache, new_kv, penalty, consts, scale: float, fast_e
         nisa.exponential(dst=p_sb, src=ss)
     else:
         nisa.activation(dst=p_sb, op=nl.exp, data=ss)
+    sums = nl.ndarray((P, width, group), dtype=nl.float32, buffer=nl.psum)  # first: VectorE adds them during P.V
+    nisa.nc_matmul(dst=sums, stationary=ones, moving=p_sb)
+    total = nl.ndarray((P, group), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_reduce(dst=total, op=nl.add, data=sums.permute((0, 2, 1)), axis=2)
     o_t = nl.ndarray((d, group), dtype=nl.float32, buffer=nl.psum)
     for c in nl.affine_range(cols):
         nisa.nc_matmul(dst=o_t, stationary=v_sb[:, c, :], moving=p_sb[:, c, :], accumulate=(c > 0))
     if new_kv is not None:
         nisa.nc_matmul(dst=o_t, stationary=new_kv[1], moving=p_sb[:, cols, :], accumulate=True)
-    sums = nl.ndarray((P, width, group), dtype=nl.float32, buffer=nl.psum)
-    nisa.nc_matmul(dst=sums, stationary=ones, moving=p_sb)
-    total = nl.ndarray((P, group), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_reduce(dst=total, op=nl.add, data=sums.permute((0, 2, 1)), axis=2)
     nisa.tensor_tensor(dst=dst, data1=o_t, data2=total[0:d], op=nl.divide)
 
 

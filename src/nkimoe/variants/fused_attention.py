@@ -326,12 +326,14 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
         a, b = _share(c1 - c0, piece, pieces)
         nisa.dma_copy(dst=w_o_sb[:, a:b], src=w_o_t[:, c0 + a:c0 + b])
 
-    # 4. QK-norm and RoPE on the q and k columns; the new key and value into their attention tiles.
+    # 4. the new values into their attention tiles (rows), QK-norm and RoPE on the q and k columns,
+    # the new keys into theirs.
+    for g in nl.affine_range(hkv):
+        pe_transpose(v_new[0:1, g, :], qkv[:, hq + hkv + g:hq + hkv + g + 1])
     qk_t = nl.ndarray((d, hq + hkv), dtype=x.dtype, buffer=nl.sbuf)  # q^T then k^T, head_dim on partitions
     _qk_columns(qk_t, qkv[:, 0:hq + hkv], vectors, hq, ones_f32, rot, eps, square_on_scalar, sin_on_scalar)
     for g in nl.affine_range(hkv):
         nisa.tensor_copy(dst=k_new[:, g, 0:1], src=qk_t[:, hq + g:hq + g + 1])
-        pe_transpose(v_new[0:1, g, :], qkv[:, hq + hkv + g:hq + hkv + g + 1])
 
     # 5. attention: per KV head, over the cache (read once) and the new position.
     attn_t = nl.ndarray((d, hq), dtype=x.dtype, buffer=nl.sbuf)  # O^T, head_dim on partitions
