@@ -1,6 +1,7 @@
 """Attention variants in the emulator against the reference and HF transformers' eager Qwen3-MoE
-attention, at prefill lengths 1, 100, 512, 1024 and decode cache lengths 1, 100, 4096 (one-pass
-and split-K), and split-K at one TP 4 rank's heads with ragged buckets."""
+attention, at prefill lengths 1, 100, 512, 1024 and decode cache lengths 1, 100, 4096 (one-pass,
+split-K and keys on the partitions), and split-K and keys on the partitions at one TP 4 rank's
+heads with ragged buckets."""
 
 from __future__ import annotations
 
@@ -70,7 +71,8 @@ def _decode_case(variant: str, target: str, length: int, bucket: int, hq: int = 
         assert ok, f"vs {name}: {detail}"
 
 
-@pytest.mark.parametrize("variant", ["attention_tkg", "attention_tkg_split"])
+@pytest.mark.parametrize("variant", ["attention_tkg", "attention_tkg_split", "attention_tkg_bykey",
+                                     "attention_tkg_bykey_lnc2"])
 @pytest.mark.parametrize("target", ["trn2", "trn3"])
 @pytest.mark.parametrize("length", [1, 100, 4096])
 def test_decode_matches_reference_and_hf(variant: str, target: str, length: int) -> None:
@@ -134,7 +136,49 @@ def test_split_lnc2_states_its_range() -> None:
     assert not ok and "LNC=1" in reason
 
 
-@pytest.mark.parametrize("variant", ["attention_tkg_trn2", "attention_tkg_split_trn2", "attention_tkg_split_lnc2_trn2"])
+#: Keys on the partitions at one TP 4 rank's heads: buckets of one key, of 17 keys (17 partitions
+#: of one column), of 125 x 8 keys and a ragged last partition of one (1001), the contest's context
+#: and the longest bucket at G = 8 (64 key columns, one PSUM bank of fp32 scores).
+@pytest.mark.parametrize("variant", ["attention_tkg_bykey", "attention_tkg_bykey_lnc2"])
+@pytest.mark.parametrize("target", ["trn2", "trn3"])
+@pytest.mark.parametrize("length,bucket", [(1, 1), (17, 17), (999, 1001), (1024, 1024), (8000, 8192)])
+def test_bykey_decode_at_a_tp4_rank(variant: str, target: str, length: int, bucket: int) -> None:
+    _decode_case(variant, target, length, bucket, hq=8, hkv=1)
+
+
+def test_bykey_decode_states_its_range() -> None:
+    """One PSUM bank (2 KiB) of fp32 scores per KV head: ceil(L/128) key columns x G heads <= 512."""
+    for name in ("attention_tkg_bykey_trn2", "attention_tkg_bykey_lnc2_trn3"):
+        supports = REGISTRY.variants[name].supports
+        target = REGISTRY.targets[name.rsplit("_", 1)[1]]
+        for hq, hkv, limit in ((8, 1, 8192), (32, 4, 8192), (4, 1, 16384)):
+            dims = {"Hq": hq, "Hkv": hkv, "D": D}
+            assert supports({**dims, "L": limit}, "bfloat16", target)[0]
+            ok, reason = supports({**dims, "L": limit + 1}, "bfloat16", target)
+            assert not ok and f"up to {limit}" in reason
+    lnc1 = dataclasses.replace(REGISTRY.targets["trn3"], name="trn3-lnc1", lnc=1)
+    ok, reason = REGISTRY.variants["attention_tkg_bykey_lnc2_trn3"].supports({"Hq": 8, "Hkv": 1, "D": D, "L": 1024},
+                                                                            "bfloat16", lnc1)
+    assert not ok and "LNC=1" in reason
+
+
+@pytest.mark.parametrize("target", ["trn2", "trn3"])
+def test_bykey_is_estimated_faster_than_split_k_at_tp4(target: str) -> None:
+    """Cost-model estimates at the contest's context: keys on the partitions beat split-K, one core
+    against one core and LNC=2 against LNC=2, and the LNC=2 form beats the one-core form."""
+    problem = Problem.of("attention_decode", "bfloat16", L=1024, Hq=8, Hkv=1, D=D)
+    tgt = REGISTRY.targets[target]
+    micros = {}
+    for kind in ("split", "split_lnc2", "bykey", "bykey_lnc2"):
+        trial = run_trial(REGISTRY.variants[f"attention_tkg_{kind}_{target}"], problem, tgt, seed=2)
+        assert trial.ok, trial.detail
+        micros[kind] = trial.estimate.micros
+    assert micros["bykey"] < micros["split"] and micros["bykey_lnc2"] < micros["split_lnc2"], micros
+    assert micros["bykey_lnc2"] < micros["bykey"], micros
+
+
+@pytest.mark.parametrize("variant", ["attention_tkg_trn2", "attention_tkg_split_trn2", "attention_tkg_split_lnc2_trn2",
+                                     "attention_tkg_bykey_trn2", "attention_tkg_bykey_lnc2_trn2"])
 def test_positions_past_length_do_not_leak(variant: str) -> None:
     g = torch.Generator().manual_seed(1)
     q = _rand((1, HQ, D), g)
@@ -153,7 +197,8 @@ def test_fp32_within_declared_tolerance(op: str, dims: dict, dtype: str) -> None
     from nkimoe.bench.trial import run_trial
     from nkimoe.ops import Problem
 
-    kinds = ("attention_cte_",) if op == "attention_prefill" else ("attention_tkg_", "attention_tkg_split_")
+    kinds = (("attention_cte_",) if op == "attention_prefill"
+             else ("attention_tkg_", "attention_tkg_split_", "attention_tkg_bykey_", "attention_tkg_bykey_lnc2_"))
     for target in ("trn2", "trn3"):
         for kind in kinds:
             trial = run_trial(REGISTRY.variants[kind + target], Problem.of(op, dtype, Hq=HQ, Hkv=HKV, D=D, **dims),

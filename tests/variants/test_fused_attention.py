@@ -51,11 +51,14 @@ def _run(target: str, programs: int, args: tuple) -> tuple[torch.Tensor, ...]:
 
 
 #: (Hq, Hkv, length, cache capacity): a TP 4 rank at the contest's context (L = length + 1 = 1024,
-#: the cache exactly full) and at L = 100 in a 1000-position cache (a full 512-key block and a
-#: ragged one of 488 = 3 x 128 + 104); TP 1 at L = 100, and at L = 2001 in a 2560-position cache,
-#: which one core's SBUF budget for the cache (``CACHE_BYTES``) does not hold: streamed by block.
-CASES = [pytest.param(8, 1, 1023, 1024, id="tp4-L1024"), pytest.param(8, 1, 99, 1000, id="tp4-L100"),
-         pytest.param(32, 4, 99, 128, id="tp1-L100"), pytest.param(32, 4, 2000, 2560, id="tp1-L2001")]
+#: the cache exactly full) and at L = 100 in a 1001-position cache (keys on the partitions: 125 x 8
+#: keys and a ragged last partition of one); TP 1 at L = 100, and at
+#: L = 2001 in a 2560-position cache, which the SBUF budget for the cache (``CACHE_BYTES``) does not
+#: hold: loaded per KV head; a TP 4 rank at L = 8500 in an 8704-position cache, past one PSUM bank
+#: of keys-on-partitions scores: 512-key blocks.
+CASES = [pytest.param(8, 1, 1023, 1024, id="tp4-L1024"), pytest.param(8, 1, 99, 1001, id="tp4-L100"),
+         pytest.param(32, 4, 99, 128, id="tp1-L100"), pytest.param(32, 4, 2000, 2560, id="tp1-L2001"),
+         pytest.param(8, 1, 8499, 8704, id="tp4-L8500")]
 
 
 @pytest.mark.parametrize("programs", [1, 2])

@@ -36,6 +36,19 @@ instructions) per KV head whatever the length, so at short contexts (a few hundr
 one-pass kernel wins. Its range: n at most 512 keys on Trn2 (one PSUM bank of fp32 scores) and
 1024 on Trn3 (wide moving tiles): buckets up to 8192 / 16384 keys at G = 8.
 
+Decode with the keys on the partitions (``_tkg_bykey``, and the fused attention block): key
+p*C + c of an Lmax cache on partition p, column c (C = ceil(Lmax/128)), so K^T [D, 128 C] and V
+[128, C, D] each arrive in one DMA of one contiguous run per partition. C score matmuls (the
+stationary takes every C-th key of K^T, the group's queries move) fill S^T [128, C, G] in one PSUM
+bank; scaling, the length mask, the maximum, exp and the sums then run over C columns per head
+on all 128 lanes, about a dozen instructions per KV head whatever the length. Each partition's
+maximum per head crosses the partitions by one TensorE transpose and a reduction and comes back
+to every partition through a matmul against the identity; P.V accumulates O^T [D, G] over the C
+columns, and a ones-matmul puts each head's sum of P on every partition, by which O^T is divided
+once. Why it wins: the one-pass kernel's elementwise work is Lmax columns on G lanes and split-K's
+Lmax/16 columns plus a combine, where this layout's is Lmax/128 columns. Its range: C x G fp32
+scores in one PSUM bank (2 KiB), up to 8192 keys at G = 8.
+
 Rounding differs from the eager reference, which rounds q.k to bf16, then the scaled scores, then
 the normalised probabilities: the kernels keep scores in fp32 and normalise once at the end.
 
@@ -251,6 +264,126 @@ def attend_cache_block(q_t, block, penalty, state, scale: float, fast_exp: bool)
                  key_stride=0 if n % P else n // P)
 
 
+def key_columns(lmax: int) -> int:
+    """Columns C of the keys-on-partitions layout of an ``lmax`` cache (key p*C + c on partition p,
+    column c): as few as hold every key on the 128 partitions."""
+    return -(-lmax // P)
+
+
+def load_cache_by_key(k_cache, v_cache, g: int):  # noqa: ANN001, ANN202
+    """KV head ``g`` of the caches (k_cache [Hkv, D, Lmax], v_cache [Hkv, Lmax, D] in HBM) in SBUF
+    with key p*C + c on partition p (``key_columns``): (K^T [D, 128 C], V [128, C, D]), one DMA each
+    (one contiguous run per partition; a ragged last partition takes one more for V). Slots past the
+    cache are zeroed, so that the scores and P.V products there are finite (and masked)."""
+    d, lmax = k_cache.shape[1], k_cache.shape[2]
+    cols = key_columns(lmax)
+    k_sb = nl.ndarray((d, P * cols), dtype=k_cache.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=k_sb[:, 0:lmax], src=k_cache[g])
+    if lmax < P * cols:
+        nisa.memset(dst=k_sb[:, lmax:P * cols], value=0.0, engine=nisa.engine.gpsimd)
+    v_sb = nl.ndarray((P, cols, d), dtype=v_cache.dtype, buffer=nl.sbuf)
+    full, rest = lmax // cols, lmax % cols
+    nisa.dma_copy(dst=v_sb[0:full], src=v_cache[g, 0:full * cols, :].reshape((full, cols, d)))
+    if rest:
+        nisa.dma_copy(dst=v_sb[full:full + 1, 0:rest, :], src=v_cache[g, full * cols:lmax, :].reshape((1, rest, d)))
+        nisa.memset(dst=v_sb[full:full + 1, rest:cols, :], value=0.0, engine=nisa.engine.gpsimd)
+    used = full + (1 if rest else 0)
+    if used < P:
+        nisa.memset(dst=v_sb[used:P], value=0.0, engine=nisa.engine.gpsimd)
+    return k_sb, v_sb
+
+
+def key_penalty(valid_all, cols: int, group: int, extra: bool = True):  # noqa: ANN001, ANN202
+    """The length mask of the keys-on-partitions layout, [128, C (+ 1), G] fp32: -3e38 where key
+    p*C + c is at or beyond ``valid_all`` ([128, 1] fp32, the run-time length on every partition),
+    and with ``extra`` in column C (a new position, on partition 0) on every partition but 0."""
+    pen = nl.ndarray((P, cols + extra, group), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.iota(dst=pen[:, 0:cols, :], pattern=[[1, cols], [0, group]], offset=0, channel_multiplier=cols)
+    nisa.tensor_scalar(dst=pen[:, 0:cols, :], data=pen[:, 0:cols, :], op0=nl.greater_equal, operand0=valid_all,
+                       op1=nl.multiply, operand1=NEG)
+    if extra:
+        nisa.iota(dst=pen[:, cols, :], pattern=[[0, group]], offset=0, channel_multiplier=1)
+        nisa.tensor_scalar(dst=pen[:, cols, :], data=pen[:, cols, :], op0=nl.greater_equal, operand0=1.0,
+                           op1=nl.multiply, operand1=NEG)
+    return pen
+
+
+def by_key_constants(dtype):  # noqa: ANN001, ANN202
+    """The constants of ``attend_by_key`` (GpSimd, off the critical path): ones [128, 128] in
+    ``dtype``, ones [128, 128] fp32 and the fp32 identity [128, 128]."""
+    ones = nl.ndarray((P, P), dtype=dtype, buffer=nl.sbuf)
+    nisa.memset(dst=ones, value=1.0, engine=nisa.engine.gpsimd)
+    ones_f32 = nl.ndarray((P, P), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=ones_f32, value=1.0, engine=nisa.engine.gpsimd)
+    eye = nl.ndarray((P, P), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=eye, value=0.0, engine=nisa.engine.gpsimd)
+    nisa.affine_select(dst=eye, pattern=[[-1, P]], channel_multiplier=1, on_true_tile=eye, on_false_value=1.0,
+                       cmp_op=nl.not_equal)
+    return ones, ones_f32, eye
+
+
+def length_on_partitions(length_f, ones_f32):  # noqa: ANN001, ANN202
+    """The run-time length [1, 1] fp32 (SBUF, one DMA) on every partition: [128, 1] fp32, by one
+    fp32 matmul against a row of ones (exact for lengths below 2^24)."""
+    spread = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_matmul(dst=spread, stationary=ones_f32[0:1, :], moving=length_f)
+    valid = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=valid, src=spread)
+    return valid
+
+
+def attend_by_key(dst, q_t, cache, new_kv, penalty, consts, scale: float, fast_exp: bool) -> None:  # noqa: ANN001
+    """Decode attention of one query group with the keys on the partitions: dst [D, G] = O^T.
+
+    q_t [D, G] (SBUF); cache = ``load_cache_by_key``; new_kv = None, or (K^T [D, 128] holding a new
+    key in column 0, V [128, D] holding its value in row 0, zeros elsewhere) attended as one more
+    key column; penalty = ``key_penalty`` (with ``extra`` as new_kv); consts = ``by_key_constants``.
+    Scores S^T [128, C (+ 1), G] (fp32 PSUM) come from C + 1 matmuls (stationary: every C-th key), so
+    every elementwise step runs on C (+ 1) columns per head over all lanes. Each partition's maximum
+    per head crosses the partitions by a TensorE transpose and a reduction, and its negation comes
+    back to every partition by a matmul against the identity; P = exp(S - max) in q's dtype; P.V
+    accumulates O^T over the C + 1 key columns, and a ones-matmul gives each head's sum of P on
+    every partition, which O^T is divided by."""
+    k_sb, v_sb = cache
+    ones, ones_f32, eye = consts
+    d, group = q_t.shape
+    cols = v_sb.shape[1]
+    width = cols + (new_kv is not None)
+    sc = nl.ndarray((P, width, group), dtype=nl.float32, buffer=nl.psum)
+    for c in nl.affine_range(cols):
+        nisa.nc_matmul(dst=sc[:, c, :], stationary=k_sb[:, c:P * cols:cols], moving=q_t)
+    if new_kv is not None:
+        nisa.nc_matmul(dst=sc[:, cols, :], stationary=new_kv[0], moving=q_t)
+    ss = nl.ndarray((P, width, group), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.scalar_tensor_tensor(dst=ss, data=sc, op0=nl.multiply, operand0=scale, op1=nl.add, operand1=penalty)
+    part_max = nl.ndarray((P, group), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_reduce(dst=part_max, op=nl.maximum, data=ss.permute((0, 2, 1)), axis=2)
+    by_head = nl.ndarray((group, P), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_transpose(dst=by_head, data=part_max, engine=nisa.engine.tensor)
+    neg_max = nl.ndarray((group, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_reduce(dst=neg_max, op=nl.maximum, data=by_head, axis=1, negate=True)
+    spread = nl.ndarray((group, P), dtype=nl.float32, buffer=nl.sbuf)  # row h: -max of head h
+    nisa.tensor_scalar(dst=spread, data=ones_f32[0:group, :], op0=nl.multiply, operand0=neg_max)
+    shift = nl.ndarray((P, group), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_matmul(dst=shift, stationary=spread, moving=eye[0:group, 0:group])
+    nisa.tensor_tensor(dst=ss, data1=ss, data2=shift.ap([[group, P], [0, width], [1, group]], offset=0), op=nl.add)
+    p_sb = nl.ndarray((P, width, group), dtype=q_t.dtype, buffer=nl.sbuf)
+    if fast_exp:
+        nisa.exponential(dst=p_sb, src=ss)
+    else:
+        nisa.activation(dst=p_sb, op=nl.exp, data=ss)
+    sums = nl.ndarray((P, width, group), dtype=nl.float32, buffer=nl.psum)  # first: VectorE adds them during P.V
+    nisa.nc_matmul(dst=sums, stationary=ones, moving=p_sb)
+    total = nl.ndarray((P, group), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_reduce(dst=total, op=nl.add, data=sums.permute((0, 2, 1)), axis=2)
+    o_t = nl.ndarray((d, group), dtype=nl.float32, buffer=nl.psum)
+    for c in nl.affine_range(cols):
+        nisa.nc_matmul(dst=o_t, stationary=v_sb[:, c, :], moving=p_sb[:, c, :], accumulate=(c > 0))
+    if new_kv is not None:
+        nisa.nc_matmul(dst=o_t, stationary=new_kv[1], moving=p_sb[:, cols, :], accumulate=True)
+    nisa.tensor_tensor(dst=dst, data1=o_t, data2=total[0:d], op=nl.divide)
+
+
 def decode_blocks(lmax: int) -> int:
     """512-key blocks of an ``lmax``-long cache."""
     return (lmax + DECODE_BLOCK - 1) // DECODE_BLOCK
@@ -289,6 +422,47 @@ def attention_tkg_kernel(q, k_cache, v_cache, length, scale: float, fast_exp: bo
         m, l, o = _running_state(d)  # noqa: E741
         decode_over_cache(q_t, k_cache, v_cache, g, valid_len, (m, l, o), scale, fast_exp)
         _finish(o, l, group, d, q.dtype, out[0, g * group:(g + 1) * group, :])
+    return out
+
+
+def _share(total: int, me: int, programs: int) -> tuple[int, int]:
+    """This program's contiguous share [first, last) of ``total`` items."""
+    return me * total // programs, (me + 1) * total // programs
+
+
+@nki.jit
+def attention_tkg_bykey_kernel(q, k_cache, v_cache, length, scale: float, fast_exp: bool = False):
+    """One query token over a KV-cache bucket with the keys on the partitions (``attend_by_key``):
+    per KV head, K^T and V in one DMA each and about a dozen elementwise steps over C = Lmax/128
+    columns per head, on all lanes. On a grid of programs (``kernel[2]``: both cores of an LNC=2
+    rank) program r takes the r-th share of the query heads (reading the caches of their KV heads)
+    and stores their rows.
+
+    Dimensions: as ``attention_tkg_kernel``, with ceil(Lmax/128) * G <= 512 (one PSUM bank of fp32
+    scores per KV head). Args: as ``attention_tkg_kernel``. Returns: [1, Hq, D] HBM in q.dtype.
+    """
+    _, hq, d = q.shape
+    hkv, _, lmax = k_cache.shape
+    group = hq // hkv
+    out = nl.ndarray((1, hq, d), dtype=q.dtype, buffer=nl.shared_hbm)
+    q0, q1 = _share(hq, nl.program_id(0), nl.num_programs())
+    nq = q1 - q0
+    q_rows = nl.ndarray((P, d), dtype=q.dtype, buffer=nl.sbuf)  # contiguous rows, then TensorE
+    nisa.dma_copy(dst=q_rows[0:nq], src=q[0, q0:q1, :])
+    length_f = nl.ndarray((1, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=length_f, src=length)
+    consts = by_key_constants(q.dtype)
+    penalty = key_penalty(length_on_partitions(length_f, consts[1]), key_columns(lmax), group, extra=False)
+    q_t = nl.ndarray((d, P), dtype=q.dtype, buffer=nl.sbuf)
+    pe_transpose(q_t[:, 0:nq], q_rows[0:nq])
+    attn_t = nl.ndarray((d, P), dtype=q.dtype, buffer=nl.sbuf)
+    for g in nl.affine_range(q0 // group, -(-q1 // group)):
+        a, b = max(q0, g * group) - q0, min(q1, (g + 1) * group) - q0  # this program's heads of KV head g
+        attend_by_key(attn_t[:, a:b], q_t[:, a:b], load_cache_by_key(k_cache, v_cache, g), None,
+                      penalty[:, :, 0:b - a], consts, scale, fast_exp)
+    o_rows = nl.ndarray((P, d), dtype=q.dtype, buffer=nl.sbuf)
+    pe_transpose(o_rows[0:nq], attn_t[:, 0:nq])
+    nisa.dma_copy(dst=out[0, q0:q1, :], src=o_rows[0:nq])
     return out
 
 
@@ -543,6 +717,28 @@ def _tkg_supports(dims: Mapping[str, int], dtype: str, target: Target) -> tuple[
     return (False, problem) if problem else (True, "any cache length; 512-key blocks, run-time length mask")
 
 
+def _bykey_supports(programs: int) -> Callable[[Mapping[str, int], str, Target], tuple[bool, str]]:
+    def check(dims: Mapping[str, int], dtype: str, target: Target) -> tuple[bool, str]:
+        if programs > 1 and target.lnc != programs:
+            return False, f"an LNC={programs} kernel; {target.name} runs LNC={target.lnc}"
+        problem = _head_checks(dims)
+        if problem:
+            return False, problem
+        if not programs <= dims["Hq"] <= P * programs:
+            return False, f"Hq={dims['Hq']}: each of {programs} program(s) takes 1 to {P} query heads (rows of O)"
+        group, cols = dims["Hq"] // dims["Hkv"], key_columns(dims["L"])
+        if cols * group * 4 > target.psum_bank_bytes:
+            return False, (f"L={dims['L']}: {cols} key columns x {group} heads of fp32 scores exceed one PSUM bank "
+                           f"({target.psum_bank_bytes} B): cache lengths up to {P * (target.psum_bank_bytes // (4 * group))}")
+        item = 2 if dtype == "bfloat16" else 4
+        need = 2 * item * P * cols + 4 * 3 * P + 8 * 4 * cols * group
+        if need > target.sbuf_usable_bytes_per_partition:
+            return False, f"L={dims['L']} needs {need} B per partition, {target.name} has {target.sbuf_usable_bytes_per_partition}"
+        return True, f"{programs} program(s); {cols} key columns per partition, one softmax pass"
+
+    return check
+
+
 def _split_supports(dims: Mapping[str, int], dtype: str, target: Target) -> tuple[bool, str]:
     problem = _head_checks(dims)
     if problem:
@@ -589,6 +785,16 @@ def _tkg_launcher(kernel: Callable[..., Any], fast_exp: bool) -> Callable[..., t
     return attention_decode
 
 
+def _bykey_launcher(fast_exp: bool, programs: int) -> Callable[..., torch.Tensor]:
+    def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: int | torch.Tensor,
+                         scale: float, lnc: int = programs) -> torch.Tensor:
+        """Launched on the rank's ``lnc`` (the kernel splits its query heads over the programs of any grid)."""
+        valid = torch.as_tensor(length, dtype=torch.int32).reshape(1, 1)
+        return attention_tkg_bykey_kernel[lnc](q, k_cache, v_cache, valid, scale=scale, fast_exp=fast_exp)
+
+    return attention_decode
+
+
 def _tkg_lnc_launcher(fast_exp: bool) -> Callable[..., torch.Tensor]:
     def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: int | torch.Tensor,
                          scale: float, lnc: int = 2) -> torch.Tensor:
@@ -620,6 +826,12 @@ def variants() -> list[Variant]:
                            supports=_split_lnc_supports, tolerance=ATTENTION_TOLERANCE,
                            description=f"decode split-K on both cores of an LNC=2 rank: half the cache each in "
                                        f"interleaved chunks, maxima/sums and outputs swapped by sendrecv, {exp_name}"))
+        for programs, suffix, cores in ((1, "", "one core"), (2, "_lnc2", "both cores of an LNC=2 rank (query heads split)")):
+            out.append(Variant(op="attention_decode", name=f"attention_tkg_bykey{suffix}_{target}", targets=(target,),
+                               kernel=_bykey_launcher(fast, programs), nki=True, priority=11 + 2 * programs,
+                               supports=_bykey_supports(programs), tolerance=ATTENTION_TOLERANCE,
+                               description=f"decode with the keys on the partitions: scores over Lmax/128 columns "
+                                           f"on all lanes, cross-partition max by transpose, {exp_name}, {cores}"))
     return out
 
 

@@ -4,47 +4,55 @@ o_proj, with every activation kept in SBUF between the stages.
 
 Layout, stage by stage (T = 1):
 
-- add + RMSNorm: the hidden spread over the 128 partitions (``norms.load_spread``); the sum of
-  squares crosses partitions through a ones-matmul.
-- q|k|v projection: the normalised token is the stationary operand (the contraction on the spread
-  layout's (partition, slot)); the weight, re-laid-out at load time in one block per head
-  (``head_blocks``: a contiguous run of H/128 x D values per partition and head), streams as
-  D-column moving tiles accumulated in fp32 PSUM. The [1, N] result stays on one partition.
-- QK-norm and RoPE: the q and k heads go onto partitions (one TensorE transpose per head into a
-  [D, heads] PSUM tile, one back to [heads, D] rows), then the norm and rotary kernels' row
-  helpers run on all Hq + Hkv rows at once; one more transpose gives q^T and k^T [D, heads].
-- attention: per KV head, the new position is one online-softmax block whose key (k^T column) and
-  value (the v slice of the [1, N] row) come from SBUF, then the cache is read once in 512-key
-  blocks masked at the run-time ``length`` (the one-pass decode kernel's helpers). The
-  normalised output of each query group is transposed into O^T [D, Hq].
+- add + RMSNorm: x, the residual and the norm weight arrive as single-partition rows (one DMA
+  descriptor each) and are spread over the 128 partitions (hidden p*H/128 + j on partition p,
+  slot j: the layout of the projection's contraction) by one-row matmuls (``_spread``), x and the
+  residual summed in fp32 PSUM and rounded once, as the reference adds; the sum of squares
+  crosses partitions through a ones-matmul (``norms.spread_normalize``).
+- q|k|v projection, weights stationary: per head, the [128 (hidden), D] tiles of its block
+  (``head_blocks``: a contiguous run of H/128 x D values per partition and head) against the
+  token's column accumulate the head as a column [D, 1] in fp32 PSUM, so that q, k and v land
+  with head_dim on the partitions, rounded once.
+- QK-norm and RoPE on those columns: the sum of squares over head_dim by an fp32 ones-matmul
+  (which leaves it on every partition), the weights, cos and sin as per-partition scalars
+  (``_as_columns``), rotate-half as a matmul with a +-1 matrix (exact); ten [128, heads] steps.
+- attention with the keys on the partitions (``attention.attend_by_key``): per KV head, the cache
+  in two DMAs (``load_cache_by_key``), the new position one more key column (its key in column 0
+  of a zero K^T tile, its value in row 0 of a zero V tile), masked at the run-time ``length``;
+  the output lands as O^T [D, Hq].
 - o_proj: weights stationary (``output_on_partitions``): per output slot c and head h, a
   [128 (d), 128] tile of ``W_o`` against the O^T column of head h accumulates outputs
-  p*H/128 + c on partition p. One token moves one column per matmul (64 cycles at the minimum,
-  plus 32 to load the stationary) where streaming the weight as 128 moving columns against a
-  one-token stationary takes 128, and the result lands spread over the partitions, a short copy
-  and a full-width store instead of an H-wide row on one partition.
+  p*H/128 + c on partition p, slot by slot in the order W_o arrives. One token moves one column
+  per matmul (64 cycles at the minimum, plus 32 to load the stationary) where streaming the
+  weight as 128 moving columns against a one-token stationary takes 128, and the result lands
+  spread over the partitions, a short copy and a full-width store instead of an H-wide row on one
+  partition.
 
-DMA order: every load goes out in the order of use (x, the residual and the norm weight, the
-q|k|v weights, the QK stage's small operands, the cache, then W_o), into tiles allocated up front
-where they fit
-(``RESIDENT_BYTES``, ``CACHE_BYTES``), so the weight and cache traffic overlaps the norm, the
-QK stage and the attention. Estimates against the chain of part kernels: README, "Fused decode
-attention block".
+DMA order: the loads go out in the order of use (the rows of x, the residual and the norm weight,
+the q|k|v weights, the QK stage's small operands, the cache, then W_o), into tiles allocated up
+front where they fit (``RESIDENT_BYTES``, ``CACHE_BYTES``), so the weight and cache traffic
+overlaps the norm, the projections, the QK stage and the attention; the stores go out behind
+the loads (a store between loads holds every DMA engine for its completion). Instructions that
+wait for late operands come after the projections in program order (each engine runs in order).
+Estimates and what bounds them: README, "Fused decode attention block".
 
-LNC=2 (``kernel[2]``, Trn2 and Trn3 ranks): program p takes half of the query heads and the KV
-heads they read (the cache of a KV head shared by both halves is read by both cores), so each core
-reads half of the q weights; the two programs swap their O^T halves (``sendrecv``) and each
-computes half of the o_proj outputs (its own heads' terms first, while the swap is under way), so
-each core reads half of ``W_o``. Arithmetic and rounding are those of the one-program kernel.
+LNC=2 (``kernel[2]``, Trn2 and Trn3 ranks): program p projects the p-th half of the q|k|v heads
+(every weight byte is read once), the two programs swap their projected columns (``sendrecv``,
+while the cache arrives), both run QK-norm, RoPE and the attention for every head (so nothing
+is exchanged after the attention), and each computes half of the o_proj output slots from its
+half of ``W_o``, which goes out behind the swap. Arithmetic and rounding are those of the
+one-program kernel.
 
 Rounding: as the chain of the part kernels (each stage rounds to the activation dtype where the
 reference does); sums run in other orders and the attention keeps fp32 scores (see
-``attention.py``), so outputs agree within ``BLOCK_TOLERANCE``.
+``attention.py``), so outputs agree within ``BLOCK_TOLERANCE``. Caches too long for one PSUM bank
+of keys-on-partitions scores (more than 8064 positions at 8 query heads per KV head) take the
+one-pass kernel's 512-key blocks instead (``_attend_by_block``).
 
-Per target: Trn3 computes exp with VectorE's fast exponential, squares on ScalarE and puts RoPE's
-sin products on GpSimd, as the Trn3 part kernels do; Trn2 uses ScalarE exp and VectorE for the
-norms. Trn3's wide moving tiles do not apply: the projections of one token move D = 128 columns
-(q|k|v, per head) or one (o_proj) per matmul.
+Per target: Trn3 computes exp with VectorE's fast exponential, squares and RoPE's sin products
+on ScalarE (doubled BF16 rate, beside VectorE); Trn2 keeps them on ScalarE exp and VectorE. Trn3's
+wide moving tiles and BF16 PSUM do not apply: the projections of one token move one column per
+matmul and every accumulation is fp32.
 """
 
 from __future__ import annotations
@@ -61,16 +69,22 @@ from nkimoe.targets import Target
 from nkimoe.variants.attention import (
     DECODE_BLOCK,
     _running_state,
+    _share,
+    attend_by_key,
+    by_key_constants,
     attend_cache_block,
     cache_penalty,
     decode_block,
     decode_blocks,
     decode_over_cache,
+    key_columns,
+    key_penalty,
+    length_on_partitions,
     load_cache_block,
+    load_cache_by_key,
     normalized,
 )
-from nkimoe.variants.norms import add_spread, normalize_rows, spread_rmsnorm, store_spread
-from nkimoe.variants.rope import rotate_rows
+from nkimoe.variants.norms import spread_normalize
 from nkimoe.variants.tiles import matmul_accumulate, pe_transpose
 
 P = 128
@@ -113,56 +127,105 @@ def _load(dst, w_blocks, per_load: int) -> None:  # noqa: ANN001
         nisa.dma_copy(dst=dst[:, first:last], src=w_blocks[first:last].permute((1, 0, 2, 3)))
 
 
-def _row_matmul(row, x_t, w_sb) -> None:  # noqa: ANN001
-    """``row [1, nb*W] = x_t . w_sb``: x_t [128, KT, 1] (SBUF) is the stationary token with the
-    contraction on (partition, slot); the blocks of w_sb [128, nb, KT, W] (SBUF) stream as W-column
-    moving tiles, accumulated over KT in fp32 PSUM and rounded once to row.dtype."""
-    _, nb, _, width = w_sb.shape
-    acc = nl.ndarray((1, nb * width), dtype=nl.float32, buffer=nl.psum)
-    for b in nl.affine_range(nb):
-        matmul_accumulate(acc[0:1, b * width:(b + 1) * width], x_t, w_sb[:, b])
-    nisa.tensor_copy(dst=row, src=acc)
-
-
-def _project(row, x_t, w_blocks, per_load: int, resident=None) -> None:  # noqa: ANN001
-    """``row [1, nb*W] (SBUF) = x_t . W`` for w_blocks [nb, 128, KT, W] (HBM, ``head_blocks``),
-    ``per_load`` blocks at a time: from ``resident`` [128, nb, KT, W] (SBUF) when given (loaded
-    earlier by ``_load``), otherwise loaded here into double-buffered tiles."""
-    nb, _, kt, width = w_blocks.shape
-    for load in nl.affine_range((nb + per_load - 1) // per_load):
-        first = load * per_load
-        count = min(per_load, nb - first)
+def _weight_blocks(w_blocks, resident):  # noqa: ANN001, ANN202
+    """The weight blocks w_blocks [heads, 128, H/128, D] (HBM, ``head_blocks``), one [128, H/128, D]
+    SBUF tile per head in order: from ``resident`` [128, heads, H/128, D] when given (loaded earlier
+    by ``_load``), otherwise loaded here ``QKV_HEADS_PER_LOAD`` at a time into double-buffered tiles."""
+    heads, _, kt, d = w_blocks.shape
+    for load in nl.affine_range((heads + QKV_HEADS_PER_LOAD - 1) // QKV_HEADS_PER_LOAD):
+        a = load * QKV_HEADS_PER_LOAD
+        b = min(heads, a + QKV_HEADS_PER_LOAD)
         if resident is None:
-            w_sb = nl.ndarray((P, per_load, kt, width), dtype=w_blocks.dtype, buffer=nl.sbuf)
-            _load(w_sb, w_blocks[first:first + count], per_load)
+            w_sb = nl.ndarray((P, QKV_HEADS_PER_LOAD, kt, d), dtype=w_blocks.dtype, buffer=nl.sbuf)
+            _load(w_sb[:, 0:b - a], w_blocks[a:b], QKV_HEADS_PER_LOAD)
         else:
-            w_sb = resident[:, first:first + count]
-        _row_matmul(row[0:1, first * width:(first + count) * width], x_t, w_sb[:, 0:count])
+            w_sb = resident[:, a:b]
+        for i in range(b - a):
+            yield w_sb[:, i]
 
 
-def _project_heads(qkv, x_t, w_qkv_blocks, ranges, resident) -> None:  # noqa: ANN001
-    """This program's q, k and v columns of the fused projection, head ranges ``ranges`` ((first head,
-    count) of w_qkv_blocks, in order), side by side in the SBUF row ``qkv`` [1, heads * D]; the
-    weight blocks from ``resident`` [128, heads, H/128, D] when given, else streamed."""
-    d = w_qkv_blocks.shape[3]
-    at = 0
-    for first, count in ranges:
-        blocks = None if resident is None else resident[:, at:at + count]
-        _project(qkv[0:1, at * d:(at + count) * d], x_t, w_qkv_blocks[first:first + count], QKV_HEADS_PER_LOAD,
-                 resident=blocks)
-        at += count
+def _spread(dst, rows, one) -> None:  # noqa: ANN001
+    """dst [128, F] (SBUF) = the sum of the single-partition ``rows`` [1, 128 F] in the decode-norm
+    layout (hidden index p*F + j on partition p, slot j), rounded once to dst.dtype: per slot j, one
+    one-row matmul per row (stationary: every F-th value from j, moving: ``one`` [1, 1] = 1.0)
+    accumulates the values in fp32 PSUM."""
+    f = dst.shape[1]
+    acc = nl.ndarray((P, f), dtype=nl.float32, buffer=nl.psum)
+    for i, row in enumerate(rows):
+        for j in nl.affine_range(f):
+            nisa.nc_matmul(dst=acc[:, j:j + 1], stationary=row[0:1, j:P * f:f], moving=one, accumulate=(i > 0))
+    nisa.tensor_copy(dst=dst, src=acc)
 
 
-def _split(total: int, me: int, programs: int) -> tuple[int, int]:
-    """This program's contiguous share [first, last) of ``total`` items."""
-    share = total // programs
-    return me * share, (me + 1) * share
+def _load_rows(vectors, d: int):  # noqa: ANN001, ANN202
+    """HBM vectors of ``d`` values (each [d] or [1, d]) as the rows of one [128, d] SBUF tile, one
+    single-partition DMA each (``_as_columns`` turns them)."""
+    rows = nl.ndarray((P, d), dtype=vectors[0].dtype, buffer=nl.sbuf)
+    for i, vec in enumerate(vectors):
+        nisa.dma_copy(dst=rows[i:i + 1], src=vec.reshape((1, d)))
+    return rows
+
+
+def _as_columns(rows, n: int):  # noqa: ANN001, ANN202
+    """The first ``n`` rows [n, d] of an SBUF tile as the columns of one [d, n] fp32 SBUF tile
+    (one TensorE transpose)."""
+    d = rows.shape[1]
+    staged = nl.ndarray((d, n), dtype=rows.dtype, buffer=nl.psum)
+    nisa.nc_transpose(dst=staged, data=rows[0:n], engine=nisa.engine.tensor)
+    out = nl.ndarray((d, n), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=out, src=staged)
+    return out
+
+
+def _rotate_half_matrix(d: int, dtype):  # noqa: ANN001, ANN202
+    """The stationary [d, d] of rotate-half on a column: -1 at (m + d/2, m), +1 at (m - d/2, m)."""
+    rot = nl.ndarray((d, d), dtype=dtype, buffer=nl.sbuf)
+    nisa.memset(dst=rot, value=0.0, engine=nisa.engine.gpsimd)
+    for offset, value in ((-(d // 2), -1.0), (d // 2, 1.0)):
+        nisa.affine_select(dst=rot, pattern=[[-1, d]], channel_multiplier=1, offset=offset, on_true_tile=rot,
+                           on_false_value=value, cmp_op=nl.not_equal)
+    return rot
+
+
+def _qk_columns(dst, x, vectors, nq: int, ones_f32, rot, eps: float, square_on_scalar: bool,  # noqa: ANN001
+                sin_on_scalar: bool) -> None:
+    """QK-norm then RoPE of the q and k heads held as columns (head_dim on the partitions):
+    ``x`` [D, rows] (SBUF, the rounded projection; the first ``nq`` columns q, the rest k) into
+    ``dst`` [D, rows] (SBUF). ``vectors`` [D, 4] fp32 holds the q and k norm weights, cos and sin
+    as per-partition scalars. The sum of squares over head_dim crosses the partitions through an
+    fp32 ones-matmul (which leaves it on every partition), rotate-half is a +-1 matmul (exact).
+    Rounding as the reference: the normalised value, the weight product, both
+    RoPE products and their sum are each rounded once to the activation dtype."""
+    d, rows = x.shape
+    dtype = dst.dtype
+    sq = nl.ndarray((d, rows), dtype=nl.float32, buffer=nl.sbuf)
+    if square_on_scalar:
+        nisa.activation(dst=sq, op=nl.square, data=x)
+    else:
+        nisa.tensor_tensor(dst=sq, data1=x, data2=x, op=nl.multiply)
+    total = nl.ndarray((d, rows), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_matmul(dst=total, stationary=ones_f32, moving=sq)
+    rstd = nl.ndarray((d, rows), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=rstd, data=total, op0=nl.multiply, operand0=1.0 / d, op1=nl.add, operand1=eps)
+    nisa.activation(dst=rstd, op=nl.rsqrt, data=rstd)
+    normed = nl.ndarray((d, rows), dtype=dtype, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=normed, data1=x, data2=rstd, op=nl.multiply)
+    for a, b, w in ((0, nq, 0), (nq, rows, 1)):
+        nisa.tensor_scalar(dst=normed[:, a:b], data=normed[:, a:b], op0=nl.multiply, operand0=vectors[:, w:w + 1])
+    turned = nl.ndarray((d, rows), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_matmul(dst=turned, stationary=rot, moving=normed)
+    by_cos = nl.ndarray((d, rows), dtype=dtype, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=by_cos, data=normed, op0=nl.multiply, operand0=vectors[:, 2:3])
+    by_sin = nl.ndarray((d, rows), dtype=dtype, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=by_sin, data=turned, op0=nl.multiply, operand0=vectors[:, 3:4],
+                       engine=nisa.engine.scalar if sin_on_scalar else nisa.engine.vector)
+    nisa.tensor_tensor(dst=dst, data1=by_cos, data2=by_sin, op=nl.add)
 
 
 @nki.jit
 def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight, k_norm_weight, cos, sin, k_cache_t,
                            v_cache, length, w_o_t, scale: float, eps: float = 1e-6, fast_exp: bool = False,
-                           square_on_scalar: bool = False, sin_on_gpsimd: bool = False):
+                           square_on_scalar: bool = False, sin_on_scalar: bool = False):
     """The decode attention block (see the module docstring).
 
     Dimensions: H hidden (multiple of 128), Hq query and Hkv KV heads (Hq + Hkv <= 128), D = 128
@@ -171,130 +234,155 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
     (``head_blocks(w_qkv)``); q_norm_weight, k_norm_weight [D]; cos, sin [1, D]; k_cache_t
     [Hkv, D, C]; v_cache [Hkv, C, D]; length [1, 1] int32 (valid cache positions); w_o_t
     [128, H/128, Hq, 128] (``output_on_partitions(w_o)``);
-    scale; eps; fast_exp, square_on_scalar, sin_on_gpsimd: the Trn3 engine choices of the
-    attention, norm and RoPE kernels.
+    scale; eps; fast_exp, square_on_scalar, sin_on_scalar: the Trn3 engine choices (fast exp,
+    squares and RoPE's sin products on ScalarE).
     Returns: summed [1, H], out [1, H], k [1, Hkv, D], v [1, Hkv, D] (HBM, x.dtype).
     """
     h = x.shape[1]
-    hkv, d, _ = k_cache_t.shape
+    hkv, d, capacity = k_cache_t.shape
     hq = w_o_t.shape[2]
     group = hq // hkv
+    heads = hq + 2 * hkv  # projected heads: q, then k, then v
     me, programs = nl.program_id(0), nl.num_programs()
     summed = nl.ndarray((1, h), dtype=x.dtype, buffer=nl.shared_hbm)
     out = nl.ndarray((1, h), dtype=x.dtype, buffer=nl.shared_hbm)
     k_out = nl.ndarray((1, hkv, d), dtype=x.dtype, buffer=nl.shared_hbm)
     v_out = nl.ndarray((1, hkv, d), dtype=x.dtype, buffer=nl.shared_hbm)
-    # This program's query heads [q0, q1) and the KV heads [g0, g1) they read.
-    q0, q1 = _split(hq, me, programs)
-    g0, g1 = q0 // group, -(-q1 // group)
-    nq, nkv = q1 - q0, g1 - g0
-    rows = nq + nkv  # the rows QK-norm and RoPE see: this program's q heads, then its k heads
-
-    # Loads go out in the order of use: x, the residual and the norm weight, the q|k|v weights,
-    # the small operands of the QK stage, the cache, W_o. Tiles loaded ahead are allocated first,
-    # so that their loads wait for no earlier tile.
-    w_rows = nl.ndarray((P, d), dtype=q_norm_weight.dtype, buffer=nl.sbuf)
-    c = nl.ndarray((P, 1, d), dtype=cos.dtype, buffer=nl.sbuf)
-    s = nl.ndarray((P, 1, d), dtype=sin.dtype, buffer=nl.sbuf)
-    valid_len = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
-    c0, c1 = _split(h // P, me, programs)  # this program's o_proj output slots (hidden p*H/128 + c)
-    w_o_sb = nl.ndarray((P, c1 - c0, hq, P), dtype=w_o_t.dtype, buffer=nl.sbuf)
-    # This program's q, k and v weight blocks (one per head), resident when they fit beside W_o.
-    ranges = ((q0, nq), (hq + g0, nkv), (hq + hkv + g0, nkv))
+    b0, b1 = _share(heads, me, programs)  # the heads this program projects
+    c0, c1 = _share(h // P, me, programs)  # its o_proj output slots (hidden p*H/128 + c)
+    key_cols = key_columns(capacity)
+    by_key = (key_cols + 1) * group * 4 <= BANK_BYTES
     item = 2 if x.dtype == nl.bfloat16 else 4
+
+    # Tiles loaded ahead are allocated first, so that their loads wait for no earlier tile.
+    w_o_sb = nl.ndarray((P, c1 - c0, hq, P), dtype=w_o_t.dtype, buffer=nl.sbuf)
     w_qkv_sb = None
-    if item * ((rows + nkv) * (h // P) * d + (c1 - c0) * hq * P) <= RESIDENT_BYTES:
-        w_qkv_sb = nl.ndarray((P, rows + nkv, h // P, d), dtype=w_qkv_blocks.dtype, buffer=nl.sbuf)
+    if item * ((b1 - b0) * (h // P) * d + (c1 - c0) * hq * P) <= RESIDENT_BYTES:
+        w_qkv_sb = nl.ndarray((P, b1 - b0, h // P, d), dtype=w_qkv_blocks.dtype, buffer=nl.sbuf)
 
-    # 1. residual add + RMSNorm, hidden spread over the partitions.
-    st = add_spread(x, residual)
-    normed = spread_rmsnorm(st, norm_weight, eps)
-    if me == 0:
-        store_spread(summed, st)
+    # 1. x, the residual and the norm weight arrive as single-partition rows (one descriptor each,
+    # where the spread layout takes one per partition) and are spread over the partitions by
+    # one-row matmuls (``_spread``).
+    rows_in = []
+    for vec in (x, residual, norm_weight):
+        row = nl.ndarray((1, h), dtype=x.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=row, src=vec.reshape((1, h)))
+        rows_in.append(row)
+    x_row, r_row, w_row = rows_in
+    consts = by_key_constants(x.dtype)
+    ones_f32 = consts[1]
+    one = nl.ndarray((1, 1), dtype=x.dtype, buffer=nl.sbuf)
+    nisa.memset(dst=one, value=1.0, engine=nisa.engine.gpsimd)
+    # residual add (x + residual in fp32 PSUM, rounded once as the reference's add) + RMSNorm
+    st = nl.ndarray((P, 1, h // P), dtype=x.dtype, buffer=nl.sbuf)
+    _spread(st.reshape((P, h // P)), (x_row, r_row), one)
+    w_sp = nl.ndarray((P, h // P), dtype=x.dtype, buffer=nl.sbuf)
+    _spread(w_sp, (w_row,), one)
+    normed = spread_normalize(st, w_sp, eps, ones_f32)
+    summed_row = nl.ndarray((1, h), dtype=x.dtype, buffer=nl.sbuf)  # stored as one row
+    nisa.tensor_tensor(dst=summed_row, data1=x_row, data2=r_row, op=nl.add, engine=nisa.engine.gpsimd)
 
-    # 2. this program's q, k and v columns of the fused projection: one SBUF row [1, (rows + nkv) D].
-    qkv = nl.ndarray((1, (rows + nkv) * d), dtype=x.dtype, buffer=nl.sbuf)
-    x_t = normed.reshape((P, h // P, 1))
-    if w_qkv_sb is None:  # streamed: its loads go out here, ahead of the cache's and W_o's
-        _project_heads(qkv, x_t, w_qkv_blocks, ranges, None)
-    else:
-        at = 0
-        for first, count in ranges:
-            _load(w_qkv_sb[:, at:at + count], w_qkv_blocks[first:first + count], QKV_HEADS_PER_LOAD)
-            at += count
-    nisa.dma_copy(dst=w_rows[0:nq], src=q_norm_weight.reshape((1, d)).ap([[0, nq], [1, d]]))
-    nisa.dma_copy(dst=w_rows[nq:rows], src=k_norm_weight.reshape((1, d)).ap([[0, nkv], [1, d]]))
-    nisa.dma_copy(dst=c[0:rows], src=cos.ap([[0, rows], [0, 1], [1, d]], offset=0))
-    nisa.dma_copy(dst=s[0:rows], src=sin.ap([[0, rows], [0, 1], [1, d]], offset=0))
-    nisa.dma_copy(dst=valid_len[0:group], src=length.ap([[0, group], [1, 1]]))
-    # The cache of this program's KV heads ahead of W_o (attention needs it first), when it fits.
-    blocks = decode_blocks(k_cache_t.shape[2])
+    # 2. this program's q|k|v weights, then the cache go out in the order of use (W_o after the
+    # exchange of the projections, below).
+    if w_qkv_sb is not None:
+        _load(w_qkv_sb, w_qkv_blocks[b0:b1], QKV_HEADS_PER_LOAD)
+    small = _load_rows((q_norm_weight, k_norm_weight, cos, sin), d)  # the QK stage's operands
+    length_f = nl.ndarray((1, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=length_f, src=length)
     cache = None
-    if item * 2 * DECODE_BLOCK * blocks * nkv <= CACHE_BYTES:
-        cache = [[load_cache_block(k_cache_t, v_cache, g0 + j, blk) for blk in range(blocks)] for j in range(nkv)]
+    if by_key and item * 2 * P * key_cols * hkv <= CACHE_BYTES:
+        cache = [load_cache_by_key(k_cache_t, v_cache, g) for g in range(hkv)]
+    elif not by_key and item * 2 * DECODE_BLOCK * decode_blocks(capacity) * hkv <= CACHE_BYTES:
+        cache = [[load_cache_block(k_cache_t, v_cache, g, blk) for blk in range(decode_blocks(capacity))]
+                 for g in range(hkv)]
+
+    # Constants, while the weights arrive.
+    rot = _rotate_half_matrix(d, x.dtype)
+    k_new = nl.ndarray((d, hkv, P), dtype=x.dtype, buffer=nl.sbuf)  # the new key in column 0 per KV head
+    nisa.memset(dst=k_new, value=0.0, engine=nisa.engine.gpsimd)
+    v_new = nl.ndarray((P, hkv, d), dtype=x.dtype, buffer=nl.sbuf)  # its value in row 0
+    nisa.memset(dst=v_new, value=0.0, engine=nisa.engine.gpsimd)
+
+    # 3. this program's heads of the projection as columns (head_dim on partitions), rounded once;
+    # under LNC=2 the programs swap them, so that both hold every head.
+    x_t = normed.reshape((P, h // P, 1))
+    sums = nl.ndarray((d, b1 - b0), dtype=nl.float32, buffer=nl.psum)
+    for i, w_sb in enumerate(_weight_blocks(w_qkv_blocks[b0:b1], w_qkv_sb)):
+        matmul_accumulate(sums[:, i:i + 1], w_sb, x_t)
+    qkv = nl.ndarray((d, heads), dtype=x.dtype, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=qkv[:, b0:b1], src=sums)
+    if programs > 1:
+        peer = 1 - me
+        p0, p1 = _share(heads, peer, programs)
+        nisa.sendrecv(src=qkv[:, b0:b1], dst=qkv[:, p0:p1], send_to_rank=peer, recv_from_rank=peer, pipe_id=0)
+    # Behind the projections on TensorE and VectorE (their operands arrive behind the weights):
+    # the QK stage's vectors as columns, the length on every partition, the mask.
+    vectors = _as_columns(small, 4)
+    valid = length_on_partitions(length_f, ones_f32)
+    if by_key:
+        penalty = key_penalty(valid, key_cols, group)
     pieces = next(n for n in (4, 2, 1) if (c1 - c0) % n == 0)  # so that the first slots' matmuls start early
     for piece in nl.affine_range(pieces):
-        a, b = _split(c1 - c0, piece, pieces)
+        a, b = _share(c1 - c0, piece, pieces)
         nisa.dma_copy(dst=w_o_sb[:, a:b], src=w_o_t[:, c0 + a:c0 + b])
 
-    if w_qkv_sb is not None:
-        _project_heads(qkv, x_t, w_qkv_blocks, ranges, w_qkv_sb)
+    # 4. the new values into their attention tiles (rows), QK-norm and RoPE on the q and k columns,
+    # the new keys into theirs.
+    for g in nl.affine_range(hkv):
+        pe_transpose(v_new[0:1, g, :], qkv[:, hq + hkv + g:hq + hkv + g + 1])
+    qk_t = nl.ndarray((d, hq + hkv), dtype=x.dtype, buffer=nl.sbuf)  # q^T then k^T, head_dim on partitions
+    _qk_columns(qk_t, qkv[:, 0:hq + hkv], vectors, hq, ones_f32, rot, eps, square_on_scalar, sin_on_scalar)
+    for g in nl.affine_range(hkv):
+        nisa.tensor_copy(dst=k_new[:, g, 0:1], src=qk_t[:, hq + g:hq + g + 1])
 
-    if cache is not None:  # the masks depend only on the block and the length: computed while the cache arrives
-        penalties = [cache_penalty(valid_len, blk, cache[0][blk][2], group) for blk in range(blocks)]
-
-    # 3. q and k heads onto partitions, QK-norm and RoPE on all rows at once.
-    cols = nl.ndarray((d, rows), dtype=x.dtype, buffer=nl.psum)
-    for i in nl.affine_range(rows):
-        nisa.nc_transpose(dst=cols[:, i:i + 1], data=qkv[0:1, i * d:(i + 1) * d], engine=nisa.engine.tensor)
-    cols_sb = nl.ndarray((d, rows), dtype=x.dtype, buffer=nl.sbuf)
-    nisa.tensor_copy(dst=cols_sb, src=cols)
-    heads = nl.ndarray((P, d), dtype=x.dtype, buffer=nl.sbuf)
-    pe_transpose(heads[0:rows], cols_sb)
-    qk_normed = nl.ndarray((P, 1, d), dtype=x.dtype, buffer=nl.sbuf)
-    normalize_rows(qk_normed.reshape((P, d)), heads, w_rows, rows, d, eps, square_on_scalar)
-    roped = nl.ndarray((P, 1, d), dtype=x.dtype, buffer=nl.sbuf)
-    rotate_rows(roped, qk_normed, c, s, rows, nisa.engine.gpsimd if sin_on_gpsimd else nisa.engine.vector)
-    qk_t = nl.ndarray((d, rows), dtype=x.dtype, buffer=nl.sbuf)  # q^T then k^T, head_dim on partitions
-    pe_transpose(qk_t, roped.reshape((P, d))[0:rows])
-    for j in nl.affine_range(nkv):
-        if q0 <= (g0 + j) * group < q1:  # the program holding the KV head's first query head stores it
-            nisa.dma_copy(dst=k_out[0, g0 + j:g0 + j + 1, :], src=roped.reshape((P, d))[nq + j:nq + j + 1])
-            nisa.dma_copy(dst=v_out[0, g0 + j:g0 + j + 1, :], src=qkv[0:1, (rows + j) * d:(rows + j + 1) * d])
-
-    # 4. attention: per KV head, the new position from SBUF, then the cache (read once).
+    # 5. attention: per KV head, over the cache (read once) and the new position.
     attn_t = nl.ndarray((d, hq), dtype=x.dtype, buffer=nl.sbuf)  # O^T, head_dim on partitions
-    for j in nl.affine_range(nkv):
-        g = g0 + j
-        a, b = max(q0, g * group), min(q1, (g + 1) * group)  # this program's query heads of KV head g
-        q_t = qk_t[:, a - q0:b - q0]
-        state = _running_state(d)
-        v_new = qkv[0:1, (rows + j) * d:(rows + j + 1) * d]
-        decode_block(q_t, qk_t[:, nq + j:nq + j + 1], 1, lambda ch, kc, v=v_new: v, state, scale, fast_exp)
-        if cache is None:
-            decode_over_cache(q_t, k_cache_t, v_cache, g, valid_len, state, scale, fast_exp)
+    for g in nl.affine_range(hkv):
+        q_t = qk_t[:, g * group:(g + 1) * group]
+        if by_key:
+            blocks = cache[g] if cache is not None else load_cache_by_key(k_cache_t, v_cache, g)
+            attend_by_key(attn_t[:, g * group:(g + 1) * group], q_t, blocks, (k_new[:, g, :], v_new[:, g, :]),
+                          penalty, consts, scale, fast_exp)
         else:
-            for blk in nl.affine_range(blocks):
-                attend_cache_block(q_t, cache[j][blk], penalties[blk], state, scale, fast_exp)
-        res = normalized(state[2], state[1], b - a, d, x.dtype)
-        pe_transpose(attn_t[:, a:b], res[0:b - a])
-    if programs > 1:  # swap O^T halves: both programs then hold all of it
-        peer = 1 - me
-        p0, p1 = _split(hq, peer, programs)
-        nisa.sendrecv(src=attn_t[:, q0:q1], dst=attn_t[:, p0:p1], send_to_rank=peer, recv_from_rank=peer, pipe_id=0)
+            _attend_by_block(attn_t[:, g * group:(g + 1) * group], q_t, qk_t[:, hq + g:hq + g + 1], v_new[0:1, g, :],
+                             k_cache_t, v_cache, g, valid, None if cache is None else cache[g], scale, fast_exp)
 
-    # 5. o_proj, weights stationary: per output slot c, the Hq tiles [128 (d), 128 (p)] against the
+    if me == 0:  # behind the loads and the attention (a store between loads holds every DMA engine)
+        nisa.dma_copy(dst=summed, src=summed_row)
+        k_rows = nl.ndarray((P, d), dtype=x.dtype, buffer=nl.sbuf)
+        pe_transpose(k_rows[0:hkv], qk_t[:, hq:hq + hkv])
+        nisa.dma_copy(dst=k_out[0], src=k_rows[0:hkv])
+        v_rows = nl.ndarray((P, d), dtype=x.dtype, buffer=nl.sbuf)
+        pe_transpose(v_rows[0:hkv], qkv[:, hq + hkv:heads])
+        nisa.dma_copy(dst=v_out[0], src=v_rows[0:hkv])
+
+    # 6. o_proj, weights stationary: per output slot c, the Hq tiles [128 (d), 128 (p)] against the
     # O^T columns accumulate out[p*H/128 + c] on partition p; this program's share of the slots.
     acc = nl.ndarray((P, c1 - c0), dtype=nl.float32, buffer=nl.psum)
-    heads_first = [*range(q0, q1), *range(0, q0), *range(q1, hq)]  # this program's heads need no swap
-    for i, hh in enumerate(heads_first):
-        for slot in nl.affine_range(c1 - c0):
+    for slot in nl.affine_range(c1 - c0):  # slot by slot, in the order W_o arrives
+        for hh in nl.affine_range(hq):
             nisa.nc_matmul(dst=acc[:, slot:slot + 1], stationary=w_o_sb[:, slot, hh, :], moving=attn_t[:, hh:hh + 1],
-                           accumulate=(i > 0))
+                           accumulate=(hh > 0))
     out_sb = nl.ndarray((P, c1 - c0), dtype=x.dtype, buffer=nl.sbuf)
     nisa.tensor_copy(dst=out_sb, src=acc)
     nisa.dma_copy(dst=out.reshape((P, h // P))[:, c0:c1], src=out_sb)
     return summed, out, k_out, v_out
+
+
+def _attend_by_block(dst, q_t, k_new, v_new, k_cache_t, v_cache, g: int, valid, blocks, scale: float,  # noqa: ANN001
+                     fast_exp: bool) -> None:
+    """Attention of one query group over caches too long for ``attend_by_key``: the new position as
+    one online-softmax block, then the cache in 512-key blocks (``blocks`` when loaded ahead)."""
+    d, width = q_t.shape
+    state = _running_state(d)
+    decode_block(q_t, k_new, 1, lambda ch, kc: v_new, state, scale, fast_exp)
+    if blocks is None:
+        decode_over_cache(q_t, k_cache_t, v_cache, g, valid, state, scale, fast_exp)
+    else:
+        for blk in nl.affine_range(len(blocks)):
+            penalty = cache_penalty(valid, blk, blocks[blk][2], width)
+            attend_cache_block(q_t, blocks[blk], penalty, state, scale, fast_exp)
+    pe_transpose(dst, normalized(state[2], state[1], width, d, q_t.dtype)[0:width])
 
 
 # --- launchers and support checks ----------------------------------------------------------------
@@ -309,12 +397,16 @@ QKV_HEADS_PER_LOAD = 2
 #: room for the streamed q|k|v loads, the cache blocks and the activations.
 RESIDENT_BYTES = 128 * 1024
 
-#: SBUF bytes per partition for the cache loaded ahead of W_o (K^T and V of every 512-key block of
-#: this program's KV heads: 2 KiB per block in bf16); a longer cache streams block by block.
+#: Bytes per partition of one PSUM bank: the keys-on-partitions scores [128, C + 1, G] fp32 of one
+#: attention call fit one (both targets: 8 banks of 2 KiB, trainium2_arch.rst / trainium3_arch.rst).
+BANK_BYTES = 2048
+
+#: SBUF bytes per partition for the cache loaded ahead of W_o (K^T and V of every KV head: 512 B per
+#: 128 positions in bf16); a longer cache is loaded per KV head when its attention comes.
 CACHE_BYTES = 32 * 1024
 
-#: Per target: (fast exp, squares on ScalarE, sin products on GpSimd), the choices of the target's
-#: part kernels.
+#: Per target: (fast exp, squares on ScalarE, RoPE's sin products on ScalarE): Trn3's fast
+#: exponential and doubled ScalarE BF16 rate.
 _ENGINES = {"trn2": (False, False, False), "trn3": (True, True, True)}
 
 
@@ -333,10 +425,18 @@ def _supports(programs: int) -> Callable[[Mapping[str, int], str, Target], tuple
         w_o_share = item * hq * (h // programs)
         if w_o_share > RESIDENT_BYTES:
             return False, f"this core's W_o share needs {w_o_share} B per partition, more than {RESIDENT_BYTES}"
-        # Resident weights and cache, double-buffered q|k|v loads and cache blocks (K^T, V), the
-        # [1, N] row, fp32 score tiles.
-        working = item * (2 * QKV_HEADS_PER_LOAD * h + 4 * DECODE_BLOCK + (hq + 2 * hkv) * d) + 4 * 8 * DECODE_BLOCK
-        need = RESIDENT_BYTES + CACHE_BYTES + working
+        # Resident weights (or double-buffered q|k|v loads); the cache, resident when every KV
+        # head's fits ``CACHE_BYTES``, else a KV head's (keys on partitions) or a 512-key block
+        # double-buffered; the rows of x, the residual, the norm weight and the sum; the constants
+        # and the new key's and value's tiles; fp32 scores, their mask and probabilities.
+        group, cols = hq // hkv, -(-dims["L"] // P)
+        by_key = (cols + 1) * group * 4 <= BANK_BYTES
+        head = 2 * item * (P * cols if by_key else DECODE_BLOCK * decode_blocks(dims["L"]))
+        cache = hkv * head if hkv * head <= CACHE_BYTES else 2 * (head if by_key else 2 * item * DECODE_BLOCK)
+        scores = 3 * (cols + 1) * group if by_key else 2 * DECODE_BLOCK
+        working = (item * (2 * QKV_HEADS_PER_LOAD * h + 4 * h + 2 * P + 2 * hkv * P + hq + 2 * hkv)
+                   + 4 * (2 * P + scores))
+        need = RESIDENT_BYTES + cache + working
         if need > target.sbuf_usable_bytes_per_partition:
             return False, (f"needs {need} B per partition of SBUF, {target.name} has "
                            f"{target.sbuf_usable_bytes_per_partition}")
@@ -352,7 +452,7 @@ PREPARE = {"w_qkv": head_blocks, "w_o": output_on_partitions}
 def launcher(target: str, programs: int = 1) -> Callable[..., tuple[torch.Tensor, ...]]:
     """The block's launcher (the op's signature) for ``target`` (trn2 | trn3), by default on
     ``programs`` physical cores; ``w_qkv`` and ``w_o`` arrive prepared (``PREPARE``)."""
-    fast_exp, square_on_scalar, sin_on_gpsimd = _ENGINES[target]
+    fast_exp, square_on_scalar, sin_on_scalar = _ENGINES[target]
     def attention_block(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, w_qkv: torch.Tensor,
                         q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor, cos: torch.Tensor,
                         sin: torch.Tensor, k_cache_t: torch.Tensor, v_cache: torch.Tensor,
@@ -362,7 +462,7 @@ def launcher(target: str, programs: int = 1) -> Callable[..., tuple[torch.Tensor
         valid = torch.as_tensor(length, dtype=torch.int32).reshape(1, 1)  # a tensor stays a run-time value
         return tuple(attention_block_kernel[lnc](x, residual, norm_weight, w_qkv, q_norm_weight, k_norm_weight, cos, sin, k_cache_t,
                             v_cache, valid, w_o, scale=scale, eps=eps, fast_exp=fast_exp,
-                            square_on_scalar=square_on_scalar, sin_on_gpsimd=sin_on_gpsimd))
+                            square_on_scalar=square_on_scalar, sin_on_scalar=sin_on_scalar))
 
     return attention_block
 

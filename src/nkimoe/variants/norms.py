@@ -166,17 +166,26 @@ def add_spread(x, residual):  # noqa: ANN001, ANN202
 
 def spread_rmsnorm(xt, weight, eps: float):  # noqa: ANN001, ANN202
     """RMSNorm of the rows of a decode-layout tile xt [128, T, F] (``load_spread``) with the HBM
-    weight [128*F] spread the same way; the sum of squares crosses partitions through one fp32
-    ones-matmul, which also broadcasts it. Returns [128, T, F] in xt.dtype (SBUF)."""
-    _, t, f = xt.shape
+    weight [128*F] spread the same way (``spread_normalize``). Returns [128, T, F] in xt.dtype (SBUF)."""
+    f = xt.shape[2]
     w = nl.ndarray((P, f), dtype=weight.dtype, buffer=nl.sbuf)
     nisa.dma_copy(dst=w, src=weight.reshape((P, f)))
+    return spread_normalize(xt, w, eps)
+
+
+def spread_normalize(xt, w, eps: float, ones=None):  # noqa: ANN001, ANN202
+    """RMSNorm of the rows of a decode-layout tile xt [128, T, F] with the weight w [128, F] (on
+    chip) spread the same way; the sum of squares crosses partitions through one fp32 ones-matmul
+    (``ones`` [128, 128] fp32 when the caller has one), which also broadcasts it. Returns
+    [128, T, F] in xt.dtype (SBUF)."""
+    _, t, f = xt.shape
     sq = nl.ndarray((P, t, f), dtype=nl.float32, buffer=nl.sbuf)
     nisa.tensor_tensor(dst=sq, data1=xt, data2=xt, op=nl.multiply)
     partial = nl.ndarray((P, t), dtype=nl.float32, buffer=nl.sbuf)
     nisa.tensor_reduce(dst=partial, op=nl.add, data=sq, axis=2)
-    ones = nl.ndarray((P, P), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.memset(dst=ones, value=1.0)
+    if ones is None:
+        ones = nl.ndarray((P, P), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.memset(dst=ones, value=1.0)
     total = nl.ndarray((P, t), dtype=nl.float32, buffer=nl.psum)
     nisa.nc_matmul(dst=total, stationary=ones, moving=partial)
     rstd = nl.ndarray((P, t), dtype=nl.float32, buffer=nl.sbuf)
