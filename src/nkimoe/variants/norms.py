@@ -176,7 +176,7 @@ def spread_rmsnorm(xt, weight, eps: float):  # noqa: ANN001, ANN202
     partial = nl.ndarray((P, t), dtype=nl.float32, buffer=nl.sbuf)
     nisa.tensor_reduce(dst=partial, op=nl.add, data=sq, axis=2)
     ones = nl.ndarray((P, P), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.memset(dst=ones, value=1.0)
+    nisa.memset(dst=ones, value=1.0, engine=nisa.engine.gpsimd)  # off VectorE, which waits for the input
     total = nl.ndarray((P, t), dtype=nl.float32, buffer=nl.psum)
     nisa.nc_matmul(dst=total, stationary=ones, moving=partial)
     rstd = nl.ndarray((P, t), dtype=nl.float32, buffer=nl.sbuf)
