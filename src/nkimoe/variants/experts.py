@@ -294,8 +294,9 @@ def expert_mlp_tkg_kernel(x, weights, ids, w_gu, w_dn):
         ids_bc = on_all_partitions(ids_f32)
     acc = nl.ndarray((P, t, hf), dtype=nl.float32, buffer=nl.sbuf)
     nisa.memset(dst=acc, value=0.0)
-    jobs = [(ids_row[0:1, tok * top_k + slot:tok * top_k + slot + 1], tok * top_k + slot, x_t[:, tok:tok + 1, :].permute((0, 2, 1)),
-             acc[:, tok, :]) for tok, slot in mine]
+    cols = [(tok, tok * top_k + slot) for tok, slot in mine]
+    jobs = [(ids_row[0:1, col:col + 1], col, x_t[:, tok:tok + 1, :].permute((0, 2, 1)), acc[:, tok, :])
+            for tok, col in cols]
     held = decode_experts(w_gu, w_dn, jobs, ids_bc, w_bc, x.dtype)  # noqa: F841
     swap_and_store(out, acc)
     return out
