@@ -171,6 +171,22 @@ def test_expert_variant_with_a_ragged_intermediate(model: Model, ragged_banks: d
     assert len(large) >= 2 * loads and min(i.contiguous for i in large) >= 2048
 
 
+@pytest.mark.parametrize("name,target,tokens", [("expert_mlp_tkg_nki", "trn3", 1), ("expert_mlp_tkg_lnc2_trn2", "trn2", 3)])
+def test_tp4_decode_weight_dmas_span_every_partition(model: Model, ragged_banks: dict, name: str, target: str,
+                                                     tokens: int) -> None:
+    """At a TP 4 slice (I = 192) the 64 ragged down rows of two experts share one gather DMA, so no
+    weight DMA leaves half of a core's DMA engines idle, and each selected expert is read exactly once."""
+    gate_up, down = ragged_banks[192]
+    x, weights, ids = model.routed(tokens)
+    actual, trace = _traced(target, REGISTRY.variants[name].kernel, x, weights, ids, gate_up_h_major(gate_up),
+                            down_i_major(down))
+    ok, detail = compare(actual, expert_mlp(x, weights, ids, gate_up, down), *EXPERT_TOLERANCE["bfloat16"])
+    assert ok, detail
+    large = [i for i in trace if i.name == "dma_copy" and i.hbm_read >= H * 64 * 2]
+    assert {i.partitions for i in large} == {128}
+    assert sum(i.hbm_read for i in large) == tokens * K * 3 * H * 192 * 2
+
+
 # --- LNC=2 decode: the selected experts dealt out to the two physical cores ----------------------
 
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from nkimoe.bench.trial import run_trial
+from nkimoe.bench.costmodel import schedule
+from nkimoe.bench.trial import make_inputs, run_trial
+from nkimoe.nki.emulator import session
 from nkimoe.ops import Problem
 from nkimoe.plugins import load_registry
 
@@ -48,3 +50,25 @@ def test_fused_variants_take_one_decode_token_only() -> None:
     assert not ok and "one token" in reason
     ok, _ = variant.supports({"T": 1, "H": 2048, "E": 128, "K": 8, "I": 768}, "bfloat16", REGISTRY.targets["trn3"])
     assert ok
+
+
+@pytest.mark.parametrize("target", ["trn2", "trn3"])
+def test_fused_moe_block_loads_experts_as_soon_as_the_ids_are_known(target: str) -> None:
+    """The expert weight loads wait for nothing but the ids (cost-model schedule): not for the routing
+    weights' softmax, nor behind a store on the DMA engines."""
+    problem = Problem.of("moe_block", T=1, H=2048, E=128, K=8, I=192)
+    variant = REGISTRY.variants[f"moe_block_tkg_{target}_lnc2"]
+    args, kwargs = make_inputs(problem, 0)
+    tgt = REGISTRY.targets[target]
+    with session(tgt) as s:
+        variant.kernel(*variant.prepare_args(args), **kwargs)
+    times = schedule(s.trace, tgt)
+    for program in (0, 1):
+        steps = [(i, t) for i, t in zip(s.trace, times) if i.program == program]
+        ids_done = next(t[1] for i, t in steps if i.name == "nc_find_index8")
+        first_load = next((i, t) for i, t in steps if i.detail.get("dynamic"))
+        assert first_load[1][0] == ids_done
+        # it starts after the DMA latency and descriptor generation, then moves at the engines' rate
+        rate = tgt.dma_engines_per_core * tgt.dma_bytes_per_ns_per_engine * 1e9
+        start = first_load[1][1] - first_load[0].bytes / rate
+        assert start == pytest.approx(ids_done + (tgt.dma_fixed_ns + tgt.dge_ns) * 1e-9)

@@ -28,6 +28,10 @@ instruction shortens a bandwidth-bound GEMV), so it is registered for both. The 
 stationary reads every H/128-th weight column, so that partition p of output tile c holds hidden
 p * H/128 + c and the output is stored in runs of H/128 elements. On an LNC=2 rank the same kernel
 runs as ``kernel[2]`` (``expert_mlp_tkg_lnc2_*``): each core reads half of the selected experts.
+At a TP 4 slice (I = 192) the last 64 rows of each down block would be a DMA over 64 partitions,
+half the DMA engines: two experts' share one 128-partition gather DMA (``decode_experts``), and
+the second expert's last gate|up matmuls take columns 64..191 so that its features 128..191 land
+on partitions 64..127 next to its rows.
 
 Decode, tokens stationary (``_tkg_tokens``): the launcher lists the distinct selected experts and,
 per expert, every token's routing weight (0 for tokens that did not choose it); a dynamic loop
@@ -93,10 +97,11 @@ def _intermediate_tiles(i: int) -> tuple[int, int, int]:
     return tiles, i // P, i - (tiles - 1) * P
 
 
-def load_expert(w_gu, w_dn, expert, h: int, i2: int):  # noqa: ANN001, ANN202
+def load_expert(w_gu, w_dn, expert, h: int, i2: int, ragged: bool = True):  # noqa: ANN001, ANN202
     """DMA one expert's gate|up [128, H/128, 2I] and down [128, ceil(I/128), H] blocks into SBUF
-    (a ragged last down tile fills its first I % 128 partitions only); ``expert`` is a [1, 1] SBUF
-    tensor or register holding the expert id (dynamic offset).
+    (a ragged last down tile fills its first I % 128 partitions only; ``ragged=False`` leaves it to
+    the caller and returns the full tiles only); ``expert`` is a [1, 1] SBUF tensor or register
+    holding the expert id (dynamic offset).
 
     Gate|up hidden rows go to partitions partition-major, ``h = p * H/128 + k`` at [p, k]: each
     partition reads one contiguous run of H/128 rows (12 KiB at I = 192, where a single row is
@@ -106,11 +111,11 @@ def load_expert(w_gu, w_dn, expert, h: int, i2: int):  # noqa: ANN001, ANN202
     gu = nl.ndarray((P, hf, i2), dtype=w_gu.dtype, buffer=nl.sbuf)
     nisa.dma_copy(dst=gu, src=w_gu.ap([[hf * i2, P], [i2, hf], [1, i2]], offset=0, scalar_offset=expert,
                                       indirect_dim=0))
-    dn = nl.ndarray((P, tiles, h), dtype=w_dn.dtype, buffer=nl.sbuf)
+    dn = nl.ndarray((P, tiles if ragged else full, h), dtype=w_dn.dtype, buffer=nl.sbuf)
     if full:
         nisa.dma_copy(dst=dn[:, 0:full, :], src=w_dn.ap([[h, P], [P * h, full], [1, h]], offset=0,
                                                         scalar_offset=expert, indirect_dim=0))
-    if full < tiles:
+    if ragged and full < tiles:
         nisa.dma_copy(dst=dn[0:last, full, :], src=w_dn.ap([[h, last], [1, h]], offset=full * P * h,
                                                            scalar_offset=expert, indirect_dim=0))
     return gu, dn
@@ -129,53 +134,134 @@ def _hidden_partition_major(rows, t: int):  # noqa: ANN001, ANN202
 
 
 def _routing_to_sbuf(ids, weights):  # noqa: ANN001, ANN202
-    """The decode kernels' routing inputs in SBUF: the expert ids [T, K] int32, and the routing
-    weights broadcast to all partitions, [128, T*K] fp32 (a stride-0 DMA)."""
-    t, top_k = ids.shape
-    ids_sb = nl.ndarray((t, top_k), dtype=nl.int32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=ids_sb, src=ids)
-    w_bc = nl.ndarray((P, t * top_k), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=w_bc, src=weights.reshape((1, t * top_k)).ap([[0, P], [1, t * top_k]]))
-    return ids_sb, w_bc
+    """The decode kernels' routing inputs in SBUF: the expert ids [1, T*K] int32 (one row), and the
+    routing weights broadcast to all partitions, [128, T*K] fp32 (a stride-0 DMA)."""
+    n = ids.shape[0] * ids.shape[1]
+    ids_row = nl.ndarray((1, n), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=ids_row, src=ids.reshape((1, n)))
+    w_bc = nl.ndarray((P, n), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=w_bc, src=weights.reshape((1, n)).ap([[0, P], [1, n]]))
+    return ids_row, w_bc
 
 
-def swiglu_gemv(gu, dn, x_col, weight, acc, dtype):  # noqa: ANN001, ANN202
-    """One expert on one token, weights stationary: ``acc[:, c] += weight * y[c-th 128 outputs]`` for
-    ``y = down(SiLU(gate) * up)``, with gate|up and SiLU(gate)*up rounded to ``dtype``.
+def on_all_partitions(row):  # noqa: ANN001, ANN201
+    """The fp32 SBUF row ``row`` [1, n] on every partition, [128, n] fp32, by a ones-matmul in fp32
+    (exact: products with 1.0)."""
+    n = row.shape[1]
+    ones = nl.ndarray((1, P), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=ones, value=1.0)
+    ps = nl.ndarray((P, n), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_matmul(dst=ps, stationary=ones, moving=row)
+    bc = nl.ndarray((P, n), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=bc, src=ps)
+    return bc
 
-    Args: gu [128, H/128, 2I] and dn [128, ceil(I/128), H] SBUF (``load_expert``); x_col [128,
-    H/128, 1] the token in gu's hidden order; weight [128, 1] fp32 (the routing weight on every
-    partition); acc [128, H/128, 1] fp32 SBUF, output tile c holding hidden p * H/128 + c on
-    partition p, so that the output rows are runs of H/128 elements.
-    Returns the tiles it allocated: a caller's loop keeps them until the next iteration's are
+
+def _pairs_ragged_tiles(i: int) -> bool:
+    """Whether two experts' ragged last down tiles (I % 128 rows each) share one DMA over twice the
+    partitions: a full tile before it (the second expert's gate|up columns then end at I) and a
+    ragged tile of at most 64 rows at a 32-partition boundary (192 = 128 + 64: one 128-partition DMA
+    instead of two over 64 partitions, i.e. 8 of the 16 DMA engines)."""
+    _, full, last = _intermediate_tiles(i)
+    return full >= 1 and 0 < last and 2 * last <= P and last % 32 == 0
+
+
+def _load_ragged(w_dn, ids_bc, cols: list[int]):  # noqa: ANN001, ANN202
+    """Rows 128*full ... I-1 of the down blocks of the experts ``ids_bc[:, cols]`` (ids [128, n] fp32,
+    each on every partition) in one gather DMA, expert k's on partitions k*r ... k*r + r - 1 (r = I % 128)."""
+    e, i, h = w_dn.shape
+    _, full, last = _intermediate_tiles(i)
+    n = len(cols)
+    base = nl.ndarray((n * last, n), dtype=nl.int32, buffer=nl.sbuf)  # column k: 128*full + p - k*r
+    nisa.iota(dst=base, pattern=[[-last, n]], offset=full * P, channel_multiplier=1)
+    rows = nl.ndarray((n * last, 1), dtype=nl.int32, buffer=nl.sbuf)
+    for k, col in enumerate(cols):
+        part = slice(k * last, (k + 1) * last)
+        nisa.tensor_scalar(dst=rows[part], data=ids_bc[part, col:col + 1], op0=nl.multiply, operand0=float(i),
+                           op1=nl.add, operand1=base[part, k:k + 1])
+    tail = nl.ndarray((n * last, h), dtype=w_dn.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=tail, src=w_dn.reshape((e * i, h)).ap([[h, n * last], [1, h]], offset=0, vector_offset=rows,
+                                                            indirect_dim=0))
+    return tail
+
+
+def _gate_up_act(gu, x_col, p0: int, act, tail_act, dtype):  # noqa: ANN001, ANN202
+    """Gate|up of one expert on one token (weights stationary, features on partitions), rounded to
+    ``dtype``, and SiLU(gate) * up rounded, into ``act`` [128, full] (intermediate tile t in column t)
+    and, for a ragged last tile, ``tail_act`` [p0 + r, 1] at partitions p0 ... p0 + r - 1: its gate|up
+    matmuls take the 128-aligned columns that end at I when p0 > 0, so that the features land there."""
+    i = gu.shape[2] // 2
+    tiles, full, last = _intermediate_tiles(i)
+    ps = nl.ndarray((P, 2 * tiles), dtype=nl.float32, buffer=nl.psum)  # gate tiles, then up tiles
+    for g in range(2):
+        for t in range(tiles):
+            rows = P if t < full else p0 + last
+            first = g * i + (t * P if t < full else i - rows)
+            matmul_accumulate(ps[0:rows, g * tiles + t:g * tiles + t + 1], gu[:, :, first:first + rows], x_col)
+    gu_out = nl.ndarray((P, 2 * tiles), dtype=dtype, buffer=nl.sbuf)
+    staged = (gu_out.reshape((P, 2, tiles)), ps.reshape((P, 2, tiles)))
+    for part, lo, hi, dst in ((slice(0, P), 0, full, act), (slice(p0, p0 + last), full, tiles, tail_act)):
+        if hi > lo:
+            nisa.tensor_copy(dst=staged[0][part, :, lo:hi], src=staged[1][part, :, lo:hi])
+            nisa.activation(dst=dst[part], op=nl.silu, data=gu_out[part, lo:hi])
+            nisa.tensor_tensor(dst=dst[part], data1=dst[part], data2=gu_out[part, tiles + lo:tiles + hi], op=nl.multiply)
+    return gu_out, ps
+
+
+def decode_experts(w_gu, w_dn, jobs, ids_bc, w_bc, dtype) -> list:  # noqa: ANN001
+    """Weights-stationary SwiGLU of the selected experts on single tokens, summed into fp32
+    accumulators: ``acc += weight * down(SiLU(gate) * up)`` per job, gate|up and SiLU(gate)*up
+    rounded to ``dtype``.
+
+    Args: w_gu [E, H, 2I], w_dn [E, I, H] HBM (load-time layout); jobs: (expert, col, x_col, acc)
+    per selected expert: the id as a [1, 1] SBUF tensor (dynamic DMA offset), its column in
+    ``ids_bc`` / ``w_bc``, the token [128, H/128, 1] in the weights' partition-major hidden order,
+    and the fp32 accumulator [128, H/128], column c holding hidden p * H/128 + c on partition p (the
+    down projection's stationary reads every H/128-th weight column, so that the output rows are
+    runs of H/128 elements); ids_bc [128, n] fp32 every job's expert id on all partitions (read where
+    ragged tiles are paired); w_bc [128, n] fp32 the routing weights likewise.
+
+    Per group of jobs (two where ``_pairs_ragged_tiles``, else one) the DMAs are issued first, in the
+    order of use (gate|up, full down tiles, then the group's ragged down rows in one DMA); TensorE
+    runs every job's gate|up and full-tile down matmuls before the ragged rows' matmuls, which take
+    the group's experts at once (one column each, zeros against the other expert's rows).
+    Returns the last group's tiles: a caller's loop keeps them until the next iteration's are
     allocated, so that consecutive experts use different buffers (as the compiler double-buffers
     the tiles of a loop body).
     """
-    i = gu.shape[2] // 2
-    hf = dn.shape[2] // P
-    tiles, full, last = _intermediate_tiles(i)
-    # output tile c: dn's columns p*H/128 + c (the stationary reads every H/128-th column)
-    by_tile = dn.reshape((P, tiles, P, hf)).permute((0, 1, 3, 2))
-    # features on partitions, one column per intermediate tile: gate tiles, then up tiles
-    gu_out = nl.ndarray((P, 2 * tiles), dtype=dtype, buffer=nl.sbuf)
-    for c in nl.affine_range(2 * tiles):
-        rows = min(P, i - c % tiles * P)
-        first = c // tiles * i + c % tiles * P
-        ps = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.psum)
-        matmul_accumulate(ps[0:rows], gu[:, :, first:first + rows], x_col)
-        nisa.tensor_copy(dst=gu_out[0:rows, c:c + 1], src=ps[0:rows])
-    act = nl.ndarray((P, tiles), dtype=dtype, buffer=nl.sbuf)
-    for lo, hi, rows in ((0, full, P), (full, tiles, last)):
-        if hi > lo:
-            nisa.activation(dst=act[0:rows, lo:hi], op=nl.silu, data=gu_out[0:rows, lo:hi])
-            nisa.tensor_tensor(dst=act[0:rows, lo:hi], data1=act[0:rows, lo:hi],
-                               data2=gu_out[0:rows, tiles + lo:tiles + hi], op=nl.multiply)
-    for c in nl.affine_range(hf):
-        ps = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.psum)
-        matmul_accumulate(ps, by_tile[:, :, c, :], act.reshape((P, tiles, 1)), last_rows=last)
-        nisa.scalar_tensor_tensor(dst=acc[:, c], data=ps, op0=nl.multiply, operand0=weight, op1=nl.add,
-                                  operand1=acc[:, c])
-    return gu_out, act, ps
+    h, i2 = w_dn.shape[2], w_gu.shape[2]
+    hf = h // P
+    tiles, full, last = _intermediate_tiles(i2 // 2)
+    paired = _pairs_ragged_tiles(i2 // 2)
+    held: list = []
+    for first in range(0, len(jobs), 2 if paired else 1):
+        group = jobs[first:first + (2 if paired else 1)]
+        n = len(group)
+        blocks = [load_expert(w_gu, w_dn, expert, h, i2, ragged=not paired) for expert, _, _, _ in group]
+        tail = None
+        if full < tiles:
+            tail = _load_ragged(w_dn, ids_bc, [col for _, col, _, _ in group]) if paired else blocks[0][1][0:last, full, :]
+        tail_act = nl.ndarray((n * last, n), dtype=dtype, buffer=nl.sbuf)
+        if n > 1:
+            nisa.memset(dst=tail_act, value=0.0)
+        y = nl.ndarray((P, hf, n), dtype=nl.float32, buffer=nl.psum)  # job k's down output in [:, :, k]
+        held = [tail_act, y]
+        for k, ((_, _, x_col, _), (gu, dn)) in enumerate(zip(group, blocks)):
+            act = nl.ndarray((P, max(full, 1)), dtype=dtype, buffer=nl.sbuf)
+            held += [act, *_gate_up_act(gu, x_col, k * last, act, tail_act[:, k:k + 1], dtype)]
+            by_tile = dn.reshape((P, dn.shape[1], P, hf)).permute((0, 1, 3, 2))  # [k, tile, c, m]: weight column m*hf + c
+            for c in nl.affine_range(hf):
+                for t in range(full):
+                    nisa.nc_matmul(dst=y[:, c, k:k + 1], stationary=by_tile[:, t, c, :], moving=act[:, t:t + 1],
+                                   accumulate=t > 0)
+        if tail is not None:
+            tail_by = tail.reshape((n * last, P, hf)).permute((0, 2, 1))
+            for c in nl.affine_range(hf):
+                nisa.nc_matmul(dst=y[:, c, :], stationary=tail_by[:, c, :], moving=tail_act, accumulate=full > 0)
+        for k, (_, col, _, acc) in enumerate(group):
+            nisa.scalar_tensor_tensor(dst=acc, data=y[:, :, k], op0=nl.multiply, operand0=w_bc[:, col:col + 1],
+                                      op1=nl.add, operand1=acc)
+    return held
 
 
 @nki.jit
@@ -193,23 +279,25 @@ def expert_mlp_tkg_kernel(x, weights, ids, w_gu, w_dn):
     """
     t, h = x.shape
     top_k = ids.shape[1]
-    i2 = w_gu.shape[2]
     hf = h // P
     me, cores = nl.program_id(0), nl.num_programs(0)
     mine = [(tok, slot) for tok in range(t) for slot in range(top_k)][me::cores]
     out = nl.ndarray((t, h), dtype=x.dtype, buffer=nl.shared_hbm)
-    ids_sb, w_bc = _routing_to_sbuf(ids, weights)
+    ids_row, w_bc = _routing_to_sbuf(ids, weights)
     # x^T, hidden partition-major, one run of H/128 elements per (partition, token): [128, T, H/128]
     x_t = nl.ndarray((P, t, hf), dtype=x.dtype, buffer=nl.sbuf)
     nisa.dma_copy(dst=x_t, src=x.reshape((t, P, hf)).permute((1, 0, 2)))
+    ids_bc = None
+    if _pairs_ragged_tiles(w_gu.shape[2] // 2):  # paired ragged tiles gather by every partition's expert id
+        ids_f32 = nl.ndarray((1, t * top_k), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=ids_f32, src=ids_row)
+        ids_bc = on_all_partitions(ids_f32)
     acc = nl.ndarray((P, t, hf), dtype=nl.float32, buffer=nl.sbuf)
     nisa.memset(dst=acc, value=0.0)
-    for n in nl.static_range(len(mine)):
-        tok, slot = mine[n]
-        gu, dn = load_expert(w_gu, w_dn, ids_sb[tok:tok + 1, slot:slot + 1], h, i2)
-        col = tok * top_k + slot
-        held = swiglu_gemv(gu, dn, x_t[:, tok:tok + 1, :].permute((0, 2, 1)), w_bc[:, col:col + 1],  # noqa: F841
-                            acc[:, tok:tok + 1, :].permute((0, 2, 1)), x.dtype)
+    cols = [(tok, tok * top_k + slot) for tok, slot in mine]
+    jobs = [(ids_row[0:1, col:col + 1], col, x_t[:, tok:tok + 1, :].permute((0, 2, 1)), acc[:, tok, :])
+            for tok, col in cols]
+    held = decode_experts(w_gu, w_dn, jobs, ids_bc, w_bc, x.dtype)  # noqa: F841
     swap_and_store(out, acc)
     return out
 

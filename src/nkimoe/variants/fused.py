@@ -13,12 +13,21 @@ p * H/128 + k at [p, k]) from the norm on, which is the order the expert blocks 
 The router gate ``w_gate`` is prepared K-major ``[H, E]`` (``linear.weight_k_major``) and read as
 [128, H/128, E] in the same hidden order; the token is the stationary and the gate's 128 columns
 stream, so the logits land as one row, the router's layout (tokens on partitions). The routing
-weights are broadcast to all partitions by a ones-matmul (exact: products with 1.0, fp32 PSUM).
+weights and ids are broadcast to all partitions by a ones-matmul (exact: products with 1.0, fp32).
 
-The building blocks are the chain's: ``norms.add_spread`` and ``spread_rmsnorm``,
-``routing.route_rows``, ``experts.load_expert`` and ``experts.swiglu_gemv``; only the gate
-matmul's summation order differs from ``linear_kernel``'s (hidden partition-major instead of
-tile-major). Rounding points are the chain's: the sum, the
+Critical path: the expert loads wait for the ids, so the kernel gets to them early: x, the
+residual and the norm weight load as single-partition rows (one DMA descriptor each) that TensorE
+spreads over the partitions (``norms.spread_rows``), queued before the gate's 512 KiB; the ids
+come from the logits before the softmax (``route_rows``); the residual sum's store is issued after
+the expert loads (a store holds every DMA engine for its completion semaphore). The selected
+experts' loads then stream back to back on each core (``experts.decode_experts``), the ragged
+rows of two experts' down blocks in one DMA.
+
+The building blocks are shared with the chain's kernels: ``norms.spread_rows`` (the sum of x and
+the residual in fp32, rounded, as ``add_spread`` adds) and ``norms.spread_normalize``,
+``routing.route_rows``, ``experts.decode_experts``; only
+the gate matmul's summation order differs from ``linear_kernel``'s (hidden partition-major instead
+of tile-major). Rounding points are the chain's: the sum, the
 normalised value and its weight product, the logits and the routing weights are rounded to the
 input dtype where the chain's kernels store them.
 
@@ -37,10 +46,10 @@ from nkimoe.hookspecs import hookimpl
 from nkimoe.nki import nisa, nki, nl
 from nkimoe.registry import Variant
 from nkimoe.targets import Target
-from nkimoe.variants.experts import EXPERT_TOLERANCE, _expert_sbuf_bytes, load_expert, swiglu_gemv, down_i_major, \
-    gate_up_h_major, lnc2_supports, swap_and_store
+from nkimoe.variants.experts import EXPERT_TOLERANCE, _expert_sbuf_bytes, decode_experts, down_i_major, \
+    gate_up_h_major, lnc2_supports, on_all_partitions, swap_and_store
 from nkimoe.variants.linear import weight_k_major
-from nkimoe.variants.norms import add_spread, spread_rmsnorm, store_spread
+from nkimoe.variants.norms import spread_normalize, spread_rows, store_spread
 from nkimoe.variants.routing import route_rows
 from nkimoe.variants.tiles import matmul_accumulate
 
@@ -73,36 +82,31 @@ def moe_block_tkg_kernel(x, residual, norm_weight, w_gate_t, w_gu, w_dn, top_k: 
     hf = h // P
     summed = nl.ndarray((t, h), dtype=x.dtype, buffer=nl.shared_hbm)
     out = nl.ndarray((t, h), dtype=x.dtype, buffer=nl.shared_hbm)
+    st = spread_rows(x, residual)
+    normed = spread_normalize(st, spread_rows(norm_weight)[:, 0, :], eps).reshape((P, hf, t))
+    # queued after the norm's inputs (one in-order load queue), whose small DMAs the norm waits for
     gate = nl.ndarray((P, hf, e), dtype=w_gate_t.dtype, buffer=nl.sbuf)
-    nisa.dma_copy(dst=gate, src=w_gate_t.reshape((P, hf, e)))  # issued first: no dependency on the norm
-    st = add_spread(x, residual)
-    if nl.program_id(0) == 0:  # under LNC=2 both programs hold the sum; one stores it
-        store_spread(summed, st)
-    normed = spread_rmsnorm(st, norm_weight, eps).reshape((P, hf, t))
-    # logits [1, E]: rounded to x.dtype as the gate projection's output is, then fp32 for the router
+    nisa.dma_copy(dst=gate, src=w_gate_t.reshape((P, hf, e)))
+    # logits [1, E]: rounded to x.dtype as the gate projection's output is (the router's arithmetic is fp32)
     ps = nl.ndarray((t, e), dtype=nl.float32, buffer=nl.psum)
     matmul_accumulate(ps, normed, gate)
     logits = nl.ndarray((P, e), dtype=x.dtype, buffer=nl.sbuf)
     nisa.tensor_copy(dst=logits[0:t], src=ps)
-    lg = nl.ndarray((P, e), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_copy(dst=lg[0:t], src=logits[0:t])
-    weights, idx = route_rows(lg, t, top_k, norm_topk_prob, fast_exp, x.dtype)
-    ids = nl.ndarray((t, top_k), dtype=nl.int32, buffer=nl.sbuf)
-    nisa.tensor_copy(dst=ids, src=idx[0:t, 0:top_k])
-    ones = nl.ndarray((t, P), dtype=x.dtype, buffer=nl.sbuf)
-    nisa.memset(dst=ones, value=1.0)
-    w_ps = nl.ndarray((P, top_k), dtype=nl.float32, buffer=nl.psum)
-    nisa.nc_matmul(dst=w_ps, stationary=ones, moving=weights[0:t])
-    w_bc = nl.ndarray((P, top_k), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_copy(dst=w_bc, src=w_ps)
+    weights, idx = route_rows(logits, t, top_k, norm_topk_prob, fast_exp, x.dtype)
+    # the routing weights and ids on every partition, [128, K] fp32 each
+    route = nl.ndarray((t, 2 * top_k), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=route[:, 0:top_k], src=weights[0:t])
+    nisa.tensor_copy(dst=route[:, top_k:2 * top_k], src=idx[0:t, 0:top_k])
+    bc = on_all_partitions(route)
     # the experts' output in the normalised token's (partition-major) hidden order: [128, 1, H/128];
     # under LNC=2 each program takes every other slot
     acc = nl.ndarray((P, t, hf), dtype=nl.float32, buffer=nl.sbuf)
     nisa.memset(dst=acc, value=0.0)
     me, cores = nl.program_id(0), nl.num_programs(0)
-    for slot in nl.static_range(me, top_k, cores):
-        gu, dn = load_expert(w_gu, w_dn, ids[0:1, slot:slot + 1], h, w_gu.shape[2])
-        held = swiglu_gemv(gu, dn, normed, w_bc[:, slot:slot + 1], acc.permute((0, 2, 1)), x.dtype)  # noqa: F841
+    jobs = [(idx[0:1, slot:slot + 1], slot, normed, acc[:, 0, :]) for slot in range(me, top_k, cores)]
+    held = decode_experts(w_gu, w_dn, jobs, bc[:, top_k:2 * top_k], bc[:, 0:top_k], x.dtype)  # noqa: F841
+    if me == 0:  # under LNC=2 both programs hold the sum; one stores it, after the loads in program order
+        store_spread(summed, st)
     swap_and_store(out, acc)
     return summed, out
 

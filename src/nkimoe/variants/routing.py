@@ -1,8 +1,9 @@
 """MoE router: softmax in fp32, top-8, renormalise. NKI kernels for Trn2 and Trn3.
 
 Layout: tokens on partitions (128 per tile), the E expert logits on the free axis. The top-8 is
-``max8`` (8 largest, descending) followed by ``nc_find_index8`` (their positions), so ids come out
-in descending order of probability as ``torch.topk`` gives them.
+``max8`` of the logits (8 largest, descending; softmax is monotone) followed by ``nc_find_index8``
+(their positions), so ids come out in descending order of probability as ``torch.topk`` gives them,
+before the softmax.
 
 Per target: the Trn3 kernel computes ``exp(logits - max)`` and its row sum in one
 ``nisa.exponential`` (VectorE fast exp, 4x ScalarE's exp rate; NeuronCore-v4 only). Trn2 has no
@@ -31,28 +32,36 @@ ROUTER_TOLERANCE = {"bfloat16": (1e-3, 2.0**-7), "float32": (1e-6, 1e-5)}
 
 
 def route_rows(lg, p: int, top_k: int, norm_topk_prob: bool, fast_exp: bool, dtype):  # noqa: ANN001, ANN201
-    """Softmax, top-k and renormalisation of the first ``p`` rows of the fp32 SBUF logits ``lg [128, E]``.
-    Returns SBUF tiles: weights [128, K] in ``dtype`` and ids [128, 8] uint32 (descending probability)."""
+    """Softmax, top-k and renormalisation of the first ``p`` rows of the SBUF logits ``lg [128, E]``
+    (any float dtype; the arithmetic is fp32). Returns SBUF tiles: weights [128, K] in ``dtype`` and
+    ids [128, 8] uint32 (descending probability).
+
+    The ids come first, from the logits (softmax is monotone, so their top 8 are the probabilities'),
+    so that a caller's expert loads need not wait for the softmax; the first of the 8 is the row's
+    maximum, and the top 8 probabilities are exp(top logit - max) times 1 / (sum over all E), the same
+    fp32 operations on the same values as exponentiating the whole row."""
     e = lg.shape[1]
+    top_lg = nl.ndarray((P, 8), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.max8(dst=top_lg[0:p], src=lg[0:p])
+    idx = nl.ndarray((P, 8), dtype=nl.uint32, buffer=nl.sbuf)
+    nisa.nc_find_index8(dst=idx[0:p], data=lg[0:p], vals=top_lg[0:p])
+    row_max = top_lg[0:p, 0:1]
     probs = nl.ndarray((P, e), dtype=nl.float32, buffer=nl.sbuf)
     total = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
+    top = nl.ndarray((P, 8), dtype=nl.float32, buffer=nl.sbuf)
     if fast_exp:
-        row_max = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_reduce(dst=row_max[0:p], op=nl.maximum, data=lg[0:p], axis=1)
-        nisa.exponential(dst=probs[0:p], src=lg[0:p], max_value=row_max[0:p], reduce_res=total[0:p],
+        nisa.exponential(dst=probs[0:p], src=lg[0:p], max_value=row_max, reduce_res=total[0:p],
                          reduce_cmd=nisa.reduce_cmd.reset_reduce)
+        nisa.exponential(dst=top[0:p], src=top_lg[0:p], max_value=row_max)
     else:
         neg_max = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_reduce(dst=neg_max[0:p], op=nl.maximum, data=lg[0:p], axis=1, negate=True)
+        nisa.tensor_scalar(dst=neg_max[0:p], data=row_max, op0=nl.multiply, operand0=-1.0)
         nisa.activation(dst=probs[0:p], op=nl.exp, data=lg[0:p], bias=neg_max[0:p], reduce_op=nl.add,
                         reduce_res=total[0:p], reduce_cmd=nisa.reduce_cmd.reset_reduce)
+        nisa.activation(dst=top[0:p], op=nl.exp, data=top_lg[0:p], bias=neg_max[0:p])
     inv = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.reciprocal(dst=inv[0:p], data=total[0:p])
-    nisa.tensor_scalar(dst=probs[0:p], data=probs[0:p], op0=nl.multiply, operand0=inv[0:p])
-    top = nl.ndarray((P, 8), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.max8(dst=top[0:p], src=probs[0:p])
-    idx = nl.ndarray((P, 8), dtype=nl.uint32, buffer=nl.sbuf)
-    nisa.nc_find_index8(dst=idx[0:p], data=probs[0:p], vals=top[0:p])
+    nisa.tensor_scalar(dst=top[0:p], data=top[0:p], op0=nl.multiply, operand0=inv[0:p])
     w = nl.ndarray((P, top_k), dtype=dtype, buffer=nl.sbuf)
     if norm_topk_prob:
         top_sum = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
