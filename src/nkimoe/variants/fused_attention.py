@@ -159,7 +159,7 @@ def _weight_blocks(w_blocks, resident):  # noqa: ANN001, ANN202
 #: two exchange them (``sendrecv``) beside data they exchange anyway or while the weights stream.
 SMALL_OPERANDS = {
     1: ((("x", "residual", "norm_weight"), ("q_norm_weight", "k_norm_weight", "cos", "sin", "length")),),
-    2: ((("x", "norm_weight"), ("q_norm_weight", "k_norm_weight")), (("residual", "cos"), ("length", "sin"))),
+    2: ((("x", "norm_weight"), ("q_norm_weight", "k_norm_weight")), (("residual", "length"), ("cos", "sin"))),
 }
 
 #: The small operands spread over the partitions (hidden p*H/128 + j on partition p, slot j); the
@@ -333,23 +333,23 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
         nisa.tensor_copy(dst=qkv.reshape((d, programs, share)), src=late[:, :, 0:share])
     else:
         nisa.tensor_copy(dst=qkv, src=sums)
-    pieces = next(n for n in (4, 2, 1) if (c1 - c0) % n == 0)  # so that the first slots' matmuls start early
-    for piece in nl.affine_range(pieces):
-        a, b = _share(c1 - c0, piece, pieces)
+    per_piece = -(-W_O_PIECE_BYTES // (item * P * hq * P))  # output slots per W_o DMA
+    for a in nl.affine_range(0, c1 - c0, per_piece):  # in pieces: the first slots' matmuls start early
+        b = min(c1 - c0, a + per_piece)
         nisa.dma_copy(dst=w_o_sb[:, a:b], src=w_o_t[:, c0 + a:c0 + b])
     valid = length_on_partitions(where["length"][0:1, :], ones_f32)
     if by_key:
         penalty = key_penalty(valid, key_cols, group)
 
-    # 4. the new values into their attention tiles (rows), QK-norm and RoPE on the q and k columns,
-    # the new keys into theirs.
-    for g in nl.affine_range(hkv):
-        pe_transpose(v_new[0:1, g, :], qkv[:, hq + hkv + g:hq + hkv + g + 1])
+    # 4. QK-norm and RoPE on the q and k columns, the new keys and values into their attention tiles
+    # (the values as rows, needed last).
     qk_t = nl.ndarray((d, hq + hkv), dtype=x.dtype, buffer=nl.sbuf)  # q^T then k^T, head_dim on partitions
     vectors = tuple(where[name] for name in ("q_norm_weight", "k_norm_weight", "cos", "sin"))
     _qk_columns(qk_t, qkv[:, 0:hq + hkv], vectors, hq, ones_f32, rot, eps, square_on_scalar, sin_on_scalar)
     for g in nl.affine_range(hkv):
         nisa.tensor_copy(dst=k_new[:, g, 0:1], src=qk_t[:, hq + g:hq + g + 1])
+    for g in nl.affine_range(hkv):
+        pe_transpose(v_new[0:1, g, :], qkv[:, hq + hkv + g:hq + hkv + g + 1])
 
     # 5. attention: per KV head, over the cache (read once) and the new position.
     attn_t = nl.ndarray((d, hq), dtype=x.dtype, buffer=nl.sbuf)  # O^T, head_dim on partitions
@@ -365,12 +365,8 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
 
     if me == 0:  # behind the loads and the attention (a store between loads holds every DMA engine)
         nisa.dma_copy(dst=summed.reshape((P, f)), src=st[:, 0, :])
-        k_rows = nl.ndarray((P, d), dtype=x.dtype, buffer=nl.sbuf)
-        pe_transpose(k_rows[0:hkv], qk_t[:, hq:hq + hkv])
-        nisa.dma_copy(dst=k_out[0], src=k_rows[0:hkv])
-        v_rows = nl.ndarray((P, d), dtype=x.dtype, buffer=nl.sbuf)
-        pe_transpose(v_rows[0:hkv], qkv[:, hq + hkv:heads])
-        nisa.dma_copy(dst=v_out[0], src=v_rows[0:hkv])
+        nisa.dma_copy(dst=k_out[0].permute((1, 0)), src=qk_t[:, hq:hq + hkv])  # from the columns: 2-byte runs
+        nisa.dma_copy(dst=v_out[0].permute((1, 0)), src=qkv[:, hq + hkv:heads])
 
     # 6. o_proj, weights stationary: per output slot c, the Hq tiles [128 (d), 128 (p)] against the
     # O^T columns accumulate out[p*H/128 + c] on partition p; this program's share of the slots.
@@ -407,6 +403,11 @@ def _attend_by_block(dst, q_t, k_new, v_new, k_cache_t, v_cache, g: int, valid, 
 #: partition in runs of 128 * H/128 (4 KiB at H = 2048, past the size where a DMA descriptor's
 #: fixed cost stops dominating).
 QKV_HEADS_PER_LOAD = 2
+
+#: Bytes of W_o per DMA (whole output slots): at least ~850 ns of both targets' DMA engines (a
+#: queue's least time per transfer; 368 / 528 B/ns per core), so that the pieces stream at the
+#: engines' rate, and small enough that the matmuls of the last piece are a short tail.
+W_O_PIECE_BYTES = 512 * 1024
 
 #: SBUF bytes per partition for weights loaded ahead of their use (W_o always; the q|k|v blocks
 #: too when both fit): well below both targets' usable SBUF (207 KiB Trn2, 239 KiB Trn3), leaving
