@@ -153,10 +153,12 @@ def _weight_blocks(w_blocks, resident):  # noqa: ANN001, ANN202
 
 
 #: The block's small operands, by program (``kernel[2]``: an LNC=2 pair splits them): those that
-#: travel before the norm (``early``: the residual add's and the norm's inputs) and those that travel
-#: with the projected heads (``late``: the QK stage's and the mask's). A DMA queue starts at most one
-#: transfer every ~850 ns, however small, so each program loads only its own (one DMA each) and the
-#: two exchange them (``sendrecv``) beside data they exchange anyway or while the weights stream.
+#: travel before the norm (``early``: the residual add's and the norm's inputs, and under LNC=2 the
+#: length, so that the mask is ready early) and those that travel with the projected heads
+#: (``late``: the QK stage's). A DMA queue starts at most one transfer every ~850 ns, however small,
+#: so each program loads only its own (one DMA each) and the two exchange them (``sendrecv``) while
+#: the weights stream or beside the heads they exchange anyway. Each program's early operands are
+#: two loads, so that both sides of an exchange are ready at the same time.
 SMALL_OPERANDS = {
     1: ((("x", "residual", "norm_weight"), ("q_norm_weight", "k_norm_weight", "cos", "sin", "length")),),
     2: ((("x", "norm_weight"), ("q_norm_weight", "k_norm_weight")), (("residual", "length"), ("cos", "sin"))),
