@@ -271,26 +271,35 @@ def key_columns(lmax: int) -> int:
 
 
 def load_cache_by_key(k_cache, v_cache, g: int):  # noqa: ANN001, ANN202
-    """KV head ``g`` of the caches (k_cache [Hkv, D, Lmax], v_cache [Hkv, Lmax, D] in HBM) in SBUF
-    with key p*C + c on partition p (``key_columns``): (K^T [D, 128 C], V [128, C, D]), one DMA each
-    (one contiguous run per partition; a ragged last partition takes one more for V). Slots past the
-    cache are zeroed, so that the scores and P.V products there are finite (and masked)."""
-    d, lmax = k_cache.shape[1], k_cache.shape[2]
+    """KV head ``g`` of the caches in SBUF with the keys on the partitions (``load_caches_by_key``)."""
+    return load_caches_by_key(k_cache, v_cache, g, g + 1)[0]
+
+
+def load_caches_by_key(k_cache, v_cache, first: int, last: int):  # noqa: ANN001, ANN202
+    """KV heads ``first`` .. ``last - 1`` of the caches (k_cache [Hkv, D, Lmax], v_cache [Hkv, Lmax, D]
+    in HBM) in SBUF with key p*C + c on partition p (``key_columns``): per head (K^T [D, 128 C],
+    V [128, C, D]), views of one tile per cache, each loaded by one DMA for all the heads (one
+    contiguous run per partition and head; a ragged last partition takes one more for V). Slots
+    past the cache are zeroed, so that the scores and P.V products there are finite (and masked)."""
+    n, d, lmax = last - first, k_cache.shape[1], k_cache.shape[2]
     cols = key_columns(lmax)
-    k_sb = nl.ndarray((d, P * cols), dtype=k_cache.dtype, buffer=nl.sbuf)
-    nisa.dma_copy(dst=k_sb[:, 0:lmax], src=k_cache[g])
+    k_sb = nl.ndarray((d, n, P * cols), dtype=k_cache.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=k_sb[:, :, 0:lmax], src=k_cache[first:last].permute((1, 0, 2)))
     if lmax < P * cols:
-        nisa.memset(dst=k_sb[:, lmax:P * cols], value=0.0, engine=nisa.engine.gpsimd)
-    v_sb = nl.ndarray((P, cols, d), dtype=v_cache.dtype, buffer=nl.sbuf)
+        nisa.memset(dst=k_sb[:, :, lmax:P * cols], value=0.0, engine=nisa.engine.gpsimd)
+    v_sb = nl.ndarray((P, n, cols, d), dtype=v_cache.dtype, buffer=nl.sbuf)
     full, rest = lmax // cols, lmax % cols
-    nisa.dma_copy(dst=v_sb[0:full], src=v_cache[g, 0:full * cols, :].reshape((full, cols, d)))
+    by_partition = (1, 0, 2, 3)
+    nisa.dma_copy(dst=v_sb[0:full],
+                  src=v_cache[first:last, 0:full * cols, :].reshape((n, full, cols, d)).permute(by_partition))
     if rest:
-        nisa.dma_copy(dst=v_sb[full:full + 1, 0:rest, :], src=v_cache[g, full * cols:lmax, :].reshape((1, rest, d)))
-        nisa.memset(dst=v_sb[full:full + 1, rest:cols, :], value=0.0, engine=nisa.engine.gpsimd)
+        nisa.dma_copy(dst=v_sb[full:full + 1, :, 0:rest, :],
+                      src=v_cache[first:last, full * cols:lmax, :].reshape((n, 1, rest, d)).permute(by_partition))
+        nisa.memset(dst=v_sb[full:full + 1, :, rest:cols, :], value=0.0, engine=nisa.engine.gpsimd)
     used = full + (1 if rest else 0)
     if used < P:
         nisa.memset(dst=v_sb[used:P], value=0.0, engine=nisa.engine.gpsimd)
-    return k_sb, v_sb
+    return [(k_sb[:, i, :], v_sb[:, i, :, :]) for i in range(n)]
 
 
 def key_penalty(valid_all, cols: int, group: int, extra: bool = True):  # noqa: ANN001, ANN202

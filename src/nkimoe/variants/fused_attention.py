@@ -4,20 +4,21 @@ o_proj, with every activation kept in SBUF between the stages.
 
 Layout, stage by stage (T = 1):
 
-- add + RMSNorm: x, the residual and the norm weight arrive as single-partition rows (one DMA
-  descriptor each) and are spread over the 128 partitions (hidden p*H/128 + j on partition p,
-  slot j: the layout of the projection's contraction) by one-row matmuls (``_spread``), x and the
-  residual summed in fp32 PSUM and rounded once, as the reference adds; the sum of squares
-  crosses partitions through a ones-matmul (``norms.spread_normalize``).
+- add + RMSNorm: x, the residual and the norm weight arrive spread over the 128 partitions
+  (hidden p*H/128 + j on partition p, slot j: the layout of the projection's contraction), one
+  DMA each (eight 32-byte descriptors per DMA engine, a few ns each), converted to fp32 on the
+  way; x and the residual are summed in fp32 and rounded once, as the reference adds; the sum of
+  squares crosses partitions through a ones-matmul (``norms.spread_normalize``).
 - q|k|v projection, weights stationary: per head, the [128 (hidden), D] tiles of its block
   (``head_blocks``: a contiguous run of H/128 x D values per partition and head) against the
   token's column accumulate the head as a column [D, 1] in fp32 PSUM, so that q, k and v land
   with head_dim on the partitions, rounded once.
 - QK-norm and RoPE on those columns: the sum of squares over head_dim by an fp32 ones-matmul
-  (which leaves it on every partition), the weights, cos and sin as per-partition scalars
-  (``_as_columns``), rotate-half as a matmul with a +-1 matrix (exact); ten [128, heads] steps.
-- attention with the keys on the partitions (``attention.attend_by_key``): per KV head, the cache
-  in two DMAs (``load_cache_by_key``), the new position one more key column (its key in column 0
+  (which leaves it on every partition), the weights, cos and sin as per-partition fp32 scalars
+  (each loaded as one column), rotate-half as a matmul with a +-1 matrix (exact); ten
+  [128, heads] steps.
+- attention with the keys on the partitions (``attention.attend_by_key``): the cache of every KV
+  head in two DMAs (``load_caches_by_key``), the new position one more key column (its key in column 0
   of a zero K^T tile, its value in row 0 of a zero V tile), masked at the run-time ``length``;
   the output lands as O^T [D, Hq].
 - o_proj: weights stationary (``output_on_partitions``): per output slot c and head h, a
@@ -28,17 +29,23 @@ Layout, stage by stage (T = 1):
   spread over the partitions, a short copy and a full-width store instead of an H-wide row on one
   partition.
 
-DMA order: the loads go out in the order of use (the rows of x, the residual and the norm weight,
-the q|k|v weights, the QK stage's small operands, the cache, then W_o), into tiles allocated up
-front where they fit (``RESIDENT_BYTES``, ``CACHE_BYTES``), so the weight and cache traffic
-overlaps the norm, the projections, the QK stage and the attention; the stores go out behind
-the loads (a store between loads holds every DMA engine for its completion). Instructions that
-wait for late operands come after the projections in program order (each engine runs in order).
-Estimates and what bounds them: README, "Fused decode attention block".
+DMA order: the loads go out in the order of use (x, the residual and the norm weight, the q|k|v
+weights, the QK stage's small operands, the cache, then W_o), into tiles allocated up front where
+they fit (``RESIDENT_BYTES``, ``CACHE_BYTES``), so the weight and cache traffic overlaps the norm,
+the projections, the QK stage and the attention. A DMA queue starts at most one transfer every
+~850 ns however small, so the eight small operands cost more queue time than their bytes: under
+LNC=2 each program loads four (``SMALL_OPERANDS``) and the two exchange them. An on-chip transfer
+or a store holds every DMA engine for a moment, and a load cannot straddle it: the exchanges are
+issued where the load queue leaves the engines idle (behind a small load, behind the cache) and
+the stores behind the loads. Instructions that wait for late operands come after the projections
+in program order (each engine runs in order). Estimates and what bounds them: README, "Fused
+decode attention block".
 
-LNC=2 (``kernel[2]``, Trn2 and Trn3 ranks): program p projects the p-th half of the q|k|v heads
-(every weight byte is read once), the two programs swap their projected columns (``sendrecv``,
-while the cache arrives), both run QK-norm, RoPE and the attention for every head (so nothing
+LNC=2 (``kernel[2]``, Trn2 and Trn3 ranks): each program loads half of the small operands and the
+two swap them, the norm's before it (``sendrecv``, while the first q|k|v weights arrive); program p
+projects the p-th half of the q|k|v heads (every weight byte is read once), the two programs swap
+their projected columns in fp32 with the QK stage's operands (while the cache arrives) and round
+them once, both run QK-norm, RoPE and the attention for every head (so nothing
 is exchanged after the attention), and each computes half of the o_proj output slots from its
 half of ``W_o``, which goes out behind the swap. Arithmetic and rounding are those of the
 one-program kernel.
@@ -82,6 +89,7 @@ from nkimoe.variants.attention import (
     length_on_partitions,
     load_cache_block,
     load_cache_by_key,
+    load_caches_by_key,
     normalized,
 )
 from nkimoe.variants.norms import spread_normalize
@@ -144,37 +152,43 @@ def _weight_blocks(w_blocks, resident):  # noqa: ANN001, ANN202
             yield w_sb[:, i]
 
 
-def _spread(dst, rows, one) -> None:  # noqa: ANN001
-    """dst [128, F] (SBUF) = the sum of the single-partition ``rows`` [1, 128 F] in the decode-norm
-    layout (hidden index p*F + j on partition p, slot j), rounded once to dst.dtype: per slot j, one
-    one-row matmul per row (stationary: every F-th value from j, moving: ``one`` [1, 1] = 1.0)
-    accumulates the values in fp32 PSUM."""
-    f = dst.shape[1]
-    acc = nl.ndarray((P, f), dtype=nl.float32, buffer=nl.psum)
-    for i, row in enumerate(rows):
-        for j in nl.affine_range(f):
-            nisa.nc_matmul(dst=acc[:, j:j + 1], stationary=row[0:1, j:P * f:f], moving=one, accumulate=(i > 0))
-    nisa.tensor_copy(dst=dst, src=acc)
+#: The block's small operands, by program (``kernel[2]``: an LNC=2 pair splits them): those that
+#: travel before the norm (``early``: the residual add's and the norm's inputs, and under LNC=2 the
+#: length, so that the mask is ready early) and those that travel with the projected heads
+#: (``late``: the QK stage's). A DMA queue starts at most one transfer every ~850 ns, however small,
+#: so each program loads only its own (one DMA each) and the two exchange them (``sendrecv``) while
+#: the weights stream or beside the heads they exchange anyway. Each program's early operands are
+#: two loads, so that both sides of an exchange are ready at the same time.
+SMALL_OPERANDS = {
+    1: ((("x", "residual", "norm_weight"), ("q_norm_weight", "k_norm_weight", "cos", "sin", "length")),),
+    2: ((("x", "norm_weight"), ("q_norm_weight", "k_norm_weight")), (("residual", "length"), ("cos", "sin"))),
+}
+
+#: The small operands spread over the partitions (hidden p*H/128 + j on partition p, slot j); the
+#: others are columns (head_dim on the partitions) and the length one value on partition 0.
+_SPREAD = ("x", "residual", "norm_weight")
 
 
-def _load_rows(vectors, d: int):  # noqa: ANN001, ANN202
-    """HBM vectors of ``d`` values (each [d] or [1, d]) as the rows of one [128, d] SBUF tile, one
-    single-partition DMA each (``_as_columns`` turns them)."""
-    rows = nl.ndarray((P, d), dtype=vectors[0].dtype, buffer=nl.sbuf)
-    for i, vec in enumerate(vectors):
-        nisa.dma_copy(dst=rows[i:i + 1], src=vec.reshape((1, d)))
-    return rows
+def _small_columns(names, f: int, tile, start: int) -> dict:  # noqa: ANN001
+    """Where each of ``names`` lives in ``tile`` [128, W] (fp32, SBUF): consecutive columns from
+    ``start``, ``f`` for a spread operand, one otherwise."""
+    where = {}
+    for name in names:
+        width = f if name in _SPREAD else 1
+        where[name] = tile[:, start:start + width]
+        start += width
+    return where
 
 
-def _as_columns(rows, n: int):  # noqa: ANN001, ANN202
-    """The first ``n`` rows [n, d] of an SBUF tile as the columns of one [d, n] fp32 SBUF tile
-    (one TensorE transpose)."""
-    d = rows.shape[1]
-    staged = nl.ndarray((d, n), dtype=rows.dtype, buffer=nl.psum)
-    nisa.nc_transpose(dst=staged, data=rows[0:n], engine=nisa.engine.tensor)
-    out = nl.ndarray((d, n), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_copy(dst=out, src=staged)
-    return out
+def _load_small(where: Mapping, sources: Mapping, names) -> None:  # noqa: ANN001
+    """One DMA per operand of ``names`` from HBM (``sources``) into its place (``where``), converted to
+    fp32 on the way: spread rows as [128, H/128], vectors as one column, the length on partition 0."""
+    for name in names:
+        src, dst = sources[name], where[name]
+        if name == "length":
+            nisa.dma_copy(dst=dst[0:1, :], src=src)
+        else:
+            nisa.dma_copy(dst=dst, src=src.reshape(dst.shape))
 
 
 def _rotate_half_matrix(d: int, dtype):  # noqa: ANN001, ANN202
@@ -191,13 +205,14 @@ def _qk_columns(dst, x, vectors, nq: int, ones_f32, rot, eps: float, square_on_s
                 sin_on_scalar: bool) -> None:
     """QK-norm then RoPE of the q and k heads held as columns (head_dim on the partitions):
     ``x`` [D, rows] (SBUF, the rounded projection; the first ``nq`` columns q, the rest k) into
-    ``dst`` [D, rows] (SBUF). ``vectors`` [D, 4] fp32 holds the q and k norm weights, cos and sin
-    as per-partition scalars. The sum of squares over head_dim crosses the partitions through an
-    fp32 ones-matmul (which leaves it on every partition), rotate-half is a +-1 matmul (exact).
+    ``dst`` [D, rows] (SBUF). ``vectors``: the q and k norm weights, cos and sin, each a [D, 1] fp32
+    column (per-partition scalars). The sum of squares over head_dim crosses the partitions through
+    an fp32 ones-matmul (which leaves it on every partition), rotate-half is a +-1 matmul (exact).
     Rounding as the reference: the normalised value, the weight product, both
     RoPE products and their sum are each rounded once to the activation dtype."""
     d, rows = x.shape
     dtype = dst.dtype
+    q_weight, k_weight, cos, sin = vectors
     sq = nl.ndarray((d, rows), dtype=nl.float32, buffer=nl.sbuf)
     if square_on_scalar:
         nisa.activation(dst=sq, op=nl.square, data=x)
@@ -210,14 +225,14 @@ def _qk_columns(dst, x, vectors, nq: int, ones_f32, rot, eps: float, square_on_s
     nisa.activation(dst=rstd, op=nl.rsqrt, data=rstd)
     normed = nl.ndarray((d, rows), dtype=dtype, buffer=nl.sbuf)
     nisa.tensor_tensor(dst=normed, data1=x, data2=rstd, op=nl.multiply)
-    for a, b, w in ((0, nq, 0), (nq, rows, 1)):
-        nisa.tensor_scalar(dst=normed[:, a:b], data=normed[:, a:b], op0=nl.multiply, operand0=vectors[:, w:w + 1])
+    for a, b, w in ((0, nq, q_weight), (nq, rows, k_weight)):
+        nisa.tensor_scalar(dst=normed[:, a:b], data=normed[:, a:b], op0=nl.multiply, operand0=w)
     turned = nl.ndarray((d, rows), dtype=nl.float32, buffer=nl.psum)
     nisa.nc_matmul(dst=turned, stationary=rot, moving=normed)
     by_cos = nl.ndarray((d, rows), dtype=dtype, buffer=nl.sbuf)
-    nisa.tensor_scalar(dst=by_cos, data=normed, op0=nl.multiply, operand0=vectors[:, 2:3])
+    nisa.tensor_scalar(dst=by_cos, data=normed, op0=nl.multiply, operand0=cos)
     by_sin = nl.ndarray((d, rows), dtype=dtype, buffer=nl.sbuf)
-    nisa.tensor_scalar(dst=by_sin, data=turned, op0=nl.multiply, operand0=vectors[:, 3:4],
+    nisa.tensor_scalar(dst=by_sin, data=turned, op0=nl.multiply, operand0=sin,
                        engine=nisa.engine.scalar if sin_on_scalar else nisa.engine.vector)
     nisa.tensor_tensor(dst=dst, data1=by_cos, data2=by_sin, op=nl.add)
 
@@ -239,17 +254,19 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
     Returns: summed [1, H], out [1, H], k [1, Hkv, D], v [1, Hkv, D] (HBM, x.dtype).
     """
     h = x.shape[1]
+    f = h // P
     hkv, d, capacity = k_cache_t.shape
     hq = w_o_t.shape[2]
     group = hq // hkv
     heads = hq + 2 * hkv  # projected heads: q, then k, then v
     me, programs = nl.program_id(0), nl.num_programs()
+    peer = 1 - me
     summed = nl.ndarray((1, h), dtype=x.dtype, buffer=nl.shared_hbm)
     out = nl.ndarray((1, h), dtype=x.dtype, buffer=nl.shared_hbm)
     k_out = nl.ndarray((1, hkv, d), dtype=x.dtype, buffer=nl.shared_hbm)
     v_out = nl.ndarray((1, hkv, d), dtype=x.dtype, buffer=nl.shared_hbm)
-    b0, b1 = _share(heads, me, programs)  # the heads this program projects
-    c0, c1 = _share(h // P, me, programs)  # its o_proj output slots (hidden p*H/128 + c)
+    b0, b1 = _share(heads, me, programs)  # the heads this program projects (as many on either)
+    c0, c1 = _share(f, me, programs)  # its o_proj output slots (hidden p*H/128 + c)
     key_cols = key_columns(capacity)
     by_key = (key_cols + 1) * group * 4 <= BANK_BYTES
     item = 2 if x.dtype == nl.bfloat16 else 4
@@ -257,83 +274,84 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
     # Tiles loaded ahead are allocated first, so that their loads wait for no earlier tile.
     w_o_sb = nl.ndarray((P, c1 - c0, hq, P), dtype=w_o_t.dtype, buffer=nl.sbuf)
     w_qkv_sb = None
-    if item * ((b1 - b0) * (h // P) * d + (c1 - c0) * hq * P) <= RESIDENT_BYTES:
-        w_qkv_sb = nl.ndarray((P, b1 - b0, h // P, d), dtype=w_qkv_blocks.dtype, buffer=nl.sbuf)
+    if item * ((b1 - b0) * f * d + (c1 - c0) * hq * P) <= RESIDENT_BYTES:
+        w_qkv_sb = nl.ndarray((P, b1 - b0, f, d), dtype=w_qkv_blocks.dtype, buffer=nl.sbuf)
+    # The small operands (``SMALL_OPERANDS``), program p's in [:, p] of ``early`` (exchanged before the
+    # norm) and ``late`` (after its projected heads' fp32 sums: exchanged with them).
+    plan = SMALL_OPERANDS[programs]
+    early = nl.ndarray((P, programs, max(f * len(e) for e, _ in plan)), dtype=nl.float32, buffer=nl.sbuf)
+    share = b1 - b0
+    late = nl.ndarray((P, programs, share + max(len(lt) for _, lt in plan)), dtype=nl.float32, buffer=nl.sbuf)
+    where = {}
+    for p, (early_names, late_names) in enumerate(plan):
+        where.update(_small_columns(early_names, f, early[:, p, :], 0))
+        where.update(_small_columns(late_names, f, late[:, p, :], share))
+    sources = {"x": x, "residual": residual, "norm_weight": norm_weight, "q_norm_weight": q_norm_weight,
+               "k_norm_weight": k_norm_weight, "cos": cos, "sin": sin, "length": length}
+    mine_early, mine_late = plan[me]
 
-    # 1. x, the residual and the norm weight arrive as single-partition rows (one descriptor each,
-    # where the spread layout takes one per partition) and are spread over the partitions by
-    # one-row matmuls (``_spread``).
-    rows_in = []
-    for vec in (x, residual, norm_weight):
-        row = nl.ndarray((1, h), dtype=x.dtype, buffer=nl.sbuf)
-        nisa.dma_copy(dst=row, src=vec.reshape((1, h)))
-        rows_in.append(row)
-    x_row, r_row, w_row = rows_in
+    # 1. x, the residual and the norm weight arrive spread over the partitions (the layout of the
+    # projection's contraction), one DMA each, under LNC=2 from either program; the first late
+    # operand fills the queue while they are exchanged.
+    _load_small(where, sources, mine_early)
+    _load_small(where, sources, mine_late[0:1])
+    if programs > 1:
+        nisa.sendrecv(src=early[:, me, :], dst=early[:, peer, :], send_to_rank=peer, recv_from_rank=peer, pipe_id=0)
     consts = by_key_constants(x.dtype)
     ones_f32 = consts[1]
-    one = nl.ndarray((1, 1), dtype=x.dtype, buffer=nl.sbuf)
-    nisa.memset(dst=one, value=1.0, engine=nisa.engine.gpsimd)
-    # residual add (x + residual in fp32 PSUM, rounded once as the reference's add) + RMSNorm
-    st = nl.ndarray((P, 1, h // P), dtype=x.dtype, buffer=nl.sbuf)
-    _spread(st.reshape((P, h // P)), (x_row, r_row), one)
-    w_sp = nl.ndarray((P, h // P), dtype=x.dtype, buffer=nl.sbuf)
-    _spread(w_sp, (w_row,), one)
-    normed = spread_normalize(st, w_sp, eps, ones_f32)
-    summed_row = nl.ndarray((1, h), dtype=x.dtype, buffer=nl.sbuf)  # stored as one row
-    nisa.tensor_tensor(dst=summed_row, data1=x_row, data2=r_row, op=nl.add, engine=nisa.engine.gpsimd)
+    # residual add (in fp32, rounded once as the reference's add) + RMSNorm
+    st = nl.ndarray((P, 1, f), dtype=x.dtype, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=st[:, 0, :], data1=where["x"], data2=where["residual"], op=nl.add)
+    normed = spread_normalize(st, where["norm_weight"], eps, ones_f32)
 
-    # 2. this program's q|k|v weights, then the cache go out in the order of use (W_o after the
-    # exchange of the projections, below).
+    # 2. this program's q|k|v weights, its other late operands, then the cache, in the order of use
+    # (W_o after the exchange of the projections, below).
     if w_qkv_sb is not None:
         _load(w_qkv_sb, w_qkv_blocks[b0:b1], QKV_HEADS_PER_LOAD)
-    small = _load_rows((q_norm_weight, k_norm_weight, cos, sin), d)  # the QK stage's operands
-    length_f = nl.ndarray((1, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=length_f, src=length)
-    cache = None
-    if by_key and item * 2 * P * key_cols * hkv <= CACHE_BYTES:
-        cache = [load_cache_by_key(k_cache_t, v_cache, g) for g in range(hkv)]
-    elif not by_key and item * 2 * DECODE_BLOCK * decode_blocks(capacity) * hkv <= CACHE_BYTES:
-        cache = [[load_cache_block(k_cache_t, v_cache, g, blk) for blk in range(decode_blocks(capacity))]
-                 for g in range(hkv)]
-
-    # Constants, while the weights arrive.
     rot = _rotate_half_matrix(d, x.dtype)
     k_new = nl.ndarray((d, hkv, P), dtype=x.dtype, buffer=nl.sbuf)  # the new key in column 0 per KV head
     nisa.memset(dst=k_new, value=0.0, engine=nisa.engine.gpsimd)
     v_new = nl.ndarray((P, hkv, d), dtype=x.dtype, buffer=nl.sbuf)  # its value in row 0
     nisa.memset(dst=v_new, value=0.0, engine=nisa.engine.gpsimd)
 
-    # 3. this program's heads of the projection as columns (head_dim on partitions), rounded once;
-    # under LNC=2 the programs swap them, so that both hold every head.
-    x_t = normed.reshape((P, h // P, 1))
-    sums = nl.ndarray((d, b1 - b0), dtype=nl.float32, buffer=nl.psum)
+    # 3. this program's heads of the projection as columns (head_dim on partitions); under LNC=2 the
+    # programs swap their fp32 sums (with the late operands) and round every head once, as one
+    # program rounds its own.
+    x_t = normed.reshape((P, f, 1))
+    sums = nl.ndarray((d, share), dtype=nl.float32, buffer=nl.psum)
     for i, w_sb in enumerate(_weight_blocks(w_qkv_blocks[b0:b1], w_qkv_sb)):
         matmul_accumulate(sums[:, i:i + 1], w_sb, x_t)
+    _load_small(where, sources, mine_late[1:])
+    cache = None
+    if by_key and item * 2 * P * key_cols * hkv <= CACHE_BYTES:
+        cache = load_caches_by_key(k_cache_t, v_cache, 0, hkv)
+    elif not by_key and item * 2 * DECODE_BLOCK * decode_blocks(capacity) * hkv <= CACHE_BYTES:
+        cache = [[load_cache_block(k_cache_t, v_cache, g, blk) for blk in range(decode_blocks(capacity))]
+                 for g in range(hkv)]
     qkv = nl.ndarray((d, heads), dtype=x.dtype, buffer=nl.sbuf)
-    nisa.tensor_copy(dst=qkv[:, b0:b1], src=sums)
     if programs > 1:
-        peer = 1 - me
-        p0, p1 = _share(heads, peer, programs)
-        nisa.sendrecv(src=qkv[:, b0:b1], dst=qkv[:, p0:p1], send_to_rank=peer, recv_from_rank=peer, pipe_id=0)
-    # Behind the projections on TensorE and VectorE (their operands arrive behind the weights):
-    # the QK stage's vectors as columns, the length on every partition, the mask.
-    vectors = _as_columns(small, 4)
-    valid = length_on_partitions(length_f, ones_f32)
+        nisa.tensor_copy(dst=late[:, me, 0:share], src=sums)
+        nisa.sendrecv(src=late[:, me, :], dst=late[:, peer, :], send_to_rank=peer, recv_from_rank=peer, pipe_id=1)
+        nisa.tensor_copy(dst=qkv.reshape((d, programs, share)), src=late[:, :, 0:share])
+    else:
+        nisa.tensor_copy(dst=qkv, src=sums)
+    per_piece = -(-W_O_PIECE_BYTES // (item * P * hq * P))  # output slots per W_o DMA
+    for a in nl.affine_range(0, c1 - c0, per_piece):  # in pieces: the first slots' matmuls start early
+        b = min(c1 - c0, a + per_piece)
+        nisa.dma_copy(dst=w_o_sb[:, a:b], src=w_o_t[:, c0 + a:c0 + b])
+    valid = length_on_partitions(where["length"][0:1, :], ones_f32)
     if by_key:
         penalty = key_penalty(valid, key_cols, group)
-    pieces = next(n for n in (4, 2, 1) if (c1 - c0) % n == 0)  # so that the first slots' matmuls start early
-    for piece in nl.affine_range(pieces):
-        a, b = _share(c1 - c0, piece, pieces)
-        nisa.dma_copy(dst=w_o_sb[:, a:b], src=w_o_t[:, c0 + a:c0 + b])
 
-    # 4. the new values into their attention tiles (rows), QK-norm and RoPE on the q and k columns,
-    # the new keys into theirs.
-    for g in nl.affine_range(hkv):
-        pe_transpose(v_new[0:1, g, :], qkv[:, hq + hkv + g:hq + hkv + g + 1])
+    # 4. QK-norm and RoPE on the q and k columns, the new keys and values into their attention tiles
+    # (the values as rows, needed last).
     qk_t = nl.ndarray((d, hq + hkv), dtype=x.dtype, buffer=nl.sbuf)  # q^T then k^T, head_dim on partitions
+    vectors = tuple(where[name] for name in ("q_norm_weight", "k_norm_weight", "cos", "sin"))
     _qk_columns(qk_t, qkv[:, 0:hq + hkv], vectors, hq, ones_f32, rot, eps, square_on_scalar, sin_on_scalar)
     for g in nl.affine_range(hkv):
         nisa.tensor_copy(dst=k_new[:, g, 0:1], src=qk_t[:, hq + g:hq + g + 1])
+    for g in nl.affine_range(hkv):
+        pe_transpose(v_new[0:1, g, :], qkv[:, hq + hkv + g:hq + hkv + g + 1])
 
     # 5. attention: per KV head, over the cache (read once) and the new position.
     attn_t = nl.ndarray((d, hq), dtype=x.dtype, buffer=nl.sbuf)  # O^T, head_dim on partitions
@@ -348,13 +366,9 @@ def attention_block_kernel(x, residual, norm_weight, w_qkv_blocks, q_norm_weight
                              k_cache_t, v_cache, g, valid, None if cache is None else cache[g], scale, fast_exp)
 
     if me == 0:  # behind the loads and the attention (a store between loads holds every DMA engine)
-        nisa.dma_copy(dst=summed, src=summed_row)
-        k_rows = nl.ndarray((P, d), dtype=x.dtype, buffer=nl.sbuf)
-        pe_transpose(k_rows[0:hkv], qk_t[:, hq:hq + hkv])
-        nisa.dma_copy(dst=k_out[0], src=k_rows[0:hkv])
-        v_rows = nl.ndarray((P, d), dtype=x.dtype, buffer=nl.sbuf)
-        pe_transpose(v_rows[0:hkv], qkv[:, hq + hkv:heads])
-        nisa.dma_copy(dst=v_out[0], src=v_rows[0:hkv])
+        nisa.dma_copy(dst=summed.reshape((P, f)), src=st[:, 0, :])
+        nisa.dma_copy(dst=k_out[0].permute((1, 0)), src=qk_t[:, hq:hq + hkv])  # from the columns: 2-byte runs
+        nisa.dma_copy(dst=v_out[0].permute((1, 0)), src=qkv[:, hq + hkv:heads])
 
     # 6. o_proj, weights stationary: per output slot c, the Hq tiles [128 (d), 128 (p)] against the
     # O^T columns accumulate out[p*H/128 + c] on partition p; this program's share of the slots.
@@ -392,6 +406,11 @@ def _attend_by_block(dst, q_t, k_new, v_new, k_cache_t, v_cache, g: int, valid, 
 #: fixed cost stops dominating).
 QKV_HEADS_PER_LOAD = 2
 
+#: Bytes of W_o per DMA (whole output slots): at least ~850 ns of both targets' DMA engines (a
+#: queue's least time per transfer; 368 / 528 B/ns per core), so that the pieces stream at the
+#: engines' rate, and small enough that the matmuls of the last piece are a short tail.
+W_O_PIECE_BYTES = 512 * 1024
+
 #: SBUF bytes per partition for weights loaded ahead of their use (W_o always; the q|k|v blocks
 #: too when both fit): well below both targets' usable SBUF (207 KiB Trn2, 239 KiB Trn3), leaving
 #: room for the streamed q|k|v loads, the cache blocks and the activations.
@@ -427,15 +446,17 @@ def _supports(programs: int) -> Callable[[Mapping[str, int], str, Target], tuple
             return False, f"this core's W_o share needs {w_o_share} B per partition, more than {RESIDENT_BYTES}"
         # Resident weights (or double-buffered q|k|v loads); the cache, resident when every KV
         # head's fits ``CACHE_BYTES``, else a KV head's (keys on partitions) or a 512-key block
-        # double-buffered; the rows of x, the residual, the norm weight and the sum; the constants
-        # and the new key's and value's tiles; fp32 scores, their mask and probabilities.
+        # double-buffered; the small operands and the projected heads in fp32 (``SMALL_OPERANDS``),
+        # the sum and the normalised token; the constants and the new key's and value's tiles;
+        # fp32 scores, their mask and probabilities.
         group, cols = hq // hkv, -(-dims["L"] // P)
         by_key = (cols + 1) * group * 4 <= BANK_BYTES
         head = 2 * item * (P * cols if by_key else DECODE_BLOCK * decode_blocks(dims["L"]))
         cache = hkv * head if hkv * head <= CACHE_BYTES else 2 * (head if by_key else 2 * item * DECODE_BLOCK)
         scores = 3 * (cols + 1) * group if by_key else 2 * DECODE_BLOCK
-        working = (item * (2 * QKV_HEADS_PER_LOAD * h + 4 * h + 2 * P + 2 * hkv * P + hq + 2 * hkv)
-                   + 4 * (2 * P + scores))
+        small = 4 * (4 * h // P + hq + 2 * hkv + 5)  # early: at most 4 H/128 columns; late: heads + 5
+        working = (item * (2 * QKV_HEADS_PER_LOAD * h + 2 * h // P + 2 * P + 2 * hkv * P + 2 * (hq + 2 * hkv))
+                   + small + 4 * (2 * P + scores))
         need = RESIDENT_BYTES + cache + working
         if need > target.sbuf_usable_bytes_per_partition:
             return False, (f"needs {need} B per partition of SBUF, {target.name} has "
