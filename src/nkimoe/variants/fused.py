@@ -15,16 +15,17 @@ The router gate ``w_gate`` is prepared K-major ``[H, E]`` (``linear.weight_k_maj
 stream, so the logits land as one row, the router's layout (tokens on partitions). The routing
 weights and ids are broadcast to all partitions by a ones-matmul (exact: products with 1.0, fp32).
 
-Critical path: the expert loads wait for the ids, so the kernel gets to them early: x, the
-residual and the norm weight load as single-partition rows (one DMA descriptor each) that TensorE
-spreads over the partitions (``norms.spread_rows``), queued before the gate's 512 KiB; the ids
-come from the logits before the softmax (``route_rows``); the residual sum's store is issued after
+Critical path: the expert loads wait for the ids, so the kernel gets to them early. The load
+queue starts one transfer every ~850 ns, so its four transfers are ordered by when they are
+needed: the gate's 512 KiB first (it depends on nothing), then x and the residual, spread over the
+partitions directly (runs of H/128 elements: a few ns of descriptors per DMA engine) and added on
+VectorE while the norm weight, needed only by the norm's last product, loads last. The ids come
+from the logits before the softmax (``route_rows``); the residual sum's store is issued after
 the expert loads (a store holds every DMA engine for its completion semaphore). The selected
 experts' loads then stream back to back on each core (``experts.decode_experts``), the ragged
 rows of two experts' down blocks in one DMA.
 
-The building blocks are shared with the chain's kernels: ``norms.spread_rows`` (the sum of x and
-the residual in fp32, rounded, as ``add_spread`` adds) and ``norms.spread_normalize``,
+The building blocks are shared with the chain's kernels: ``norms.add_spread`` and ``norms.spread_normalize``,
 ``routing.route_rows``, ``experts.decode_experts``; only
 the gate matmul's summation order differs from ``linear_kernel``'s (hidden partition-major instead
 of tile-major). Rounding points are the chain's: the sum, the
@@ -49,7 +50,7 @@ from nkimoe.targets import Target
 from nkimoe.variants.experts import EXPERT_TOLERANCE, _expert_sbuf_bytes, decode_experts, down_i_major, \
     gate_up_h_major, lnc2_supports, on_all_partitions, swap_and_store
 from nkimoe.variants.linear import weight_k_major
-from nkimoe.variants.norms import spread_normalize, spread_rows, store_spread
+from nkimoe.variants.norms import add_spread, spread_normalize, store_spread
 from nkimoe.variants.routing import route_rows
 from nkimoe.variants.tiles import matmul_accumulate
 
@@ -82,11 +83,12 @@ def moe_block_tkg_kernel(x, residual, norm_weight, w_gate_t, w_gu, w_dn, top_k: 
     hf = h // P
     summed = nl.ndarray((t, h), dtype=x.dtype, buffer=nl.shared_hbm)
     out = nl.ndarray((t, h), dtype=x.dtype, buffer=nl.shared_hbm)
-    st = spread_rows(x, residual)
-    normed = spread_normalize(st, spread_rows(norm_weight)[:, 0, :], eps).reshape((P, hf, t))
-    # queued after the norm's inputs (one in-order load queue), whose small DMAs the norm waits for
     gate = nl.ndarray((P, hf, e), dtype=w_gate_t.dtype, buffer=nl.sbuf)
     nisa.dma_copy(dst=gate, src=w_gate_t.reshape((P, hf, e)))
+    st = add_spread(x, residual)
+    w = nl.ndarray((P, hf), dtype=norm_weight.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=w, src=norm_weight.reshape((P, hf)))
+    normed = spread_normalize(st, w, eps).reshape((P, hf, t))
     # logits [1, E]: rounded to x.dtype as the gate projection's output is (the router's arithmetic is fp32)
     ps = nl.ndarray((t, e), dtype=nl.float32, buffer=nl.psum)
     matmul_accumulate(ps, normed, gate)
