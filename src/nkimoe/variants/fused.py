@@ -47,10 +47,10 @@ from nkimoe.hookspecs import hookimpl
 from nkimoe.nki import nisa, nki, nl
 from nkimoe.registry import Variant
 from nkimoe.targets import Target
-from nkimoe.variants.experts import EXPERT_TOLERANCE, _expert_sbuf_bytes, decode_experts, down_i_major, \
-    gate_up_h_major, lnc2_supports, on_all_partitions, swap_and_store
+from nkimoe.variants.experts import EXPERT_TOLERANCE, _expert_sbuf_bytes, decode_experts, decode_experts_split, \
+    down_i_major, gate_up_h_major, lnc2_supports, on_all_partitions, splits_hidden, swap_and_store
 from nkimoe.variants.linear import weight_k_major
-from nkimoe.variants.norms import add_spread, spread_normalize, store_spread
+from nkimoe.variants.norms import spread_normalize, store_spread
 from nkimoe.variants.routing import route_rows
 from nkimoe.variants.tiles import matmul_accumulate
 
@@ -66,6 +66,13 @@ P = 128
 #: and doubles its absolute floor for outputs that cancel. fp32: summation orders only.
 MOE_BLOCK_TOLERANCE = {"bfloat16": (2 * EXPERT_TOLERANCE["bfloat16"][0], EXPERT_TOLERANCE["bfloat16"][1] + 2.0**-7),
                        "float32": (2e-5, 2e-5)}
+
+
+def spread_view(x):  # noqa: ANN001, ANN202
+    """The HBM matrix ``x`` [T, H] in the decode layout [128, T, H/128] (partition p: columns
+    p*H/128 ... (p+1)*H/128 - 1 of every row), as a DMA source."""
+    t, h = x.shape
+    return x.reshape((t, P, h // P)).permute((1, 0, 2))
 
 
 @nki.jit
@@ -85,7 +92,8 @@ def moe_block_tkg_kernel(x, residual, norm_weight, w_gate_t, w_gu, w_dn, top_k: 
     out = nl.ndarray((t, h), dtype=x.dtype, buffer=nl.shared_hbm)
     gate = nl.ndarray((P, hf, e), dtype=w_gate_t.dtype, buffer=nl.sbuf)
     nisa.dma_copy(dst=gate, src=w_gate_t.reshape((P, hf, e)))
-    st = add_spread(x, residual)
+    st = nl.ndarray((P, t, hf), dtype=x.dtype, buffer=nl.sbuf)  # x + residual, added in fp32 by the DMA engines
+    nisa.dma_compute(dst=st, srcs=[spread_view(x), spread_view(residual)], reduce_op=nl.add)
     w = nl.ndarray((P, hf), dtype=norm_weight.dtype, buffer=nl.sbuf)
     nisa.dma_copy(dst=w, src=norm_weight.reshape((P, hf)))
     normed = spread_normalize(st, w, eps).reshape((P, hf, t))
@@ -100,12 +108,19 @@ def moe_block_tkg_kernel(x, residual, norm_weight, w_gate_t, w_gu, w_dn, top_k: 
     nisa.tensor_copy(dst=route[:, 0:top_k], src=weights[0:t])
     nisa.tensor_copy(dst=route[:, top_k:2 * top_k], src=idx[0:t, 0:top_k])
     bc = on_all_partitions(route)
+    me, cores = nl.program_id(0), nl.num_programs(0)
+    ids = [idx[0:1, slot:slot + 1] for slot in range(top_k)]
+    if splits_hidden(w_dn.shape[1], h, top_k, cores):
+        # each core sums every expert over its half of the hidden outputs: no swap after the last byte
+        if me == 0:  # after the expert loads in program order, as below
+            store_spread(summed, st)
+        decode_experts_split(out, w_gu, w_dn, ids, bc[:, top_k:2 * top_k], bc[:, 0:top_k], normed)
+        return summed, out
     # the experts' output in the normalised token's (partition-major) hidden order: [128, 1, H/128];
     # under LNC=2 each program takes every other slot
     acc = nl.ndarray((P, t, hf), dtype=nl.float32, buffer=nl.sbuf)
     nisa.memset(dst=acc, value=0.0)
-    me, cores = nl.program_id(0), nl.num_programs(0)
-    jobs = [(idx[0:1, slot:slot + 1], slot, normed, acc[:, 0, :]) for slot in range(me, top_k, cores)]
+    jobs = [(ids[slot], slot, normed, acc[:, 0, :]) for slot in range(me, top_k, cores)]
     held = decode_experts(w_gu, w_dn, jobs, bc[:, top_k:2 * top_k], bc[:, 0:top_k], x.dtype)  # noqa: F841
     if me == 0:  # under LNC=2 both programs hold the sum; one stores it, after the loads in program order
         store_spread(summed, st)
