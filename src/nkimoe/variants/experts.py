@@ -318,6 +318,12 @@ def _exchange(mine, pipe: int):  # noqa: ANN001, ANN202
     return theirs
 
 
+def split_sbuf_bytes(dims: Mapping[str, int]) -> int:
+    """Per partition, bf16: ``decode_experts_split``'s gate|up tiles (two experts per pair of a
+    core's K/2 slots) and down halves (r rows of H/2 for every pair of the K slots)."""
+    return 2 * (dims["K"] // 2 * dims["H"] // P * 2 * dims["I"] + dims["K"] // 2 * dims["I"] // (P // 2) * dims["H"] // 2)
+
+
 def decode_experts_split(out, w_gu, w_dn, ids, ids_bc, w_bc, x_col) -> None:  # noqa: ANN001
     """The selected experts on one token over the two cores of an LNC=2 rank, split by hidden output
     instead of by expert, so that no partial sums are swapped after the last weight byte.
