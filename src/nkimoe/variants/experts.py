@@ -321,7 +321,8 @@ def _exchange(mine, pipe: int):  # noqa: ANN001, ANN202
 def split_sbuf_bytes(dims: Mapping[str, int]) -> int:
     """Per partition, bf16: ``decode_experts_split``'s gate|up tiles (two experts per pair of a
     core's K/2 slots) and down halves (r rows of H/2 for every pair of the K slots)."""
-    return 2 * (dims["K"] // 2 * dims["H"] // P * 2 * dims["I"] + dims["K"] // 2 * dims["I"] // (P // 2) * dims["H"] // 2)
+    pairs, hf, r = dims["K"] // 2, dims["H"] // P, dims["I"] // (P // 2)
+    return 2 * (pairs * hf * 2 * dims["I"] + pairs * r * dims["H"] // 2)
 
 
 def decode_experts_split(out, w_gu, w_dn, ids, ids_bc, w_bc, x_col) -> None:  # noqa: ANN001
@@ -336,9 +337,9 @@ def decode_experts_split(out, w_gu, w_dn, ids, ids_bc, w_bc, x_col) -> None:  # 
     on partition 64k + q), so a pair's activations lie the same way: feature r*q + j of expert k on
     partition 64k + q, column j (the gate|up stationary reads every r-th column).
 
-    Args: out [1, H] HBM; w_gu [E, H, 2I], w_dn [E, I, H] HBM; ids: per slot the id as a [1, 1] SBUF tensor (dynamic
-    offset); ids_bc, w_bc [128, K] fp32 the ids and routing weights on every partition; x_col the
-    token [128, H/128, 1] in the weights' partition-major hidden order.
+    Args: out [1, H] HBM; w_gu [E, H, 2I], w_dn [E, I, H] HBM; ids: per slot the id as a [1, 1]
+    SBUF tensor (dynamic offset); ids_bc, w_bc [128, K] fp32 the ids and routing weights on every
+    partition; x_col the token [128, H/128, 1] in the weights' partition-major hidden order.
     Stores this core's half of ``out`` [1, H] (HBM; summed in fp32, rounded to out.dtype once), from
     [128, H/256] with hidden me*H/2 + p*H/256 + c at [p, c]."""
     e, i, h = w_dn.shape

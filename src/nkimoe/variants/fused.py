@@ -173,7 +173,8 @@ def variants() -> list[Variant]:
     return [
         Variant(op="moe_block", name=f"moe_block_tkg_{target}" + ("_lnc2" if programs == 2 else ""),
                 targets=(target,), kernel=_launcher(fast, programs), nki=True, priority=10 + 12 * (programs - 1),
-                supports=_supports if programs == 1 else lnc2_supports(partial(_supports, programs=2)), tolerance=MOE_BLOCK_TOLERANCE,
+                supports=_supports if programs == 1 else lnc2_supports(partial(_supports, programs=2)),
+                tolerance=MOE_BLOCK_TOLERANCE,
                 prepare=_PREPARE,
                 description=f"decode, one kernel: add+RMSNorm, gate, router ({exp}), selected experts weights "
                             f"stationary; activations stay in SBUF"
