@@ -11,8 +11,9 @@ Layout (one token): the hidden axis lies over the 128 partitions partition-major
 p * H/128 + k at [p, k]) from the norm on, which is the order the expert blocks are laid out in
 (``experts.gate_up_h_major``), so the normalised token is the experts' moving column as it is.
 The router gate ``w_gate`` is prepared K-major ``[H, E]`` (``linear.weight_k_major``) and read as
-[128, H/128, E] in the same hidden order; the token is the stationary and the gate's 128 columns
-stream, so the logits land as one row, the router's layout (tokens on partitions). The routing
+[128, H/128, E] in the same hidden order; the gate's columns are the stationary against the token
+column, and the rounded logits are transposed into one row, the router's layout (tokens on
+partitions; ``_gate_logits``). The routing
 weights and ids are broadcast to all partitions by a ones-matmul (exact: products with 1.0, fp32).
 
 Critical path: the expert loads wait for the ids, so the kernel gets to them early. The load
@@ -84,6 +85,28 @@ def spread_view(x):  # noqa: ANN001, ANN202
     return x.reshape((t, P, h // P)).permute((1, 0, 2))
 
 
+def _gate_logits(normed, gate, dtype):  # noqa: ANN001, ANN202
+    """The router's logits [1, E] (in an SBUF [128, E] tile) of the token ``normed`` [128, H/128, 1]
+    against the gate [128, H/128, E], rounded to ``dtype`` as the gate projection's output is.
+
+    The gate's columns are the stationary, 128 experts per matmul against the one token column (64
+    cycles of MultiplyMoving and 32 of LoadStationary per matmul, where the token as the stationary
+    against 128 streaming columns takes 128 and 16), so the logits land on partitions; rounded, they
+    are transposed on TensorE (exact) into the router's row."""
+    e = gate.shape[2]
+    spans = [(c, min(P, e - c)) for c in range(0, e, P)]
+    ps = nl.ndarray((P, len(spans)), dtype=nl.float32, buffer=nl.psum)
+    col = nl.ndarray((P, len(spans)), dtype=dtype, buffer=nl.sbuf)
+    row = nl.ndarray((1, e), dtype=dtype, buffer=nl.psum)
+    for n, (c, m) in enumerate(spans):
+        matmul_accumulate(ps[0:m, n:n + 1], gate[:, :, c:c + m], normed)
+        nisa.tensor_copy(dst=col[0:m, n:n + 1], src=ps[0:m, n:n + 1])
+        nisa.nc_transpose(dst=row[:, c:c + m], data=col[0:m, n:n + 1])
+    logits = nl.ndarray((P, e), dtype=dtype, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=logits[0:1], src=row)
+    return logits
+
+
 @nki.jit
 def moe_block_tkg_kernel(x, residual, norm_weight, w_gate_t, w_gu, w_dn, top_k: int = 8, norm_topk_prob: bool = True,
                          eps: float = 1e-6, fast_exp: bool = False):
@@ -106,12 +129,7 @@ def moe_block_tkg_kernel(x, residual, norm_weight, w_gate_t, w_gu, w_dn, top_k: 
     w = nl.ndarray((P, hf), dtype=norm_weight.dtype, buffer=nl.sbuf)
     nisa.dma_copy(dst=w, src=norm_weight.reshape((P, hf)))
     normed = spread_normalize(st, w, eps).reshape((P, hf, t))
-    # logits [1, E]: rounded to x.dtype as the gate projection's output is (the router's arithmetic is fp32)
-    ps = nl.ndarray((t, e), dtype=nl.float32, buffer=nl.psum)
-    matmul_accumulate(ps, normed, gate)
-    logits = nl.ndarray((P, e), dtype=x.dtype, buffer=nl.sbuf)
-    nisa.tensor_copy(dst=logits[0:t], src=ps)
-    weights, idx = route_rows(logits, t, top_k, norm_topk_prob, fast_exp, x.dtype)
+    weights, idx = route_rows(_gate_logits(normed, gate, x.dtype), t, top_k, norm_topk_prob, fast_exp, x.dtype)
     # the routing weights and ids on every partition, [128, K] fp32 each
     route = nl.ndarray((t, 2 * top_k), dtype=nl.float32, buffer=nl.sbuf)
     nisa.tensor_copy(dst=route[:, 0:top_k], src=weights[0:t])
