@@ -33,10 +33,11 @@ sends it to the other while the weights stream, then reads the down rows' halves
 so that after the last weight byte only the last down matmuls and one store of the core's half
 remain (the expert split swaps the fp32 partial sums there: ~1.4 us of DMA latency).
 
-The building blocks are shared with the chain's kernels: ``norms.add_spread`` and ``norms.spread_normalize``,
-``routing.route_rows``, ``experts.decode_experts``; only
-the gate matmul's summation order differs from ``linear_kernel``'s (hidden partition-major instead
-of tile-major). Rounding points are the chain's: the sum, the
+The building blocks are shared with the chain's kernels: ``norms.spread_normalize``,
+``routing.route_rows``, ``experts.decode_experts``; the sum x + residual is the DMA engines' fp32
+add (``nisa.dma_compute``), rounded as ``add_spread`` rounds it; only the gate matmul's summation
+order differs from ``linear_kernel``'s (hidden partition-major instead of tile-major). Rounding
+points are the chain's: the sum, the
 normalised value and its weight product, the logits and the routing weights are rounded to the
 input dtype where the chain's kernels store them.
 
