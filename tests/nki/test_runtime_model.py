@@ -418,6 +418,19 @@ def test_indirect_dma_skips_out_of_bounds_rows_only_when_asked() -> None:
             _gather_rows_kernel(cache, ids)
 
 
+def test_a_gather_records_the_runs_its_rows_read() -> None:
+    """A gather whose row pattern reads two runs of 4 elements per row (every other half row) moves
+    runs of 16 bytes, though its gathered copy is contiguous: the DMA's descriptor count follows."""
+    with session("trn3") as s:
+        table = nl.ndarray((6, 16), dtype=nl.float32, buffer=nl.private_hbm)
+        table.data[...] = np.arange(96, dtype=F32).reshape(6, 16)
+        rows = _sbuf(np.array([[4], [0]], np.int32), nl.int32)
+        tile = nl.ndarray((2, 2, 4), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=tile, src=table.ap([[16, 2], [8, 2], [1, 4]], vector_offset=rows, indirect_dim=0))
+    np.testing.assert_array_equal(tile.data, table.data[[4, 0]].reshape(2, 2, 8)[:, :, 0:4])
+    assert s.trace[-1].contiguous == 16
+
+
 def test_a_dynamic_address_out_of_bounds_skips_the_dma_only_when_asked() -> None:
     """``scalar_offset`` past the end: ``oob_mode=skip`` skips the transfer (nki-library's
     indexed_flatten parks unused rows at offset -1e6); the default raises."""

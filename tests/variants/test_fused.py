@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from nkimoe.bench.costmodel import schedule
+from nkimoe.bench.costmodel import _dma_engine_seconds, schedule
 from nkimoe.bench.trial import make_inputs, run_trial
 from nkimoe.nki.emulator import session
 from nkimoe.ops import Problem
@@ -68,9 +68,7 @@ def test_fused_moe_block_loads_experts_as_soon_as_the_ids_are_known(target: str)
         ids_done = next(t[1] for i, t in steps if i.name == "nc_find_index8")
         first_load = next((i, t) for i, t in steps if i.detail.get("dynamic"))
         assert first_load[1][0] == ids_done
-        # it starts after the DMA latency and descriptor generation, then moves at the engines' rate;
-        # each engine also spends DMA_DESCRIPTOR_NS per descriptor (a few per engine: at most 0.1 us)
-        rate = tgt.dma_engines_per_core * tgt.dma_bytes_per_ns_per_engine * 1e9
-        start = first_load[1][1] - first_load[0].bytes / rate
-        latency = (tgt.dma_fixed_ns + tgt.dge_ns) * 1e-9
-        assert ids_done + latency <= start <= ids_done + latency + 0.1e-6
+        # it starts after the DMA latency and descriptor generation, then takes its engines' time
+        # (bytes at their rate plus the per-descriptor time)
+        start = first_load[1][1] - max(_dma_engine_seconds(first_load[0], tgt))
+        assert start == pytest.approx(ids_done + (tgt.dma_fixed_ns + tgt.dge_ns) * 1e-9)

@@ -97,6 +97,13 @@ def _intermediate_tiles(i: int) -> tuple[int, int, int]:
     return tiles, i // P, i - (tiles - 1) * P
 
 
+def _gate_up_block(w_gu, expert):  # noqa: ANN001, ANN202
+    """Expert ``expert``'s gate|up block [128, H/128, 2I], hidden rows partition-major (dynamic offset)."""
+    _, h, i2 = w_gu.shape
+    hf = h // P
+    return w_gu.ap([[hf * i2, P], [i2, hf], [1, i2]], offset=0, scalar_offset=expert, indirect_dim=0)
+
+
 def load_expert(w_gu, w_dn, expert, h: int, i2: int, ragged: bool = True):  # noqa: ANN001, ANN202
     """DMA one expert's gate|up [128, H/128, 2I] and down [128, ceil(I/128), H] blocks into SBUF
     (a ragged last down tile fills its first I % 128 partitions only; ``ragged=False`` leaves it to
@@ -109,8 +116,7 @@ def load_expert(w_gu, w_dn, expert, h: int, i2: int, ragged: bool = True):  # no
     tiles, full, last = _intermediate_tiles(i2 // 2)
     hf = h // P
     gu = nl.ndarray((P, hf, i2), dtype=w_gu.dtype, buffer=nl.sbuf)
-    nisa.dma_copy(dst=gu, src=w_gu.ap([[hf * i2, P], [i2, hf], [1, i2]], offset=0, scalar_offset=expert,
-                                      indirect_dim=0))
+    nisa.dma_copy(dst=gu, src=_gate_up_block(w_gu, expert))
     dn = nl.ndarray((P, tiles if ragged else full, h), dtype=w_dn.dtype, buffer=nl.sbuf)
     if full:
         nisa.dma_copy(dst=dn[:, 0:full, :], src=w_dn.ap([[h, P], [P * h, full], [1, h]], offset=0,
@@ -172,17 +178,25 @@ def _load_ragged(w_dn, ids_bc, cols: list[int]):  # noqa: ANN001, ANN202
     e, i, h = w_dn.shape
     _, full, last = _intermediate_tiles(i)
     n = len(cols)
-    base = nl.ndarray((n * last, n), dtype=nl.int32, buffer=nl.sbuf)  # column k: 128*full + p - k*r
-    nisa.iota(dst=base, pattern=[[-last, n]], offset=full * P, channel_multiplier=1)
-    rows = nl.ndarray((n * last, 1), dtype=nl.int32, buffer=nl.sbuf)
-    for k, col in enumerate(cols):
-        part = slice(k * last, (k + 1) * last)
-        nisa.tensor_scalar(dst=rows[part], data=ids_bc[part, col:col + 1], op0=nl.multiply, operand0=float(i),
-                           op1=nl.add, operand1=base[part, k:k + 1])
+    rows = _expert_rows(ids_bc, cols, last, i, full * P)
     tail = nl.ndarray((n * last, h), dtype=w_dn.dtype, buffer=nl.sbuf)
     nisa.dma_copy(dst=tail, src=w_dn.reshape((e * i, h)).ap([[h, n * last], [1, h]], offset=0, vector_offset=rows,
                                                             indirect_dim=0))
     return tail
+
+
+def _expert_rows(ids_bc, cols: list[int], per: int, stride: int, first: int):  # noqa: ANN001, ANN202
+    """Gather offsets [len(cols) * per, 1] int32: partition k*per + q reads row
+    ``id_k * stride + first + q`` (id_k = ``ids_bc[:, cols[k]]``, fp32 on every partition)."""
+    n = len(cols)
+    base = nl.ndarray((n * per, n), dtype=nl.int32, buffer=nl.sbuf)  # column k: first + p - k*per
+    nisa.iota(dst=base, pattern=[[-per, n]], offset=first, channel_multiplier=1)
+    rows = nl.ndarray((n * per, 1), dtype=nl.int32, buffer=nl.sbuf)
+    for k, col in enumerate(cols):
+        part = slice(k * per, (k + 1) * per)
+        nisa.tensor_scalar(dst=rows[part], data=ids_bc[part, col:col + 1], op0=nl.multiply, operand0=float(stride),
+                           op1=nl.add, operand1=base[part, k:k + 1])
+    return rows
 
 
 def _gate_up_act(gu, x_col, p0: int, act, tail_act, dtype):  # noqa: ANN001, ANN202
@@ -262,6 +276,117 @@ def decode_experts(w_gu, w_dn, jobs, ids_bc, w_bc, dtype) -> list:  # noqa: ANN0
             nisa.scalar_tensor_tensor(dst=acc, data=y[:, :, k], op0=nl.multiply, operand0=w_bc[:, col:col + 1],
                                       op1=nl.add, operand1=acc)
     return held
+
+
+def splits_hidden(i: int, h: int, slots: int, cores: int) -> bool:
+    """Whether ``decode_experts_split`` takes the shape: two cores with pairs of slots each, an
+    intermediate axis of whole 64-row groups up to 256 (a TP >= 3 slice of 768; two pairs of
+    gate|up blocks and four pairs' down halves then fit SBUF), a hidden axis of whole 256 columns."""
+    return cores == 2 and i % (P // 2) == 0 and i <= 2 * P and h % (2 * P) == 0 and slots % 4 == 0
+
+
+def _pair_activations(gu, x_col, dtype):  # noqa: ANN001, ANN202
+    """SiLU(gate) * up of a pair of experts ``gu`` [128, 2, H/128, 2I] on the token ``x_col``
+    [128, H/128, 1], rounded to ``dtype`` where ``_gate_up_act`` rounds, as the down projection's
+    moving operand [128, r, 2]: feature r*q + j of expert k at [64k + q, j, k], zeros at [64k + q, j,
+    1 - k] (r = I/64; each gate|up stationary takes 64 columns of both experts)."""
+    half, hf, i = P // 2, gu.shape[2], gu.shape[3] // 2
+    r = i // half
+    by_feature = gu.reshape((P, 2, hf, 2, half, r))  # [p, expert, k, gate|up, q, j]: feature r*q + j
+    ps = nl.ndarray((P, 2, r), dtype=nl.float32, buffer=nl.psum)
+    for g in range(2):
+        for j in range(r):
+            for k in nl.affine_range(hf):
+                nisa.nc_matmul(dst=ps[:, g, j:j + 1], stationary=by_feature[:, :, k, g, :, j], moving=x_col[:, k, :],
+                               accumulate=k > 0)
+    gu_out = nl.ndarray((P, 2, r), dtype=dtype, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=gu_out, src=ps)
+    act = nl.ndarray((P, r, 2), dtype=dtype, buffer=nl.sbuf)
+    nisa.memset(dst=act, value=0.0, engine=nisa.engine.gpsimd)
+    for k in range(2):
+        rows = slice(k * half, (k + 1) * half)
+        nisa.activation(dst=act[rows, :, k], op=nl.silu, data=gu_out[rows, 0, :])
+        nisa.tensor_tensor(dst=act[rows, :, k], data1=act[rows, :, k], data2=gu_out[rows, 1, :], op=nl.multiply)
+    return act
+
+
+def _exchange(mine, pipe: int):  # noqa: ANN001, ANN202
+    """The other program's tile of the same shape, sent ``mine`` in exchange (``sendrecv``)."""
+    me = nl.program_id(0)
+    theirs = nl.ndarray(mine.shape, dtype=mine.dtype, buffer=nl.sbuf)
+    nisa.sendrecv(src=mine, dst=theirs, send_to_rank=1 - me, recv_from_rank=1 - me, pipe_id=pipe)
+    return theirs
+
+
+def split_sbuf_bytes(dims: Mapping[str, int]) -> int:
+    """Per partition, bf16: ``decode_experts_split``'s gate|up tiles (two experts per pair of a
+    core's K/2 slots) and down halves (r rows of H/2 for every pair of the K slots)."""
+    pairs, hf, r = dims["K"] // 2, dims["H"] // P, dims["I"] // (P // 2)
+    return 2 * (pairs * hf * 2 * dims["I"] + pairs * r * dims["H"] // 2)
+
+
+def decode_experts_split(out, w_gu, w_dn, ids, ids_bc, w_bc, x_col) -> None:  # noqa: ANN001
+    """The selected experts on one token over the two cores of an LNC=2 rank, split by hidden output
+    instead of by expert, so that no partial sums are swapped after the last weight byte.
+
+    Each core computes SiLU(gate) * up for its slots (me, me + 2, ...; gate|up read as in
+    ``load_expert``) and sends it to the other while the weights stream; each then reads its half of
+    the hidden columns of every selected expert's down block (2 KiB runs) and sums
+    ``weight * down(act)`` over all of them for that half. Two experts share each down DMA: a gather
+    of 128 partitions, r = I/64 rows of one expert per partition (expert k's rows r*q ... r*q + r - 1
+    on partition 64k + q), so a pair's activations lie the same way: feature r*q + j of expert k on
+    partition 64k + q, column j (the gate|up stationary reads every r-th column).
+
+    Args: out [1, H] HBM; w_gu [E, H, 2I], w_dn [E, I, H] HBM; ids: per slot the id as a [1, 1]
+    SBUF tensor (dynamic offset); ids_bc, w_bc [128, K] fp32 the ids and routing weights on every
+    partition; x_col the token [128, H/128, 1] in the weights' partition-major hidden order.
+    Stores this core's half of ``out`` [1, H] (HBM; summed in fp32, rounded to out.dtype once), from
+    [128, H/256] with hidden me*H/2 + p*H/256 + c at [p, c]."""
+    e, i, h = w_dn.shape
+    dtype = out.dtype
+    half, hf = P // 2, h // P
+    r, hf2 = i // half, hf // 2
+    me = nl.program_id(0)
+
+    def pairs(core: int) -> list[tuple[int, int]]:
+        return [(s, s + 2) for s in range(core, len(ids), 4)]
+
+    own, theirs = pairs(me), pairs(1 - me)
+    gus = []
+    for pair in own:  # one tile per pair, expert outermost (each DMA writes its own byte range)
+        gu = nl.ndarray((P, 2, hf, 2 * i), dtype=w_gu.dtype, buffer=nl.sbuf)
+        for k, slot in enumerate(pair):
+            nisa.dma_copy(dst=gu[:, k], src=_gate_up_block(w_gu, ids[slot]))
+        gus.append(gu)
+    rows = [_expert_rows(ids_bc, list(pair), half, half, 0) for pair in own + theirs]
+    # program order places each exchange after the transfers that end before its data is ready:
+    # the pair's activations go out between two weight transfers, not in front of one
+    acts = [_pair_activations(gus[0], x_col, dtype)]
+    got = [_exchange(acts[0], 1)]
+    downs = []
+    for offsets in rows:
+        dn = nl.ndarray((P, r, h // 2), dtype=w_dn.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=dn, src=w_dn.reshape((e * half, r * h)).ap([[r * h, P], [h, r], [1, h // 2]],
+                                                                     offset=me * (h // 2), vector_offset=offsets,
+                                                                     indirect_dim=0))
+        downs.append(dn)
+    for q, gu in enumerate(gus[1:], start=1):
+        acts.append(_pair_activations(gu, x_col, dtype))
+        got.append(_exchange(acts[q], 1 + q))
+    acc = nl.ndarray((P, hf2), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=acc, value=0.0)
+    res = nl.ndarray((P, hf2), dtype=out.dtype, buffer=nl.sbuf)
+    jobs = list(zip(own + theirs, downs, acts + got))
+    for n, (pair, dn, act) in enumerate(jobs):
+        by_tile = dn.reshape((P, r, P, hf2))  # [row, j, m, c]: hidden column m*hf2 + c of this half
+        y = nl.ndarray((P, hf2, 2), dtype=nl.float32, buffer=nl.psum)
+        for c in nl.affine_range(hf2):
+            matmul_accumulate(y[:, c, :], by_tile[:, :, :, c], act)
+        for k, slot in enumerate(pair):
+            last = n == len(jobs) - 1 and k == 1  # the last product is rounded as it is added
+            nisa.scalar_tensor_tensor(dst=res if last else acc, data=y[:, :, k], op0=nl.multiply,
+                                      operand0=w_bc[:, slot:slot + 1], op1=nl.add, operand1=acc)
+    nisa.dma_copy(dst=out.reshape((2, P, hf2))[me], src=res)
 
 
 @nki.jit

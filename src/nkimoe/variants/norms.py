@@ -164,28 +164,6 @@ def add_spread(x, residual):  # noqa: ANN001, ANN202
     return st
 
 
-def spread_rows(*rows):  # noqa: ANN001, ANN202
-    """The sum of one token's HBM rows ``rows`` (each [1, H] or [H], one dtype) in the decode layout
-    [128, 1, H/128], rounded to their dtype (an fp32 sum, as the reference adds). Each row is one
-    single-partition DMA, one descriptor, where ``load_spread``'s runs of H/128 elements cost eight
-    per DMA engine; TensorE spreads them, 128 elements per matmul (the rows as the stationary read
-    every H/128-th element, ones as the moving column)."""
-    n, h = len(rows), rows[0].shape[-1]
-    f = h // P
-    sb = nl.ndarray((n, h), dtype=rows[0].dtype, buffer=nl.sbuf)
-    for j, row in enumerate(rows):
-        nisa.dma_copy(dst=sb[j:j + 1, :], src=row.reshape((1, h)))
-    ones = nl.ndarray((n, 1), dtype=sb.dtype, buffer=nl.sbuf)
-    nisa.memset(dst=ones, value=1.0, engine=nisa.engine.gpsimd)
-    ps = nl.ndarray((P, f), dtype=nl.float32, buffer=nl.psum)
-    by_k = sb.reshape((n, P, f))
-    for k in nl.affine_range(f):
-        nisa.nc_matmul(dst=ps[:, k:k + 1], stationary=by_k[:, :, k], moving=ones)
-    out = nl.ndarray((P, 1, f), dtype=sb.dtype, buffer=nl.sbuf)
-    nisa.tensor_copy(dst=out[:, 0, :], src=ps, engine=nisa.engine.scalar)  # VectorE is the norm's next engine
-    return out
-
-
 def spread_rmsnorm(xt, weight, eps: float):  # noqa: ANN001, ANN202
     """RMSNorm of the rows of a decode-layout tile xt [128, T, F] (``load_spread``) with the HBM
     weight [128*F] spread the same way (``spread_normalize``). Returns [128, T, F] in xt.dtype (SBUF)."""

@@ -270,10 +270,15 @@ def dma_copy(dst: NkiTensor, src: NkiTensor, oob_mode: Any = oob_mode.error,
 
 
 def _contiguous_bytes(t: NkiTensor) -> int:
-    """Bytes of the innermost run of consecutive elements in ``t``'s HBM view."""
+    """Bytes of the innermost run of consecutive elements in ``t``'s HBM view (for a gather, within
+    one gathered row's pattern: the gathered copy is contiguous, the rows it reads are not)."""
     data = t.data
     run = data.itemsize
-    for size, stride in zip(reversed(data.shape), reversed(data.strides)):
+    if isinstance(t, _Gather):
+        shape, strides = t.counts, [s * run for s in t.strides]
+    else:
+        shape, strides = data.shape, data.strides
+    for size, stride in zip(reversed(shape), reversed(strides)):
         if stride != run:
             break
         run *= size
