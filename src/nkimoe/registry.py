@@ -129,7 +129,13 @@ class Variant:
         if not self.prepare:
             return args
         names = get_op(self.op).arg_names
-        return tuple(self.prepare[n](a) if n in self.prepare else a for n, a in zip(names, args))
+        return tuple(self.prepare_arg(n, a) for n, a in zip(names, args))
+
+    def prepare_arg(self, name: str, value: Any) -> Any:
+        """Argument ``name``'s ``value`` in the layout the variant loads it in (``value`` itself where
+        the variant prepares nothing for it)."""
+        convert = self.prepare.get(name)
+        return value if convert is None else convert(value)
 
     def tolerance_for(self, dtype: str) -> tuple[float, float] | None:
         """``(atol, rtol)`` for ``dtype``, ``(0, 0)`` when bit-exact, ``None`` when undeclared."""

@@ -151,9 +151,7 @@ if NEURON_AVAILABLE:  # pragma: no cover - needs the Neuron SDK
             tp, d, h = config.neuron_config.tp_degree, _head_dim(config), config.hidden_size
             hq, hkv = config.num_attention_heads // tp, config.num_key_value_heads // tp
             for name, arg, shape in (("qkv", "w_qkv", ((hq + 2 * hkv) * d, h)), ("o", "w_o", (h, hq * d))):
-                convert = bound.variant.prepare.get(arg)
-                probe = torch.empty(shape, device="meta")
-                local = tuple((probe if convert is None else convert(probe)).shape)
+                local = tuple(bound.variant.prepare_arg(arg, torch.empty(shape, device="meta")).shape)
                 setattr(self, name, nn.Parameter(torch.empty(local, dtype=getattr(torch, bound.problem.dtype)),
                                                  requires_grad=False))
                 set_tensor_model_parallel_attributes(getattr(self, name), is_parallel=True, dim=0, stride=1,

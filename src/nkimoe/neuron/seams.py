@@ -142,9 +142,7 @@ def call_bound(bound: BoundOp, args: Sequence[Any], stored: Mapping[str, Layout]
             have = stored[name]
             want = variant_layout(bound, name, arg.dim())
             if want != have:
-                reference = arg.permute(tuple(have.index(a) for a in range(arg.dim())))
-                convert = bound.variant.prepare.get(name)
-                arg = reference if convert is None else convert(reference)
+                arg = bound.variant.prepare_arg(name, arg.permute(tuple(have.index(a) for a in range(arg.dim()))))
             arg = arg.contiguous()
         ready.append(arg)
     return launch(bound, *ready, lnc=lnc)
@@ -272,12 +270,10 @@ def attention_block_weights(bound: BoundOp, w_q: torch.Tensor, w_k: torch.Tensor
     if w_q.shape[0] % tp or kv_rows % tp or w_o.shape[1] % tp:
         raise NeuronWiringError(f"attention_block: q rows {w_q.shape[0]}, k/v rows {kv_rows} and W_o columns "
                                 f"{w_o.shape[1]} must split over tp_degree={tp}")
-    prepare = bound.variant.prepare
     qkv, out = [], []
     for q, k, v, o in zip(*(torch.chunk(w, tp, dim=0) for w in (w_q, w_k, w_v)), torch.chunk(w_o, tp, dim=1)):
-        for stack, name, weight in ((qkv, "w_qkv", torch.cat([q, k, v])), (out, "w_o", o.contiguous())):
-            convert = prepare.get(name)
-            stack.append(weight if convert is None else convert(weight))
+        qkv.append(bound.variant.prepare_arg("w_qkv", torch.cat([q, k, v])))
+        out.append(bound.variant.prepare_arg("w_o", o.contiguous()))
     return {"w_qkv": torch.cat(qkv), "w_o": torch.cat(out)}
 
 

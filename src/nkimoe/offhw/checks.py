@@ -301,8 +301,7 @@ def block_shards(neuron: Any, config: Any, hf: dict[str, Any], shards: dict[str,
     entry = {}
     for name, arg, weight in (("qkv", "w_qkv", torch.cat(rows)), ("o", "w_o", columns.contiguous())):
         got = shards[f"layers.0.self_attn.block.{name}"]
-        convert = block.variant.prepare.get(arg)
-        want = weight.to(got.dtype) if convert is None else convert(weight.to(got.dtype))
+        want = block.variant.prepare_arg(arg, weight.to(got.dtype))
         entry[f"layers.0.self_attn.block.{name}"] = {"shape": list(got.shape), "layout": block.variant.name,
                                                      "dtype": str(got.dtype), "equal": bool(torch.equal(got, want))}
     return entry

@@ -784,32 +784,14 @@ def _cte_launcher(fast_exp: bool) -> Callable[..., torch.Tensor]:
     return attention_prefill
 
 
-def _tkg_launcher(kernel: Callable[..., Any], fast_exp: bool) -> Callable[..., torch.Tensor]:
+def _tkg_launcher(kernel: Callable[..., Any], fast_exp: bool, programs: int = 1) -> Callable[..., torch.Tensor]:
+    """A decode launcher of ``kernel``, by default on ``programs`` cores (the kernels split their work
+    over the programs of any grid, one program doing it all)."""
     def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: int | torch.Tensor,
-                         scale: float, lnc: int = 1) -> torch.Tensor:
+                         scale: float, lnc: int = programs) -> torch.Tensor:
         # A tensor length stays a tensor, so that a traced graph reads it at run time.
         valid = torch.as_tensor(length, dtype=torch.int32).reshape(1, 1)
         return kernel[lnc](q, k_cache, v_cache, valid, scale=scale, fast_exp=fast_exp)
-
-    return attention_decode
-
-
-def _bykey_launcher(fast_exp: bool, programs: int) -> Callable[..., torch.Tensor]:
-    def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: int | torch.Tensor,
-                         scale: float, lnc: int = programs) -> torch.Tensor:
-        """Launched on the rank's ``lnc`` (the kernel splits its query heads over the programs of any grid)."""
-        valid = torch.as_tensor(length, dtype=torch.int32).reshape(1, 1)
-        return attention_tkg_bykey_kernel[lnc](q, k_cache, v_cache, valid, scale=scale, fast_exp=fast_exp)
-
-    return attention_decode
-
-
-def _tkg_lnc_launcher(fast_exp: bool) -> Callable[..., torch.Tensor]:
-    def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: int | torch.Tensor,
-                         scale: float, lnc: int = 2) -> torch.Tensor:
-        """Launched on the rank's ``lnc`` (the kernel splits the cache over the programs of any grid)."""
-        valid = torch.as_tensor(length, dtype=torch.int32).reshape(1, 1)
-        return attention_tkg_split_lnc_kernel[lnc](q, k_cache, v_cache, valid, scale=scale, fast_exp=fast_exp)
 
     return attention_decode
 
@@ -831,13 +813,13 @@ def variants() -> list[Variant]:
                            description=f"decode split-K: cache chunks side by side on the partitions, one combine, "
                                        f"{exp_name}"))
         out.append(Variant(op="attention_decode", name=f"attention_tkg_split_lnc2_{target}", targets=(target,),
-                           kernel=_tkg_lnc_launcher(fast), nki=True, priority=12,
+                           kernel=_tkg_launcher(attention_tkg_split_lnc_kernel, fast, 2), nki=True, priority=12,
                            supports=_split_lnc_supports, tolerance=ATTENTION_TOLERANCE,
                            description=f"decode split-K on both cores of an LNC=2 rank: half the cache each in "
                                        f"interleaved chunks, maxima/sums and outputs swapped by sendrecv, {exp_name}"))
         for programs, suffix, cores in ((1, "", "one core"), (2, "_lnc2", "both cores of an LNC=2 rank (query heads split)")):
             out.append(Variant(op="attention_decode", name=f"attention_tkg_bykey{suffix}_{target}", targets=(target,),
-                               kernel=_bykey_launcher(fast, programs), nki=True, priority=11 + 2 * programs,
+                               kernel=_tkg_launcher(attention_tkg_bykey_kernel, fast, programs), nki=True, priority=11 + 2 * programs,
                                supports=_bykey_supports(programs), tolerance=ATTENTION_TOLERANCE,
                                description=f"decode with the keys on the partitions: scores over Lmax/128 columns "
                                            f"on all lanes, cross-partition max by transpose, {exp_name}, {cores}"))
